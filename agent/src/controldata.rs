@@ -1,0 +1,70 @@
+//! `pg_controldata`: what the control file says, readable while PostgreSQL
+//! is down. The status of a stopped server still names its system
+//! identifier, timeline and whether it was shut down cleanly.
+
+use std::time::Duration;
+
+use crate::config::AgentConfig;
+use crate::exec::{Cmd, ExecError};
+
+const PG_CONTROLDATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControlData {
+    pub system_identifier: Option<String>,
+    pub cluster_state: Option<String>,
+    pub timeline: Option<u32>,
+}
+
+pub async fn read(config: &AgentConfig) -> Result<ControlData, ExecError> {
+    let program = config.pg_bin("pg_controldata");
+    let out = Cmd::new(&program, PG_CONTROLDATA_TIMEOUT)
+        .arg("-D")
+        .arg(&config.postgres.data_dir)
+        .run()
+        .await?
+        .success(&program)?;
+    Ok(parse(&out.stdout))
+}
+
+/// Parses `pg_controldata` output ("Label:   value" lines, LANG=C).
+pub fn parse(text: &str) -> ControlData {
+    let mut cd = ControlData::default();
+    for line in text.lines() {
+        let Some((label, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match label.trim() {
+            "Database system identifier" => cd.system_identifier = Some(value.to_owned()),
+            "Database cluster state" => cd.cluster_state = Some(value.to_owned()),
+            "Latest checkpoint's TimeLineID" => cd.timeline = value.parse().ok(),
+            _ => {}
+        }
+    }
+    cd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_fields_status_needs() {
+        let text = "pg_control version number:            1300\n\
+                    Catalog version number:               202209061\n\
+                    Database system identifier:           7309377431396349458\n\
+                    Database cluster state:               shut down in recovery\n\
+                    Latest checkpoint's TimeLineID:       3\n\
+                    Latest checkpoint's PrevTimeLineID:   2\n";
+        assert_eq!(
+            parse(text),
+            ControlData {
+                system_identifier: Some("7309377431396349458".into()),
+                cluster_state: Some("shut down in recovery".into()),
+                timeline: Some(3),
+            }
+        );
+        assert_eq!(parse(""), ControlData::default());
+    }
+}

@@ -1,0 +1,58 @@
+//! pgfleet agent: runs beside one PostgreSQL server, as its OS user, and
+//! does the host's part of every fleet operation over gRPC.
+//!
+//! Modules, one concept each:
+//! - `config`: agent.toml
+//! - `exec`: the only place external programs are started
+//! - `pg`: queries to the local server
+//! - `controldata`: pg_controldata, for a server that is down
+//! - `service`: systemd / pg_ctlcluster / pg_ctl backends
+//! - `status`: the node's status, gathered
+//! - `upstream`, `hba`: the upstream's side of a rebuild (role, pg_hba.conf)
+//! - `rebuild`, `basebackup`, `datadir`, `passfile`: the replica's side
+//! - `jobs`, `plan`: long operations as watchable jobs, steps as data
+//! - `secret`: the password wrapper that never prints
+//! - `grpc`, `server`, `error`: the RPC skin and its status codes
+
+pub mod basebackup;
+pub mod config;
+pub mod controldata;
+pub mod datadir;
+pub mod error;
+pub mod exec;
+pub mod grpc;
+pub mod hba;
+pub mod jobs;
+pub mod passfile;
+pub mod pg;
+pub mod plan;
+pub mod rebuild;
+pub mod secret;
+pub mod server;
+pub mod service;
+pub mod status;
+pub mod upstream;
+
+use config::AgentConfig;
+use pg::Pg;
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct AgentState {
+    pub config: AgentConfig,
+    pub pg: Pg,
+    pub jobs: jobs::Jobs,
+}
+
+impl AgentState {
+    pub fn new(config: AgentConfig) -> Self {
+        let pg = Pg::new(config.postgres.clone());
+        AgentState {
+            config,
+            pg,
+            jobs: jobs::Jobs::default(),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! `pgfleet-agent --config /etc/pgfleet/agent.toml`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use pgfleet_agent::config::AgentConfig;
+use pgfleet_agent::{AgentState, server};
+use tracing::info;
+
+/// pgfleet agent: serves the local PostgreSQL's status and operations to the
+/// pgfleet coordinator over gRPC.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, short, env = "PGFLEET_AGENT_CONFIG", default_value = "/etc/pgfleet/agent.toml")]
+    config: PathBuf,
+    /// Log format on stderr: "text" for people, "json" for log shippers.
+    #[arg(long, env = "PGFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let config = AgentConfig::load(&args.config)?;
+    if args.check_config {
+        println!("{}: configuration is valid", args.config.display());
+        return Ok(());
+    }
+    // Before any thread exists: set*id() applies to the calling thread's
+    // process only while it is the only thread.
+    drop_privileges(&config.run_as)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let state = Arc::new(AgentState::new(config));
+        let listener = server::bind(&state).await?;
+        server::serve(state, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// PostgreSQL and its tools refuse to run as root; the agent does the same,
+/// switching to `run_as` when started as root.
+fn drop_privileges(run_as: &str) -> anyhow::Result<()> {
+    use nix::unistd::{Uid, User, geteuid, initgroups, setgid, setuid};
+    if !geteuid().is_root() {
+        return Ok(());
+    }
+    let user = User::from_name(run_as)
+        .with_context(|| format!("looking up user {run_as:?}"))?
+        .with_context(|| format!("run_as user {run_as:?} does not exist; create it or set run_as in the config"))?;
+    if user.uid == Uid::from_raw(0) {
+        bail!("run_as must not be root: PostgreSQL's tools refuse to run as root");
+    }
+    let cname = std::ffi::CString::new(run_as).context("run_as contains a NUL byte")?;
+    initgroups(&cname, user.gid).context("setting supplementary groups")?;
+    setgid(user.gid).context("setgid")?;
+    setuid(user.uid).context("setuid")?;
+    info!(user = run_as, uid = user.uid.as_raw(), "dropped root privileges");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received, shutting down"),
+    }
+}

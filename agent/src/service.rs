@@ -1,0 +1,215 @@
+//! Service control: asks (and later tells) the service manager about the
+//! PostgreSQL service. Three backends, chosen in the config: `systemd`
+//! (systemctl on one unit), `pg_ctlcluster` (Debian without systemd) and
+//! `pg_ctl` (any host; the test fleet).
+
+use std::time::Duration;
+
+use crate::config::{AgentConfig, ServiceConfig};
+use crate::exec::Cmd;
+
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceState {
+    Running,
+    Stopped,
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub state: ServiceState,
+    /// The backend's own words.
+    pub detail: String,
+}
+
+/// The status command of the configured backend.
+pub fn status_command(config: &AgentConfig) -> Cmd {
+    match &config.service {
+        ServiceConfig::Systemd { unit, systemctl } => Cmd::new(systemctl, STATUS_TIMEOUT)
+            .args(["is-active", "--", unit.as_str()]),
+        ServiceConfig::PgCtlcluster {
+            version,
+            cluster,
+            pg_ctlcluster,
+        } => Cmd::new(pg_ctlcluster, STATUS_TIMEOUT).args([
+            version.as_str(),
+            cluster.as_str(),
+            "status",
+        ]),
+        ServiceConfig::PgCtl { .. } => Cmd::new(config.pg_bin("pg_ctl"), STATUS_TIMEOUT)
+            .arg("status")
+            .arg("-D")
+            .arg(&config.postgres.data_dir),
+    }
+}
+
+/// What the service manager is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    /// Fast shutdown: open sessions are disconnected, then a shutdown
+    /// checkpoint; no committed data is lost.
+    Stop,
+}
+
+/// The command of the configured backend for `action`; `timeout` bounds
+/// the wait of pg_ctl itself and of our exec deadline.
+pub fn action_command(config: &AgentConfig, action: Action, timeout: Duration) -> Cmd {
+    // Our deadline is a little longer than pg_ctl's own -t so that pg_ctl
+    // reports its timeout before we kill it.
+    let deadline = timeout + Duration::from_secs(10);
+    match &config.service {
+        ServiceConfig::Systemd { unit, systemctl } => {
+            let verb = match action {
+                Action::Start => "start",
+                Action::Stop => "stop",
+            };
+            Cmd::new(systemctl, deadline).args([verb, "--", unit.as_str()])
+        }
+        ServiceConfig::PgCtlcluster {
+            version,
+            cluster,
+            pg_ctlcluster,
+        } => {
+            let c = Cmd::new(pg_ctlcluster, deadline).args([version.as_str(), cluster.as_str()]);
+            match action {
+                Action::Start => c.arg("start"),
+                Action::Stop => c.args(["stop", "-m", "fast"]),
+            }
+        }
+        ServiceConfig::PgCtl { log_file, options } => {
+            let c = Cmd::new(config.pg_bin("pg_ctl"), deadline)
+                .arg("-D")
+                .arg(&config.postgres.data_dir)
+                .args(["-w", "-t"])
+                .arg(timeout.as_secs().max(1).to_string());
+            match action {
+                Action::Start => {
+                    let c = c.arg("-l").arg(log_file);
+                    let c = match options {
+                        Some(o) => c.arg("-o").arg(o),
+                        None => c,
+                    };
+                    c.arg("start")
+                }
+                Action::Stop => c.args(["-m", "fast", "stop"]),
+            }
+        }
+    }
+}
+
+/// Asks the backend whether PostgreSQL runs. A backend that cannot answer is
+/// `Unknown` with its error as detail, never an RPC failure: status must
+/// work on a broken host.
+pub async fn status(config: &AgentConfig) -> ServiceStatus {
+    let cmd = status_command(config);
+    match cmd.run().await {
+        Ok(out) => interpret(&config.service, out.status.code(), &out.stdout, &out.stderr_tail),
+        Err(e) => ServiceStatus {
+            state: ServiceState::Unknown,
+            detail: e.to_string(),
+        },
+    }
+}
+
+fn interpret(
+    service: &ServiceConfig,
+    code: Option<i32>,
+    stdout: &str,
+    stderr: &[String],
+) -> ServiceStatus {
+    let first_line = stdout
+        .lines()
+        .next()
+        .map(str::to_owned)
+        .or_else(|| stderr.last().cloned())
+        .unwrap_or_default();
+    let state = match service {
+        // `systemctl is-active` prints one word; exit 0 only for "active".
+        ServiceConfig::Systemd { .. } => match first_line.trim() {
+            "active" | "reloading" | "deactivating" => ServiceState::Running,
+            "inactive" | "failed" | "activating" => ServiceState::Stopped,
+            _ => ServiceState::Unknown,
+        },
+        // pg_ctl status: 0 running, 3 not running, 4 no data directory;
+        // pg_ctlcluster passes pg_ctl's code through.
+        ServiceConfig::PgCtl { .. } | ServiceConfig::PgCtlcluster { .. } => match code {
+            Some(0) => ServiceState::Running,
+            Some(3) => ServiceState::Stopped,
+            _ => ServiceState::Unknown,
+        },
+    };
+    ServiceStatus {
+        state,
+        detail: first_line,
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg_ctl() -> ServiceConfig {
+        ServiceConfig::PgCtl {
+            log_file: "/tmp/x.log".into(),
+            options: None,
+        }
+    }
+
+    #[test]
+    fn pg_ctl_exit_codes() {
+        let s = interpret(&pg_ctl(), Some(0), "pg_ctl: server is running (PID: 7)\n", &[]);
+        assert_eq!(s.state, ServiceState::Running);
+        assert!(s.detail.contains("PID: 7"));
+        assert_eq!(interpret(&pg_ctl(), Some(3), "pg_ctl: no server running\n", &[]).state, ServiceState::Stopped);
+        assert_eq!(interpret(&pg_ctl(), Some(4), "", &["no data".into()]).state, ServiceState::Unknown);
+    }
+
+    #[test]
+    fn systemd_words() {
+        let sd = ServiceConfig::Systemd {
+            unit: "postgresql@15-main".into(),
+            systemctl: "/usr/bin/systemctl".into(),
+        };
+        assert_eq!(interpret(&sd, Some(0), "active\n", &[]).state, ServiceState::Running);
+        assert_eq!(interpret(&sd, Some(3), "inactive\n", &[]).state, ServiceState::Stopped);
+        assert_eq!(interpret(&sd, Some(3), "failed\n", &[]).state, ServiceState::Stopped);
+        assert_eq!(interpret(&sd, Some(1), "", &[]).state, ServiceState::Unknown);
+    }
+
+    /// systemd is not PID 1 on the test machines: check the backend at the
+    /// process boundary with a stand-in systemctl that records its argv.
+    #[tokio::test]
+    async fn systemd_backend_runs_is_active_on_the_configured_unit() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("pgfleet-systemctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let argv_file = dir.join("argv");
+        let stub = dir.join("systemctl");
+        std::fs::write(
+            &stub,
+            format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}\necho inactive\nexit 3\n", argv_file.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = crate::config::AgentConfig::parse(
+            &format!(
+                "listen = \"127.0.0.1:1\"\ninsecure = true\n[postgres]\nbin_dir = \"/usr/lib/postgresql/15/bin\"\n\
+                 data_dir = \"/nonexistent\"\n[service]\nbackend = \"systemd\"\nunit = \"postgresql@15-main\"\n\
+                 systemctl = \"{}\"\n",
+                stub.display()
+            ),
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let st = status(&cfg).await;
+        assert_eq!(st.state, ServiceState::Stopped);
+        assert_eq!(st.detail, "inactive");
+        let argv = std::fs::read_to_string(&argv_file).unwrap();
+        assert_eq!(argv, "is-active\n--\npostgresql@15-main\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

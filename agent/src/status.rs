@@ -1,0 +1,83 @@
+//! The node's status: PostgreSQL's own view, the service manager's, the
+//! control file's when the server is down, and the disk. Gathered
+//! concurrently; a stopped server is a status, not an error.
+
+use std::path::Path;
+
+use nix::sys::statvfs::statvfs;
+use tracing::debug;
+
+use crate::config::AgentConfig;
+use crate::controldata::{self, ControlData};
+use crate::pg::{Pg, ServerSnapshot};
+use crate::service::{self, ServiceStatus};
+
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// What PostgreSQL said, or why it could not be asked.
+    pub server: Result<ServerSnapshot, String>,
+    pub service: ServiceStatus,
+    pub service_backend: &'static str,
+    /// Read only when the server is down.
+    pub control_data: Option<ControlData>,
+    pub disk: Option<DiskSpace>,
+    pub data_directory: String,
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DiskSpace {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+pub async fn gather(config: &AgentConfig, pg: &Pg) -> NodeStatus {
+    let data_dir = config.postgres.data_dir.clone();
+    let disk = tokio::task::spawn_blocking(move || disk_space(&data_dir));
+    let (server, service) = tokio::join!(pg.status(), service::status(config));
+    let server = server.map_err(|e| e.to_string());
+    let control_data = match &server {
+        Ok(_) => None,
+        Err(_) => match controldata::read(config).await {
+            Ok(cd) => Some(cd),
+            Err(e) => {
+                debug!(error = %e, "pg_controldata unavailable");
+                None
+            }
+        },
+    };
+    NodeStatus {
+        server,
+        service,
+        service_backend: config.service.backend_name(),
+        control_data,
+        disk: disk.await.ok().flatten(),
+        data_directory: config.postgres.data_dir.display().to_string(),
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// Space on the data directory's filesystem; its nearest existing ancestor
+/// when the directory is not there (an empty node before its first rebuild).
+pub fn disk_space(dir: &Path) -> Option<DiskSpace> {
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    let st = statvfs(existing).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some(DiskSpace {
+        free_bytes: (st.blocks_available() as u64).saturating_mul(frsize),
+        total_bytes: (st.blocks() as u64).saturating_mul(frsize),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_space_of_missing_dir_uses_ancestor() {
+        let d = disk_space(Path::new("/tmp/does/not/exist/pgdata")).unwrap();
+        assert!(d.total_bytes > 0 && d.free_bytes <= d.total_bytes);
+    }
+}

@@ -1,0 +1,221 @@
+//! The `pgfleet` command line: argument definitions and dispatch. Output for
+//! people goes to stdout as tables, `--json` gives programs one JSON
+//! document; logs and progress go to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pgfleet_proto::SlotName;
+use serde::Serialize;
+
+use crate::client::Deadlines;
+use crate::error::CoordinatorError;
+use crate::fleet_status;
+use crate::inventory::Inventory;
+use crate::{slots, status_render, wal};
+
+/// pgfleet: rebuild replicas, run synchronous replication and move the
+/// primary role across a PostgreSQL fleet, through an agent on every host.
+///
+/// Exit codes: 0 success; 1 an operation failed or was refused;
+/// 2 bad usage or configuration (nothing was changed); 3 some agents could
+/// not be reached (the output says which).
+#[derive(Debug, Parser)]
+#[command(name = "pgfleet", version, about, long_about)]
+pub struct Cli {
+    /// Inventory file: clusters, nodes, agent endpoints.
+    #[arg(long, global = true, env = "PGFLEET_INVENTORY", default_value = "/etc/pgfleet/inventory.toml")]
+    pub inventory: PathBuf,
+    /// Deadline for each call to an agent, e.g. "5s".
+    #[arg(long, global = true, env = "PGFLEET_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Deadline for connecting to an agent.
+    #[arg(long, global = true, env = "PGFLEET_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "PGFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Every node of every cluster: role, state, timeline, LSN, lag, sync state.
+    Status(StatusArgs),
+    /// Replication slots of every node, flagging inactive slots that hold WAL back.
+    Slots(SlotsArgs),
+    /// WAL positions, WAL file names and the archiver of one node.
+    Wal(WalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this cluster.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// One JSON document on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SlotsArgs {
+    #[command(subcommand)]
+    pub action: Option<SlotsAction>,
+    /// Only this cluster.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Only inactive slots that hold WAL back.
+    #[arg(long)]
+    pub inactive: bool,
+    /// One JSON document on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SlotsAction {
+    /// Drop a replication slot on a node. An active slot is refused unless --force.
+    Drop {
+        /// Node name from the inventory.
+        node: String,
+        /// Slot name ([a-z0-9_]{1,63}).
+        slot: String,
+        /// Terminate the WAL sender of a standby still using the slot.
+        #[arg(long)]
+        force: bool,
+        /// Print the steps and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct WalArgs {
+    /// Node name from the inventory.
+    pub node: String,
+    /// JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a command ended, beyond success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// Some agents could not be reached; the output says which.
+    Partial,
+}
+
+impl Cli {
+    fn deadlines(&self) -> Deadlines {
+        Deadlines {
+            connect: self.connect_timeout,
+            call: self.timeout,
+        }
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<(), CoordinatorError> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v).map_err(std::io::Error::from)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn print_text(s: &str) -> Result<(), CoordinatorError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())?;
+    Ok(())
+}
+
+pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
+    let d = cli.deadlines();
+    let inventory = Inventory::load(&cli.inventory)?;
+    match &cli.command {
+        Command::Status(a) => {
+            let clusters = inventory.select(a.cluster.as_deref())?;
+            let report = fleet_status::gather(&clusters, d).await;
+            if a.json {
+                print_json(&report)?;
+            } else {
+                print_text(&status_render::render(&report))?;
+            }
+            Ok(if report.all_reachable {
+                Outcome::Done
+            } else {
+                Outcome::Partial
+            })
+        }
+        Command::Slots(a) => match &a.action {
+            None => {
+                let clusters = inventory.select(a.cluster.as_deref())?;
+                let report = slots::list(&clusters, a.inactive, d).await;
+                if a.json {
+                    print_json(&report)?;
+                } else {
+                    print_text(&slots::render(&report))?;
+                }
+                Ok(if report.all_reachable {
+                    Outcome::Done
+                } else {
+                    Outcome::Partial
+                })
+            }
+            Some(SlotsAction::Drop {
+                node,
+                slot,
+                force,
+                dry_run,
+                json,
+            }) => {
+                if *dry_run {
+                    let slot = SlotName::parse(slot)?;
+                    let (_, n) = inventory.node(node)?;
+                    let steps = slots::drop_plan(n, &slot, *force);
+                    if *json {
+                        print_json(&serde_json::json!({ "dry_run": true, "steps": steps }))?;
+                    } else {
+                        let mut s = format!("plan (dry run, nothing changed): drop slot {slot} on {node}\n");
+                        for (i, step) in steps.iter().enumerate() {
+                            s += &format!("  {}. {step}\n", i + 1);
+                        }
+                        print_text(&s)?;
+                    }
+                    return Ok(Outcome::Done);
+                }
+                let r = slots::drop(&inventory, node, slot, *force, d).await?;
+                if *json {
+                    print_json(&r)?;
+                } else {
+                    let mut s = format!("dropped replication slot {} on {}", r.slot, r.node);
+                    if let Some(b) = r.released_wal_bytes {
+                        s += &format!(" ({} of WAL no longer retained)", fleet_status::bytes(b));
+                    }
+                    if r.terminated_sender {
+                        s += "; its WAL sender was terminated";
+                    }
+                    s.push('\n');
+                    print_text(&s)?;
+                }
+                Ok(Outcome::Done)
+            }
+        },
+        Command::Wal(a) => {
+            let r = wal::get(&inventory, &a.node, d).await?;
+            if a.json {
+                print_json(&r)?;
+            } else {
+                print_text(&wal::render(&r))?;
+            }
+            Ok(Outcome::Done)
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The inventory: which clusters exist, their nodes, and where each node's
+//! agent and PostgreSQL answer. A TOML file (README, "Inventory"):
+//!
+//! ```toml
+//! [[clusters]]
+//! name = "main"
+//! [[clusters.nodes]]
+//! name = "pg1"
+//! agent = "http://10.0.0.11:7420"
+//! host = "10.0.0.11"     # PostgreSQL address other nodes replicate from
+//! port = 5432
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use pgfleet_proto::{ClusterName, NodeName};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("cannot read inventory {path}: {source}; pass --inventory or set PGFLEET_INVENTORY")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("inventory {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("inventory {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: ClusterName,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: NodeName,
+    /// Agent gRPC endpoint, e.g. "http://10.0.0.11:7420".
+    pub agent: String,
+    /// PostgreSQL host other nodes connect to for replication.
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    #[serde(default)]
+    clusters: Vec<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: String,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    /// Node name: a-z, 0-9, _ and -.
+    name: String,
+    /// Agent endpoint URL (http:// or https://).
+    agent: String,
+    /// PostgreSQL address of the node.
+    host: String,
+    /// PostgreSQL port.
+    #[serde(default = "default_port")]
+    port: u16,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+impl Inventory {
+    pub fn load(path: &Path) -> Result<Self, InventoryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, InventoryError> {
+        let raw: RawInventory = toml::from_str(text).map_err(|e| InventoryError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |message: String| InventoryError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let mut cluster_names = HashSet::new();
+        let mut node_names = HashSet::new();
+        let mut clusters = Vec::new();
+        for rc in raw.clusters {
+            let name = ClusterName::parse(&rc.name).map_err(|e| invalid(e.to_string()))?;
+            if !cluster_names.insert(name.clone()) {
+                return Err(invalid(format!("cluster {name} is listed twice")));
+            }
+            let mut nodes = Vec::new();
+            for rn in rc.nodes {
+                let node = NodeName::parse(&rn.name)
+                    .map_err(|e| invalid(format!("cluster {name}: {e}")))?;
+                // Node names are unique across the whole inventory so that
+                // `pgfleet rebuild NODE` needs no cluster.
+                if !node_names.insert(node.clone()) {
+                    return Err(invalid(format!(
+                        "node {node} is listed twice; node names must be unique across clusters"
+                    )));
+                }
+                if !(rn.agent.starts_with("http://") || rn.agent.starts_with("https://")) {
+                    return Err(invalid(format!(
+                        "node {node}: agent {:?} must be a URL like http://10.0.0.11:7420",
+                        rn.agent
+                    )));
+                }
+                if rn.host.is_empty() || rn.host.chars().any(|c| c.is_whitespace() || c == '/') {
+                    return Err(invalid(format!(
+                        "node {node}: host {:?} must be a host name or IP address",
+                        rn.host
+                    )));
+                }
+                nodes.push(Node {
+                    name: node,
+                    agent: rn.agent,
+                    host: rn.host,
+                    port: rn.port,
+                });
+            }
+            if nodes.is_empty() {
+                return Err(invalid(format!("cluster {name} has no nodes")));
+            }
+            clusters.push(Cluster { name, nodes });
+        }
+        if clusters.is_empty() {
+            return Err(invalid("no clusters defined; add a [[clusters]] table".into()));
+        }
+        Ok(Inventory { clusters })
+    }
+
+    /// The clusters selected by `--cluster` (all when `None`).
+    pub fn select(&self, cluster: Option<&str>) -> Result<Vec<&Cluster>, UnknownName> {
+        match cluster {
+            None => Ok(self.clusters.iter().collect()),
+            Some(c) => self
+                .clusters
+                .iter()
+                .find(|k| k.name.as_str() == c)
+                .map(|k| vec![k])
+                .ok_or_else(|| UnknownName {
+                    kind: "cluster",
+                    name: c.to_owned(),
+                    known: self.clusters.iter().map(|k| k.name.to_string()).collect(),
+                }),
+        }
+    }
+
+    /// A node by name, with its cluster.
+    pub fn node(&self, name: &str) -> Result<(&Cluster, &Node), UnknownName> {
+        self.clusters
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(move |n| (c, n)))
+            .find(|(_, n)| n.name.as_str() == name)
+            .ok_or_else(|| UnknownName {
+                kind: "node",
+                name: name.to_owned(),
+                known: self
+                    .clusters
+                    .iter()
+                    .flat_map(|c| c.nodes.iter().map(|n| n.name.to_string()))
+                    .collect(),
+            })
+    }
+}
+
+/// A cluster or node the inventory does not have.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no {kind} named {name:?} in the inventory; known: {}", known.join(", "))]
+pub struct UnknownName {
+    pub kind: &'static str,
+    pub name: String,
+    pub known: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[clusters]]
+        name = "main"
+        [[clusters.nodes]]
+        name = "pg1"
+        agent = "http://10.0.0.11:7420"
+        host = "10.0.0.11"
+        [[clusters.nodes]]
+        name = "pg2"
+        agent = "http://10.0.0.12:7420"
+        host = "10.0.0.12"
+        port = 5433
+    "#;
+
+    #[test]
+    fn parses_and_finds_nodes() {
+        let inv = Inventory::parse(GOOD, Path::new("i.toml")).unwrap();
+        let (c, n) = inv.node("pg2").unwrap();
+        assert_eq!(c.name.as_str(), "main");
+        assert_eq!(n.port, 5433);
+        assert_eq!(inv.node("pg1").unwrap().1.port, 5432);
+        let e = inv.node("pg9").unwrap_err().to_string();
+        assert!(e.contains("pg9") && e.contains("pg1, pg2"), "{e}");
+        assert!(inv.select(Some("nope")).is_err());
+    }
+
+    #[test]
+    fn refuses_duplicates_bad_names_and_urls() {
+        let dup = GOOD.replace("name = \"pg2\"", "name = \"pg1\"");
+        let e = Inventory::parse(&dup, Path::new("i.toml")).unwrap_err().to_string();
+        assert!(e.contains("pg1 is listed twice"), "{e}");
+        let bad = GOOD.replace("name = \"pg2\"", "name = \"PG 2\"");
+        let e = Inventory::parse(&bad, Path::new("i.toml")).unwrap_err().to_string();
+        assert!(e.contains("invalid node name"), "{e}");
+        let url = GOOD.replace("http://10.0.0.12:7420", "10.0.0.12:7420");
+        let e = Inventory::parse(&url, Path::new("i.toml")).unwrap_err().to_string();
+        assert!(e.contains("must be a URL"), "{e}");
+        let e = Inventory::parse("", Path::new("i.toml")).unwrap_err().to_string();
+        assert!(e.contains("no clusters"), "{e}");
+    }
+}

@@ -1,0 +1,13 @@
+//! pgfleet coordinator: knows the fleet (the inventory), drives the agents
+//! over gRPC, and presents the result to people (tables) and programs
+//! (JSON). The CLI and `pgfleet serve` share this library.
+
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod fleet_status;
+pub mod inventory;
+pub mod slots;
+pub mod status_render;
+pub mod table;
+pub mod wal;

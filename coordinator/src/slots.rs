@@ -1,0 +1,203 @@
+//! `pgfleet slots` (list, flag inactive slots that hold WAL back) and
+//! `pgfleet slots drop NODE SLOT`.
+
+use futures::future::join_all;
+use pgfleet_proto::agent::v1 as pb;
+use pgfleet_proto::{Lsn, SlotName};
+use serde::Serialize;
+
+use crate::client::{self, AgentCallError, Deadlines};
+use crate::error::CoordinatorError;
+use crate::fleet_status::bytes;
+use crate::inventory::{Cluster, Inventory, Node};
+use crate::table::Table;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotsReport {
+    pub nodes: Vec<NodeSlots>,
+    pub all_reachable: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeSlots {
+    pub cluster: String,
+    pub node: String,
+    pub reachable: bool,
+    pub error: Option<String>,
+    pub slots: Vec<SlotView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotView {
+    pub slot_name: String,
+    pub slot_type: String,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub restart_lsn: Option<Lsn>,
+    pub retained_wal_bytes: Option<u64>,
+    pub wal_status: Option<String>,
+    pub temporary: bool,
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    /// Inactive and holding WAL back: nobody consumes it and the disk fills.
+    pub inactive_retaining_wal: bool,
+}
+
+fn slot_view(s: pb::ReplicationSlot) -> SlotView {
+    SlotView {
+        inactive_retaining_wal: !s.active && s.retained_wal_bytes.unwrap_or(0) > 0,
+        restart_lsn: s.restart_lsn.as_deref().and_then(|l| Lsn::parse(l).ok()),
+        slot_name: s.slot_name,
+        slot_type: s.slot_type,
+        active: s.active,
+        active_pid: s.active_pid,
+        retained_wal_bytes: s.retained_wal_bytes,
+        wal_status: s.wal_status,
+        temporary: s.temporary,
+        plugin: s.plugin,
+        database: s.database,
+    }
+}
+
+async fn node_slots(cluster: &Cluster, node: &Node, d: Deadlines) -> NodeSlots {
+    let result = async {
+        let mut c = client::connect(node, d).await?;
+        c.get_replication(pb::GetReplicationRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| AgentCallError::from_status(node, s))
+    }
+    .await;
+    let (reachable, error, slots) = match result {
+        Ok(info) => (true, None, info.slots.into_iter().map(slot_view).collect()),
+        Err(e) => (!e.is_unreachable(), Some(e.to_string()), Vec::new()),
+    };
+    NodeSlots {
+        cluster: cluster.name.to_string(),
+        node: node.name.to_string(),
+        reachable,
+        error,
+        slots,
+    }
+}
+
+pub async fn list(clusters: &[&Cluster], inactive_only: bool, d: Deadlines) -> SlotsReport {
+    let jobs = clusters
+        .iter()
+        .flat_map(|c| c.nodes.iter().map(move |n| node_slots(c, n, d)));
+    let mut nodes = join_all(jobs).await;
+    if inactive_only {
+        for n in &mut nodes {
+            n.slots.retain(|s| s.inactive_retaining_wal);
+        }
+    }
+    let all_reachable = nodes.iter().all(|n| n.reachable && n.error.is_none());
+    SlotsReport {
+        nodes,
+        all_reachable,
+    }
+}
+
+pub fn render(report: &SlotsReport) -> String {
+    let mut t = Table::new(&[
+        "CLUSTER", "NODE", "SLOT", "TYPE", "ACTIVE", "RESTART_LSN", "RETAINED", "WAL_STATUS", "NOTE",
+    ]);
+    for n in &report.nodes {
+        if let Some(e) = &n.error {
+            t.row(vec![
+                n.cluster.clone(),
+                n.node.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                e.clone(),
+            ]);
+        }
+        for s in &n.slots {
+            let active = match (s.active, s.active_pid) {
+                (true, Some(pid)) => format!("yes (pid {pid})"),
+                (true, None) => "yes".into(),
+                (false, _) => "no".into(),
+            };
+            let note = if s.inactive_retaining_wal {
+                "inactive, holding WAL back".to_owned()
+            } else {
+                String::new()
+            };
+            t.row(vec![
+                n.cluster.clone(),
+                n.node.clone(),
+                s.slot_name.clone(),
+                s.slot_type.clone(),
+                active,
+                s.restart_lsn.map(|l| l.to_string()).unwrap_or("-".into()),
+                s.retained_wal_bytes.map(bytes).unwrap_or("-".into()),
+                s.wal_status.clone().unwrap_or("-".into()),
+                note,
+            ]);
+        }
+    }
+    if t.is_empty() {
+        return "no replication slots\n".into();
+    }
+    t.render()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DropReport {
+    pub node: String,
+    pub slot: String,
+    pub terminated_sender: bool,
+    pub released_wal_bytes: Option<u64>,
+}
+
+/// The steps `slots drop` takes, for `--dry-run`.
+pub fn drop_plan(node: &Node, slot: &SlotName, force: bool) -> Vec<String> {
+    let mut steps = vec![format!(
+        "{} ({}): look up slot {slot} in pg_replication_slots; stop if it does not exist{}",
+        node.name,
+        node.agent,
+        if force { "" } else { " or is active" }
+    )];
+    if force {
+        steps.push(format!(
+            "{}: if active, SELECT pg_terminate_backend(active_pid) to cut off its standby",
+            node.name
+        ));
+    }
+    steps.push(format!(
+        "{}: SELECT pg_drop_replication_slot('{slot}')",
+        node.name
+    ));
+    steps
+}
+
+pub async fn drop(
+    inventory: &Inventory,
+    node: &str,
+    slot: &str,
+    force: bool,
+    d: Deadlines,
+) -> Result<DropReport, CoordinatorError> {
+    // Validate everything before the first network call.
+    let slot = SlotName::parse(slot)?;
+    let (_, node) = inventory.node(node)?;
+    let mut c = client::connect(node, d).await?;
+    let r = c
+        .drop_slot(pb::DropSlotRequest {
+            slot_name: slot.to_string(),
+            force,
+        })
+        .await
+        .map_err(|s| AgentCallError::from_status(node, s))?
+        .into_inner();
+    Ok(DropReport {
+        node: node.name.to_string(),
+        slot: r.slot_name,
+        terminated_sender: r.terminated_sender,
+        released_wal_bytes: r.released_wal_bytes,
+    })
+}

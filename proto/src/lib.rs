@@ -1,0 +1,32 @@
+//! pgfleet's wire contract.
+//!
+//! The generated gRPC code for `pgfleet.agent.v1` and `pgfleet.coordinator.v1`,
+//! and the validated types both sides share. Untrusted strings become these
+//! types once, at the RPC edge (`SlotName::parse`), and only the types travel
+//! further: the agent's domain code never sees a raw slot name.
+
+mod redact;
+pub mod types;
+
+pub use types::{ClusterName, Lsn, NodeName, ParseError, RoleName, SlotName};
+
+/// `pgfleet.agent.v1`: the agent's API.
+pub mod agent {
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+        tonic::include_proto!("pgfleet.agent.v1");
+    }
+}
+
+/// `pgfleet.coordinator.v1`: the coordinator's API.
+pub mod coordinator {
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+        tonic::include_proto!("pgfleet.coordinator.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every pgfleet .proto, for gRPC server
+/// reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/pgfleet_descriptor.bin"));

@@ -1,0 +1,154 @@
+//! A host's `pgfleet-agent`: its configuration, start, and kill.
+
+use std::fs::OpenOptions;
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Stdio};
+use std::sync::MutexGuard;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::host::{AGENT_PORT, Host, PG_BIN_DIR, PG_PORT, tail, write_postgres_file};
+use crate::process::kill_child;
+use crate::{bin_path, toml_str};
+
+/// How long the agent may take to start listening.
+const AGENT_START_DEADLINE: Duration = Duration::from_secs(20);
+
+impl Host {
+    /// The agent's gRPC address, `198.18.N.X:7420`.
+    pub fn agent_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.addr(), AGENT_PORT))
+    }
+
+    /// The agent's endpoint as the inventory names it: `http://198.18.N.X:7420`.
+    pub fn agent_endpoint(&self) -> String {
+        format!("http://{}", self.agent_addr())
+    }
+
+    /// The agent configuration for this host: pg_ctl backend with the same
+    /// server options the harness starts PostgreSQL with.
+    pub fn agent_config(&self) -> String {
+        let path = |p: std::path::PathBuf| toml_str(&p.display().to_string());
+        format!(
+            "listen = {listen}\n\
+             insecure = true\n\
+             [postgres]\n\
+             bin_dir = {bin}\n\
+             data_dir = {data}\n\
+             socket_dir = {sock}\n\
+             port = {PG_PORT}\n\
+             [service]\n\
+             backend = \"pg_ctl\"\n\
+             log_file = {log}\n\
+             options = {options}\n",
+            listen = toml_str(&self.agent_addr().to_string()),
+            bin = toml_str(PG_BIN_DIR),
+            data = path(self.data_dir()),
+            sock = path(self.socket_dir()),
+            log = path(self.postgres_log()),
+            options = toml_str(&self.pg_ctl_options()),
+        )
+    }
+
+    /// Writes agent.toml and starts `pgfleet-agent --config agent.toml` on
+    /// this host as postgres (stdout and stderr appended to agent.log), then
+    /// waits up to 20 s until its port accepts a TCP connection from the root
+    /// namespace. Fails with the end of agent.log if the agent exits first.
+    ///
+    /// The agent dies with the thread that calls this (PR_SET_PDEATHSIG):
+    /// call it from the thread that owns the fleet.
+    pub fn start_agent(&self) -> Result<()> {
+        let mut slot = self.agent_slot();
+        if let Some(child) = slot.as_mut()
+            && child.try_wait()?.is_none()
+        {
+            bail!(
+                "{}: the agent is already running (pid {})",
+                self.netns(),
+                child.id()
+            );
+        }
+        // Otherwise the readiness check below could be answered by someone
+        // else, e.g. an agent a test started by hand.
+        if TcpStream::connect_timeout(&self.agent_addr(), Duration::from_millis(200)).is_ok() {
+            bail!(
+                "{}: something already listens on {}",
+                self.netns(),
+                self.agent_addr()
+            );
+        }
+        let config = self.agent_config_path();
+        write_postgres_file(&config, &self.agent_config())?;
+        let log_path = self.agent_log();
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let mut cmd = self.command(bin_path("pgfleet-agent")?)?;
+        cmd.arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicating agent.log handle")?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting pgfleet-agent in {}", self.netns()))?;
+        let child = slot.insert(child);
+        if let Err(e) = wait_until_listening(child, self.agent_addr()) {
+            // Not left half-started for the next call or for teardown.
+            let _ = kill_child(child);
+            *slot = None;
+            bail!(
+                "{}: {e:#}\n--- {} (end) ---\n{}",
+                self.netns(),
+                log_path.display(),
+                tail(&log_path, 40)
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the agent and waits for it. A no-op if none runs.
+    pub fn kill_agent(&self) -> Result<()> {
+        if let Some(mut child) = self.agent_slot().take() {
+            kill_child(&mut child)
+                .with_context(|| format!("killing the agent of {}", self.netns()))?;
+        }
+        Ok(())
+    }
+
+    /// The agent's pid, if the harness started one that was not killed.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent_slot().as_ref().map(Child::id)
+    }
+
+    fn agent_slot(&self) -> MutexGuard<'_, Option<Child>> {
+        // A panic while holding the lock leaves the Option intact.
+        self.agent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn wait_until_listening(child: &mut Child, addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + AGENT_START_DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().context("checking on the agent")? {
+            bail!("pgfleet-agent exited during start-up: {status}");
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+            // Still ours: not an agent that answered and then died.
+            if let Some(status) = child.try_wait().context("checking on the agent")? {
+                bail!("pgfleet-agent exited during start-up: {status}");
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("pgfleet-agent did not listen on {addr} within {AGENT_START_DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,358 @@
+//! [`TestFleet`]: N hosts on one private /24, torn down on drop.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs::{DirBuilder, Permissions};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::host::{Host, PG_PORT, tail};
+use crate::net::{self, NetLease};
+use crate::process::{self, describe, die_with_parent, failure_message, output_with_timeout};
+use crate::{bin_path, toml_str};
+
+/// How long one `pgfleet` CLI run may take before it is killed.
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a fresh replica may take to report streaming.
+const STREAMING_DEADLINE: Duration = Duration::from_secs(60);
+/// Log lines per file in [`TestFleet::dump_logs`].
+const LOG_TAIL_LINES: usize = 40;
+
+/// A set of test hosts (see the crate docs). Everything it starts and
+/// creates is removed when it is dropped, also when the test panics.
+#[derive(Debug)]
+pub struct TestFleet {
+    hosts: Vec<Host>,
+    dir: PathBuf,
+    /// Dropped last, after `Drop::drop` removed everything: only then may
+    /// another fleet take this network number.
+    lease: NetLease,
+}
+
+/// What a `pgfleet` CLI run printed and how it exited.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// The exit code (`None` if killed by a signal).
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+impl fmt::Display for CliOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pgfleet {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status,
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+impl TestFleet {
+    /// Claims a free network number N and creates `hosts` hosts: the bridge
+    /// `pft{N}br` (198.18.N.1/24), per host a namespace `pft{N}h{i}` at
+    /// 198.18.N.{i+2} and a directory under /tmp/pgfleet-test-N. Nothing runs
+    /// yet. Needs root.
+    pub fn new(hosts: usize) -> Result<TestFleet> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("the test fleet needs root (network namespaces, running servers as postgres)");
+        }
+        process::pg_user()?;
+        process::become_subreaper()?;
+        let lease = NetLease::acquire()?;
+        let n = lease.n();
+        // Built up in place so that a failure half-way is cleaned up by Drop.
+        let mut fleet = TestFleet {
+            hosts: Vec::with_capacity(hosts),
+            dir: net::fleet_dir(n),
+            lease,
+        };
+        DirBuilder::new()
+            .mode(0o755)
+            .create(&fleet.dir)
+            .with_context(|| format!("creating {}", fleet.dir.display()))?;
+        // Whatever the umask: postgres must be able to reach its own h{i}.
+        std::fs::set_permissions(&fleet.dir, Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {}", fleet.dir.display()))?;
+        net::create_bridge(n)?;
+        for i in 0..hosts {
+            let host = Host::create(n, i, &fleet.dir)?;
+            fleet.hosts.push(host);
+        }
+        Ok(fleet)
+    }
+
+    /// The network number N: the fleet lives in 198.18.N.0/24.
+    pub fn n(&self) -> u8 {
+        self.lease.n()
+    }
+
+    /// The fleet directory, /tmp/pgfleet-test-N.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The address of the root namespace on the fleet's bridge, 198.18.N.1:
+    /// the source address of connections from the test and the CLI.
+    pub fn bridge_addr(&self) -> Ipv4Addr {
+        net::bridge_addr(self.n())
+    }
+
+    /// Host `i`.
+    ///
+    /// # Panics
+    /// If the fleet has no host `i` (a bug in the test).
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    fn get(&self, i: usize) -> Result<&Host> {
+        self.hosts
+            .get(i)
+            .ok_or_else(|| anyhow!("the fleet has {} hosts, no host {i}", self.hosts.len()))
+    }
+
+    /// Makes host `replica` a streaming replica of host `primary` with plain
+    /// `pg_basebackup -R -C -S slot` run on the replica (so the primary sees
+    /// the replica's own address), starts it, and waits until the replica is
+    /// in recovery and the primary lists it as streaming.
+    pub async fn make_replica_with_pg_basebackup(
+        &self,
+        replica: usize,
+        primary: usize,
+        slot: &str,
+    ) -> Result<()> {
+        let (r, p) = (self.get(replica)?, self.get(primary)?);
+        let data = r.data_dir();
+        let primary_addr = p.addr().to_string();
+        let port = PG_PORT.to_string();
+        let argv: Vec<&OsStr> = vec![
+            "pg_basebackup".as_ref(),
+            "-h".as_ref(),
+            primary_addr.as_ref(),
+            "-p".as_ref(),
+            port.as_ref(),
+            "-U".as_ref(),
+            "postgres".as_ref(),
+            "-D".as_ref(),
+            data.as_ref(),
+            "-R".as_ref(),
+            "-C".as_ref(),
+            "-S".as_ref(),
+            slot.as_ref(),
+            "-X".as_ref(),
+            "stream".as_ref(),
+            "-c".as_ref(),
+            "fast".as_ref(),
+        ];
+        r.run(&argv)?;
+        r.start_postgres()?;
+        self.wait_streaming(replica, primary).await
+    }
+
+    /// Waits (up to 60 s) until host `replica` is in recovery and host
+    /// `primary`'s pg_stat_replication shows it streaming from its address.
+    pub async fn wait_streaming(&self, replica: usize, primary: usize) -> Result<()> {
+        let (r, p) = (self.get(replica)?, self.get(primary)?);
+        let sql = format!(
+            "select count(*) from pg_stat_replication \
+             where client_addr = '{}' and state = 'streaming'",
+            r.addr()
+        );
+        let deadline = Instant::now() + STREAMING_DEADLINE;
+        loop {
+            let in_recovery = r.query_one_string("select pg_is_in_recovery()").await;
+            let streaming = p.query_one_string(&sql).await;
+            let state = match (&in_recovery, &streaming) {
+                (Ok(rec), Ok(count)) if rec == "t" && count != "0" => return Ok(()),
+                (Ok(rec), Ok(count)) => {
+                    format!("pg_is_in_recovery() = {rec}, streaming walsenders for it = {count}")
+                }
+                (Err(e), _) | (_, Err(e)) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not start streaming from {} within {STREAMING_DEADLINE:?}; last seen: {state}",
+                    r.netns(),
+                    p.netns()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Where the generated inventory is written.
+    pub fn inventory_path(&self) -> PathBuf {
+        self.dir.join("inventory.toml")
+    }
+
+    /// Writes the inventory: one cluster "main" with every host as
+    /// `node{i}`.
+    pub fn write_inventory(&self) -> Result<PathBuf> {
+        self.write_inventory_with(&[])
+    }
+
+    /// Like [`write_inventory`](Self::write_inventory), plus `(name, agent
+    /// endpoint)` nodes that are not hosts of this fleet, e.g. an agent
+    /// nobody answers at.
+    pub fn write_inventory_with(&self, extra_nodes: &[(&str, &str)]) -> Result<PathBuf> {
+        let text = self.inventory_toml("main", extra_nodes)?;
+        let path = self.inventory_path();
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The inventory text: cluster `cluster` with every host as `node{i}`,
+    /// then `extra_nodes` (name, agent endpoint; `host` taken from the URL).
+    pub fn inventory_toml(&self, cluster: &str, extra_nodes: &[(&str, &str)]) -> Result<String> {
+        let mut nodes: Vec<(String, String, String)> = self
+            .hosts
+            .iter()
+            .map(|h| (h.node_name(), h.agent_endpoint(), h.addr().to_string()))
+            .collect();
+        for (name, agent) in extra_nodes {
+            nodes.push((
+                name.to_string(),
+                agent.to_string(),
+                url_host(agent)?.to_owned(),
+            ));
+        }
+        let mut text = format!("[[clusters]]\nname = {}\n", toml_str(cluster));
+        for (name, agent, host) in nodes {
+            text.push_str(&format!(
+                "\n[[clusters.nodes]]\nname = {}\nagent = {}\nhost = {}\nport = {PG_PORT}\n",
+                toml_str(&name),
+                toml_str(&agent),
+                toml_str(&host)
+            ));
+        }
+        Ok(text)
+    }
+
+    /// Runs `pgfleet --inventory <fleet inventory> ARGS` in the root
+    /// namespace as root (writing the default inventory first if none was
+    /// written). A non-zero exit is returned, not an error; running past 60 s
+    /// is an error (the CLI is killed).
+    pub fn pgfleet<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<CliOutput> {
+        let inventory = self.inventory_path();
+        if !inventory.exists() {
+            self.write_inventory()?;
+        }
+        let mut cmd = Command::new(bin_path("pgfleet")?);
+        cmd.arg("--inventory").arg(&inventory).args(args);
+        // The developer's PGFLEET_TIMEOUT etc. must not change what a test
+        // sees; only the log filter passes.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("PGFLEET_") && var != "PGFLEET_LOG" {
+                cmd.env_remove(var);
+            }
+        }
+        die_with_parent(&mut cmd);
+        let finished = output_with_timeout(&mut cmd, CLI_TIMEOUT)?;
+        if finished.timed_out {
+            bail!(
+                "{}",
+                failure_message(&format!("`{}`", describe(&cmd)), &finished)
+            );
+        }
+        let out = finished.output;
+        Ok(CliOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// The last lines of every host's postgres.log and agent.log, for
+    /// failure reports.
+    pub fn dump_logs(&self) -> String {
+        let mut out = String::new();
+        for h in &self.hosts {
+            for log in [h.postgres_log(), h.agent_log()] {
+                if log.exists() {
+                    out.push_str(&format!(
+                        "===== {} {} (last {LOG_TAIL_LINES} lines) =====\n{}\n",
+                        h.node_name(),
+                        log.display(),
+                        tail(&log, LOG_TAIL_LINES)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Stops everything and removes namespaces, links and the directory;
+    /// reports problems but always gets to the end.
+    fn teardown(&mut self) {
+        for h in &self.hosts {
+            if let Err(e) = h.kill_agent() {
+                eprintln!("pgfleet-tests teardown: {e:#}");
+            }
+        }
+        for h in &self.hosts {
+            if let Err(e) = h.stop_postgres_immediate() {
+                eprintln!(
+                    "pgfleet-tests teardown: stopping PostgreSQL of {}: {e:#}",
+                    h.netns()
+                );
+            }
+        }
+        // Kills whatever is still running in the namespaces, then deletes them.
+        if let Err(e) = net::purge(self.n()) {
+            eprintln!("pgfleet-tests teardown of network {}: {e:#}", self.n());
+        }
+    }
+}
+
+impl Drop for TestFleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.dump_logs());
+        }
+        self.teardown();
+    }
+}
+
+/// The host part of an endpoint URL such as `http://198.18.3.9:7420`.
+fn url_host(url: &str) -> Result<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let host = rest.split([':', '/']).next().unwrap_or_default();
+    if host.is_empty() {
+        bail!("no host in endpoint {url:?}");
+    }
+    Ok(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_host_takes_the_address_between_scheme_and_port() {
+        assert_eq!(url_host("http://198.18.3.9:7420").unwrap(), "198.18.3.9");
+        assert_eq!(url_host("https://db1.example/x").unwrap(), "db1.example");
+        assert!(url_host("http://:7420").is_err());
+    }
+}

@@ -1,0 +1,428 @@
+//! One test host: a network namespace with its own address, directory and
+//! PostgreSQL 15 server, everything run as the `postgres` OS user.
+
+use std::ffi::OsStr;
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, chown};
+
+use crate::net;
+use crate::process::{
+    self, Finished, children_of, describe, failure_message, kill_and_reap, output_with_timeout,
+    pg_user, reap,
+};
+
+/// Where Debian's PostgreSQL 15 programs are.
+pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+/// Every host's PostgreSQL listens on this port of its own address.
+pub const PG_PORT: u16 = 5432;
+/// Every host's agent listens on this port of its own address.
+pub const AGENT_PORT: u16 = 7420;
+
+/// How long a command run on a host (initdb, pg_ctl, pg_basebackup) may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `connect` keeps retrying.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// Variables passed through from the test's environment to host processes,
+/// which otherwise get a clean one.
+const PASSED_ENV: &[&str] = &["RUST_BACKTRACE", "PGFLEET_LOG"];
+
+/// A test host. Created by [`crate::TestFleet::new`]; the fleet's `Drop` stops
+/// everything the host runs and deletes its namespace and directory.
+#[derive(Debug)]
+pub struct Host {
+    index: usize,
+    n: u8,
+    netns: String,
+    addr: Ipv4Addr,
+    dir: PathBuf,
+    pub(crate) agent: Mutex<Option<Child>>,
+}
+
+impl Host {
+    /// Creates host `index` of network `n`: its namespace and veth, and its
+    /// directory under `fleet_dir`, owned by postgres, mode 0700.
+    pub(crate) fn create(n: u8, index: usize, fleet_dir: &Path) -> Result<Host> {
+        let user = pg_user()?;
+        net::create_host(n, index)?;
+        let dir = fleet_dir.join(format!("h{index}"));
+        for d in [dir.clone(), dir.join("sock")] {
+            DirBuilder::new()
+                .mode(0o700)
+                .create(&d)
+                .with_context(|| format!("creating {}", d.display()))?;
+            chown(&d, Some(user.uid), Some(user.gid))
+                .with_context(|| format!("chown postgres {}", d.display()))?;
+        }
+        Ok(Host {
+            index,
+            n,
+            netns: net::netns_name(n, index),
+            addr: net::host_addr(n, index)?,
+            dir,
+            agent: Mutex::new(None),
+        })
+    }
+
+    /// Position in the fleet (0-based).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Name of this host in generated inventories: `node{index}`.
+    pub fn node_name(&self) -> String {
+        format!("node{}", self.index)
+    }
+
+    /// The network namespace's name, e.g. `pft7h0`.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// The host's address, `198.18.N.{index+2}`.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The host's directory, `/tmp/pgfleet-test-N/h{index}`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.join("sock")
+    }
+
+    pub fn postgres_log(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    pub fn agent_config_path(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// A command that runs `program` inside this host's namespace as the
+    /// postgres user, in the host directory, with a clean environment
+    /// (`PATH` with the PostgreSQL programs first, `LANG=C`, `NO_COLOR=1`,
+    /// `HOME` = the host directory). A bare program name is looked up in
+    /// [`PG_BIN_DIR`] first.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        let program = program.as_ref();
+        let in_pg_bin = Path::new(PG_BIN_DIR).join(program);
+        let mut cmd = if !program.as_encoded_bytes().contains(&b'/') && in_pg_bin.exists() {
+            Command::new(in_pg_bin)
+        } else {
+            Command::new(program)
+        };
+        cmd.env_clear()
+            .env(
+                "PATH",
+                format!("{PG_BIN_DIR}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
+            )
+            .env("LANG", "C")
+            // Plain agent logs (tracing colours its output even into a file).
+            .env("NO_COLOR", "1")
+            .env("HOME", &self.dir)
+            .current_dir(&self.dir);
+        for var in PASSED_ENV {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        // Panics keep their backtraces, but anyhow errors (an agent's fatal
+        // start-up error) stay one readable paragraph in agent.log.
+        cmd.env("RUST_LIB_BACKTRACE", "0");
+        process::enter_netns_as(&mut cmd, &self.netns, pg_user()?)?;
+        Ok(cmd)
+    }
+
+    /// Runs `argv` on this host as postgres and returns its output; fails
+    /// (with the command, status, stdout and stderr) unless it exits 0 within
+    /// two minutes.
+    pub fn run<S: AsRef<OsStr>>(&self, argv: &[S]) -> Result<Output> {
+        let (program, args) = argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;
+        let mut cmd = self.command(program)?;
+        cmd.args(args);
+        let finished = output_with_timeout(&mut cmd, RUN_TIMEOUT)?;
+        self.checked(&cmd, finished)
+    }
+
+    fn checked(&self, cmd: &Command, finished: Finished) -> Result<Output> {
+        if finished.timed_out || !finished.output.status.success() {
+            let what = format!("`{}` in {} as postgres", describe(cmd), self.netns);
+            bail!("{}", failure_message(&what, &finished));
+        }
+        Ok(finished.output)
+    }
+
+    /// Starts `argv` on this host as postgres and returns the child (stdio
+    /// inherited). It is SIGKILLed if the spawning thread exits, so spawn from
+    /// the thread that owns the fleet, not from a tokio task.
+    pub fn spawn<S: AsRef<OsStr>>(&self, argv: &[S]) -> Result<Child> {
+        let (program, args) = argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;
+        let mut cmd = self.command(program)?;
+        cmd.args(args);
+        cmd.spawn()
+            .with_context(|| format!("starting `{}` in {}", describe(&cmd), self.netns))
+    }
+
+    /// `initdb` (trust authentication, superuser `postgres`), then pg_hba
+    /// lines trusting the fleet's /24 for normal and replication connections.
+    pub fn initdb(&self) -> Result<()> {
+        let data = self.data_dir();
+        if data.exists() {
+            bail!(
+                "{} already exists; initdb wants a fresh directory",
+                data.display()
+            );
+        }
+        let argv: Vec<&OsStr> = vec![
+            "initdb".as_ref(),
+            "-D".as_ref(),
+            data.as_ref(),
+            "-A".as_ref(),
+            "trust".as_ref(),
+            "-U".as_ref(),
+            "postgres".as_ref(),
+            "--no-sync".as_ref(),
+        ];
+        self.run(&argv)?;
+        let hba = data.join("pg_hba.conf");
+        let subnet = net::subnet(self.n);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&hba)
+            .with_context(|| format!("opening {}", hba.display()))?;
+        writeln!(
+            f,
+            "host all all {subnet} trust\nhost replication all {subnet} trust"
+        )
+        .with_context(|| format!("writing {}", hba.display()))?;
+        Ok(())
+    }
+
+    /// The server options this host's PostgreSQL is started with (`pg_ctl
+    /// -o`). Host-specific settings live here rather than in the data
+    /// directory, so a copy made by pg_basebackup from another host still
+    /// listens on this host's own address and socket.
+    pub fn pg_ctl_options(&self) -> String {
+        format!(
+            "-c listen_addresses={addr} -c port={PG_PORT} -c unix_socket_directories={sock} \
+             -c wal_level=replica -c max_wal_senders=10 -c max_replication_slots=10 \
+             -c hot_standby=on -c wal_log_hints=on -c fsync=off -c shared_buffers=16MB",
+            addr = self.addr,
+            sock = self.socket_dir().display(),
+        )
+    }
+
+    /// `pg_ctl start`, waiting (up to 60 s) until the server accepts
+    /// connections. On failure the error carries the end of postgres.log.
+    pub fn start_postgres(&self) -> Result<()> {
+        let data = self.data_dir();
+        let log = self.postgres_log();
+        let options = self.pg_ctl_options();
+        let argv: Vec<&OsStr> = vec![
+            "pg_ctl".as_ref(),
+            "-D".as_ref(),
+            data.as_ref(),
+            "-l".as_ref(),
+            log.as_ref(),
+            "-w".as_ref(),
+            "-t".as_ref(),
+            "60".as_ref(),
+            "-o".as_ref(),
+            options.as_ref(),
+            "start".as_ref(),
+        ];
+        self.run(&argv)
+            .map(drop)
+            .map_err(|e| anyhow!("{e:#}\n--- {} (end) ---\n{}", log.display(), tail(&log, 30)))
+    }
+
+    /// `pg_ctl stop -m fast`, waiting until the server is down.
+    pub fn stop_postgres(&self) -> Result<()> {
+        self.pg_ctl_stop("fast", 60)
+    }
+
+    fn pg_ctl_stop(&self, mode: &str, timeout_secs: u32) -> Result<()> {
+        let pid = self.postmaster_pid()?;
+        let data = self.data_dir();
+        let timeout = timeout_secs.to_string();
+        let argv: Vec<&OsStr> = vec![
+            "pg_ctl".as_ref(),
+            "-D".as_ref(),
+            data.as_ref(),
+            "-m".as_ref(),
+            mode.as_ref(),
+            "-w".as_ref(),
+            "-t".as_ref(),
+            timeout.as_ref(),
+            "stop".as_ref(),
+        ];
+        self.run(&argv)?;
+        // The postmaster was orphaned by `pg_ctl start`; reap it (see
+        // process::become_subreaper).
+        if let Some(pid) = pid {
+            reap(&[pid], Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the server for teardown if it is (or may be) running.
+    pub(crate) fn stop_postgres_immediate(&self) -> Result<()> {
+        if self.data_dir().join("postmaster.pid").exists() {
+            self.pg_ctl_stop("immediate", 30)?;
+        }
+        Ok(())
+    }
+
+    /// Simulates the server's host dying: SIGKILL to the postmaster and to
+    /// each of its processes, leaving a crashed data directory behind. The
+    /// postmaster is frozen first so it can start no new child while they are
+    /// collected; children are killed too so the server can be started again
+    /// at once (PostgreSQL refuses while old backends still hold its memory).
+    pub fn kill_postgres(&self) -> Result<()> {
+        let pid = self.postmaster_pid()?.ok_or_else(|| {
+            anyhow!(
+                "{}: PostgreSQL is not running (no postmaster.pid)",
+                self.netns
+            )
+        })?;
+        // Never signal a process outside this host: postmaster.pid may be stale.
+        if !net::netns_pids(&self.netns)?.contains(&pid) {
+            bail!(
+                "postmaster.pid of {} names pid {pid}, which is not running in that namespace",
+                self.netns
+            );
+        }
+        kill(pid, Signal::SIGSTOP).with_context(|| format!("SIGSTOP postmaster {pid}"))?;
+        let mut pids = vec![pid];
+        pids.extend(children_of(pid));
+        kill_and_reap(&pids, Duration::from_secs(10))
+    }
+
+    /// The postmaster's pid from `data/postmaster.pid`, if that file exists.
+    pub fn postmaster_pid(&self) -> Result<Option<Pid>> {
+        let path = self.data_dir().join("postmaster.pid");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let first = text.lines().next().unwrap_or_default().trim();
+        let pid = first
+            .parse()
+            .with_context(|| format!("{}: first line {first:?} is not a pid", path.display()))?;
+        Ok(Some(Pid::from_raw(pid)))
+    }
+
+    /// Connects from the test (root namespace) to this host's PostgreSQL as
+    /// `postgres`, retrying for up to 30 s while the server comes up. The
+    /// connection is driven by a tokio task.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(self.addr.to_string())
+            .port(PG_PORT)
+            .user("postgres")
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(3));
+        let deadline = Instant::now() + CONNECT_DEADLINE;
+        loop {
+            match config.connect(tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(async move {
+                        // Ends with an error when the server goes away; the
+                        // client's next query reports that.
+                        let _ = connection.await;
+                    });
+                    return Ok(client);
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "connecting to {}:{PG_PORT} for {CONNECT_DEADLINE:?}",
+                            self.addr
+                        )
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Runs `sql` on a fresh connection and returns the single value of its
+    /// single row in PostgreSQL's text form (`t`/`f` for booleans).
+    pub async fn query_one_string(&self, sql: &str) -> Result<String> {
+        let client = self.connect().await?;
+        query_one_string(&client, sql)
+            .await
+            .with_context(|| format!("on {} ({})", self.netns, self.addr))
+    }
+}
+
+/// The single text value of the single row `sql` returns.
+pub async fn query_one_string(client: &tokio_postgres::Client, sql: &str) -> Result<String> {
+    let rows: Vec<_> = client
+        .simple_query(sql)
+        .await
+        .with_context(|| format!("query {sql:?}"))?
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let [row] = rows.as_slice() else {
+        bail!("query {sql:?} returned {} rows, expected 1", rows.len());
+    };
+    row.get(0)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("query {sql:?} returned NULL"))
+}
+
+/// The last `lines` lines of a log file (or why it could not be read).
+pub fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+/// Writes `contents` to `path`, owned by postgres, mode 0600.
+pub(crate) fn write_postgres_file(path: &Path, contents: &str) -> Result<()> {
+    let user = pg_user()?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    chown(path, Some(user.uid), Some(user.gid))
+        .with_context(|| format!("chown {}", path.display()))?;
+    Ok(())
+}

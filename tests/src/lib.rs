@@ -1,0 +1,60 @@
+//! End-to-end test harness: [`TestFleet`] gives a test N "hosts", each a
+//! Linux network namespace on a private bridge with its own address
+//! (198.18.N.{i+2}), its own PostgreSQL 15 server and optionally its own
+//! `pgfleet-agent`, all run as the `postgres` OS user. Connections between
+//! hosts carry the real source address, so pg_hba and pg_stat_replication
+//! behave as on separate machines (DESIGN.md, "Test fleet").
+//!
+//! Needs root. The binaries under test come from the cargo target directory:
+//! build them first with `cargo build --workspace --bins`.
+//!
+//! Processes on hosts die with the thread that spawned them
+//! (PR_SET_PDEATHSIG), so a killed test takes its agents along. Drive the
+//! fleet from the test's own thread (the body of `#[tokio::test]` runs on
+//! it), never from a spawned tokio task.
+
+pub mod agent;
+pub mod fleet;
+pub mod host;
+pub mod net;
+pub mod process;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+pub use fleet::{CliOutput, TestFleet};
+pub use host::Host;
+
+/// Directory of the workspace's binaries: `$PGFLEET_BIN_DIR`, else the
+/// profile directory of the target directory this test binary was built in
+/// (test binaries live in `target/<profile>/deps/`, binaries one level up).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PGFLEET_BIN_DIR") {
+        return Ok(dir.into());
+    }
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let mut dir = exe.parent().context("test binary has no directory")?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().context("deps directory has no parent")?;
+    }
+    Ok(dir.to_owned())
+}
+
+/// Path of the workspace binary `name` (`pgfleet`, `pgfleet-agent`).
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: run `cargo build --workspace --bins` first \
+             (or point PGFLEET_BIN_DIR at the binaries)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// `s` as a TOML basic string, quoted and escaped.
+pub(crate) fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
