@@ -133,11 +133,28 @@ impl Cmd {
         &self.program
     }
 
-    /// The argv as it will run, for plans and logs. Secrets never travel in
+    /// The argv as it will run, program first. Secrets never travel in
     /// argv, so this is safe to show.
-    pub fn display_argv(&self) -> String {
+    pub fn argv(&self) -> Vec<String> {
         std::iter::once(self.program.to_string_lossy().into_owned())
             .chain(self.args.iter().map(|a| a.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    /// The argv on one line, quoted the way a shell user would type it (for
+    /// reading only: nothing ever runs it through a shell).
+    pub fn display_argv(&self) -> String {
+        self.argv()
+            .iter()
+            .map(|a| {
+                let plain = !a.is_empty()
+                    && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
+                if plain {
+                    a.clone()
+                } else {
+                    format!("'{}'", a.replace('\'', "'\\''"))
+                }
+            })
             .collect::<Vec<_>>()
             .join(" ")
     }

@@ -78,6 +78,7 @@ impl pb::agent_server::Agent for AgentService {
                 })
                 .collect(),
             in_recovery: p.in_recovery,
+            slot_held_by_replica: p.slot_held_by_replica,
         }))
     }
 

@@ -34,6 +34,7 @@ use crate::service::{self, Action, ServiceState};
 use crate::status::disk_space;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+const RELEASE_SLOT_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_POLL: Duration = Duration::from_millis(200);
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Room kept free beyond the copy and the percentage margin: WAL streamed
@@ -142,6 +143,8 @@ pub struct RebuildRequest {
     /// (upstream location, local target, size).
     pub tablespaces: Vec<(PathBuf, PathBuf, u64)>,
     pub operation_id: String,
+    /// Drop the upstream slot once this node has stopped (it held it).
+    pub release_slot_after_stop: bool,
 }
 
 fn valid_host(h: &str) -> bool {
@@ -248,6 +251,7 @@ pub fn validate(config: &AgentConfig, r: pb::StartRebuildRequest) -> Result<Rebu
         expected_size_bytes: r.expected_size_bytes,
         tablespaces,
         operation_id: r.operation_id,
+        release_slot_after_stop: r.release_slot_after_stop,
     })
 }
 
@@ -258,6 +262,7 @@ enum RebuildStep {
     CheckUpstream,
     CheckSpace,
     Stop,
+    ReleaseSlot,
     MoveAside,
     Passfile,
     Basebackup,
@@ -265,17 +270,17 @@ enum RebuildStep {
     WaitStreaming,
 }
 
-const STEPS: [RebuildStep; 9] = [
-    RebuildStep::CheckLocal,
-    RebuildStep::CheckUpstream,
-    RebuildStep::CheckSpace,
-    RebuildStep::Stop,
-    RebuildStep::MoveAside,
-    RebuildStep::Passfile,
-    RebuildStep::Basebackup,
-    RebuildStep::Start,
-    RebuildStep::WaitStreaming,
-];
+/// The steps for this request: `ReleaseSlot` only when the node held its
+/// own slot on the upstream.
+fn steps(req: &RebuildRequest) -> Vec<RebuildStep> {
+    use RebuildStep::*;
+    let mut v = vec![CheckLocal, CheckUpstream, CheckSpace, Stop];
+    if req.release_slot_after_stop {
+        v.push(ReleaseSlot);
+    }
+    v.extend([MoveAside, Passfile, Basebackup, Start, WaitStreaming]);
+    v
+}
 
 impl RebuildStep {
     fn name(self) -> &'static str {
@@ -284,6 +289,7 @@ impl RebuildStep {
             RebuildStep::CheckUpstream => "check-upstream",
             RebuildStep::CheckSpace => "check-space",
             RebuildStep::Stop => "stop",
+            RebuildStep::ReleaseSlot => "release-slot",
             RebuildStep::MoveAside => "move-aside",
             RebuildStep::Passfile => "passfile",
             RebuildStep::Basebackup => "basebackup",
@@ -293,19 +299,36 @@ impl RebuildStep {
     }
 }
 
-fn identify_system_command(config: &AgentConfig, req: &RebuildRequest, passfile: &Path) -> Cmd {
+/// A replication-protocol command sent to the upstream with psql (libpq's
+/// `replication=true`), authenticated through `passfile`.
+fn replication_command(config: &AgentConfig, req: &RebuildRequest, passfile: &Path, command: &str, timeout: Duration) -> Cmd {
     let conninfo = format!(
         "host={} port={} user={} dbname=replication replication=true connect_timeout=10 application_name=pgfleet-check",
         req.copy.upstream_host, req.copy.upstream_port, req.copy.role
     );
-    Cmd::new(config.pg_bin("psql"), CHECK_TIMEOUT)
-        .args(["-X", "-A", "-t", "-q", "-w", "-c", "IDENTIFY_SYSTEM", "-d"])
+    Cmd::new(config.pg_bin("psql"), timeout)
+        .args(["-X", "-A", "-t", "-q", "-w", "-c", command, "-d"])
         .arg(conninfo)
         .env("PGPASSFILE", passfile)
 }
 
+fn identify_system_command(config: &AgentConfig, req: &RebuildRequest, passfile: &Path) -> Cmd {
+    replication_command(config, req, passfile, "IDENTIFY_SYSTEM", CHECK_TIMEOUT)
+}
+
+/// WAIT: the WAL sender of this node may need a moment to notice the stop.
+fn release_slot_command(config: &AgentConfig, req: &RebuildRequest, passfile: &Path) -> Cmd {
+    replication_command(
+        config,
+        req,
+        passfile,
+        &format!("DROP_REPLICATION_SLOT {} WAIT", req.copy.slot),
+        RELEASE_SLOT_TIMEOUT,
+    )
+}
+
 fn argv_strings(c: &Cmd) -> Vec<String> {
-    c.display_argv().split(' ').map(str::to_owned).collect()
+    c.argv()
 }
 
 struct Ctx<'a> {
@@ -353,6 +376,14 @@ impl Ctx<'_> {
                 format!("stop PostgreSQL through {} (fast shutdown)", cfg.service.backend_name()),
             )
             .argv(argv_strings(&service::action_command(cfg, Action::Stop, cfg.rebuild.service_timeout))),
+            RebuildStep::ReleaseSlot => Step::new(
+                step.name(),
+                format!(
+                    "drop slot {} on {}:{}, which this node held until it stopped (pg_basebackup -C creates it anew)",
+                    req.copy.slot, req.copy.upstream_host, req.copy.upstream_port
+                ),
+            )
+            .argv(argv_strings(&release_slot_command(cfg, req, Path::new("<temporary passfile>")))),
             RebuildStep::MoveAside => {
                 let mut dirs = vec![format!(
                     "{data} -> {}",
@@ -422,7 +453,7 @@ pub fn plan(state: &AgentState, req: &RebuildRequest) -> Vec<Step> {
         log_file: log_path(&state.config, &stamp),
         stamp,
     };
-    STEPS.iter().map(|s| ctx.describe(*s)).collect()
+    steps(req).into_iter().map(|s| ctx.describe(s)).collect()
 }
 
 /// What the run has done so far, for the final report.
@@ -449,7 +480,7 @@ pub async fn run(state: Arc<AgentState>, job: Arc<Job>, req: RebuildRequest) {
             stamp,
         };
         let mut outcome = Outcome::default();
-        for step in STEPS {
+        for step in steps(&req) {
             let d = ctx.describe(step);
             job.emit(Event::StepStarted(pb::StepStarted {
                 step: d.name.to_owned(),
@@ -571,6 +602,26 @@ async fn execute(ctx: &Ctx<'_>, step: RebuildStep, job: &Job, out: &mut Outcome)
                 return Err(RebuildError::StillRunning { detail: after.detail });
             }
             Ok(format!("stopped ({})", after.detail))
+        }
+        RebuildStep::ReleaseSlot => {
+            let tmp = TempPassfile::create(&req.copy.upstream_host, req.copy.upstream_port, &req.copy.role, &req.password)
+                .map_err(|source| RebuildError::Passfile {
+                    path: std::env::temp_dir(),
+                    source,
+                })?;
+            let output = release_slot_command(cfg, req, tmp.path())
+                .run()
+                .await
+                .map_err(|source| RebuildError::Command { step: "release-slot", source })?;
+            let stderr = output.stderr_tail.join(" | ");
+            if !output.status.success() && !stderr.contains("does not exist") {
+                return Err(RebuildError::UpstreamUnreachable {
+                    host: req.copy.upstream_host.clone(),
+                    port: req.copy.upstream_port,
+                    detail: format!("dropping slot {}: {stderr}", req.copy.slot),
+                });
+            }
+            Ok(format!("slot {} dropped on the upstream", req.copy.slot))
         }
         RebuildStep::MoveAside => {
             let mut moved = Vec::new();

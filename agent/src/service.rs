@@ -133,9 +133,15 @@ fn interpret(
             "inactive" | "failed" | "activating" => ServiceState::Stopped,
             _ => ServiceState::Unknown,
         },
-        // pg_ctl status: 0 running, 3 not running, 4 no data directory;
-        // pg_ctlcluster passes pg_ctl's code through.
-        ServiceConfig::PgCtl { .. } | ServiceConfig::PgCtlcluster { .. } => match code {
+        // pg_ctl status: 0 running, 3 not running, 4 no accessible data
+        // directory (nothing can run from it: an empty node awaiting its
+        // first rebuild). pg_ctlcluster passes pg_ctl's 0 and 3 through.
+        ServiceConfig::PgCtl { .. } => match code {
+            Some(0) => ServiceState::Running,
+            Some(3) | Some(4) => ServiceState::Stopped,
+            _ => ServiceState::Unknown,
+        },
+        ServiceConfig::PgCtlcluster { .. } => match code {
             Some(0) => ServiceState::Running,
             Some(3) => ServiceState::Stopped,
             _ => ServiceState::Unknown,
@@ -165,7 +171,8 @@ mod tests {
         assert_eq!(s.state, ServiceState::Running);
         assert!(s.detail.contains("PID: 7"));
         assert_eq!(interpret(&pg_ctl(), Some(3), "pg_ctl: no server running\n", &[]).state, ServiceState::Stopped);
-        assert_eq!(interpret(&pg_ctl(), Some(4), "", &["no data".into()]).state, ServiceState::Unknown);
+        assert_eq!(interpret(&pg_ctl(), Some(4), "", &["no data".into()]).state, ServiceState::Stopped);
+        assert_eq!(interpret(&pg_ctl(), Some(1), "", &[]).state, ServiceState::Unknown);
     }
 
     #[test]

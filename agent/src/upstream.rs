@@ -19,8 +19,8 @@ pub enum UpstreamError {
     #[error(transparent)]
     Pg(#[from] PgError),
     #[error(
-        "slot {0} is active on this node: a standby still streams through it; \
-         stop that standby or choose another slot name"
+        "slot {0} is active on this node and held by another standby than the one being rebuilt; \
+         stop that standby or choose another slot name with --slot"
     )]
     SlotActive(SlotName),
     #[error("dropping the stale slot {slot}: {source}")]
@@ -64,6 +64,7 @@ pub struct Prepared {
     pub database_size_bytes: u64,
     pub tablespaces: Vec<TablespaceInfo>,
     pub in_recovery: bool,
+    pub slot_held_by_replica: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -251,9 +252,12 @@ async fn write(path: &std::path::Path, text: String) -> std::io::Result<()> {
 }
 
 async fn clear_stale_slot(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> Result<(), UpstreamError> {
+    // Who holds the slot, if anyone: the WAL sender's client address.
     let rows = pg
         .query(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT s.active, host(r.client_addr) \
+             FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1",
             &[&req.slot.as_str()],
         )
         .await?;
@@ -265,8 +269,24 @@ async fn clear_stale_slot(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> 
         return Ok(());
     };
     let active: bool = row.try_get(0).map_err(PgError::from)?;
+    let holder: Option<String> = row.try_get(1).map_err(PgError::from)?;
     if active {
-        return Err(UpstreamError::SlotActive(req.slot.clone()));
+        let held_by_replica = holder
+            .as_deref()
+            .and_then(|h| h.parse::<IpAddr>().ok())
+            == Some(req.replica_addr);
+        if !held_by_replica {
+            return Err(UpstreamError::SlotActive(req.slot.clone()));
+        }
+        out.steps.push(Step::new(
+            "stale-slot",
+            format!(
+                "slot {} is in use by the node being rebuilt ({}): it is released when that node stops, and dropped then",
+                req.slot, req.replica_addr
+            ),
+        ));
+        out.slot_held_by_replica = true;
+        return Ok(());
     }
     out.steps.push(
         Step::new(

@@ -14,6 +14,7 @@ use crate::client::Deadlines;
 use crate::error::CoordinatorError;
 use crate::fleet_status;
 use crate::inventory::Inventory;
+use crate::rebuild::{self, Display};
 use crate::{slots, status_render, wal};
 
 /// pgfleet: rebuild replicas, run synchronous replication and move the
@@ -49,6 +50,42 @@ pub enum Command {
     Slots(SlotsArgs),
     /// WAL positions, WAL file names and the archiver of one node.
     Wal(WalArgs),
+    /// Rebuild a replica from the cluster's primary (or --from NODE): grant
+    /// access on the upstream, stop the node, move its data directory aside
+    /// (never deleted), pg_basebackup, start, wait until it streams.
+    Rebuild(RebuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    /// Node to rebuild.
+    pub node: String,
+    /// Copy from this node instead of the cluster's current primary.
+    #[arg(long, value_name = "NODE")]
+    pub from: Option<String>,
+    /// Replication slot on the upstream (default: the node's name, '-' as '_').
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// Relocate a tablespace: OLD=NEW, both absolute (repeatable).
+    #[arg(long = "tablespace-mapping", value_name = "OLD=NEW")]
+    pub tablespace_mapping: Vec<String>,
+    /// Checkpoint mode on the upstream: "fast" starts the copy at once,
+    /// "spread" spares a busy primary.
+    #[arg(long, default_value = "fast", value_parser = ["fast", "spread"])]
+    pub checkpoint: String,
+    /// Print every step with its host and the SQL or argv it would run;
+    /// change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Watch a rebuild job already running (or finished) on NODE again.
+    #[arg(long, value_name = "JOB")]
+    pub attach: Option<String>,
+    /// One JSON object per event on stdout, then the result.
+    #[arg(long)]
+    pub json: bool,
+    /// Plain progress lines even on a terminal.
+    #[arg(long)]
+    pub no_progress_bar: bool,
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +245,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
                 Ok(Outcome::Done)
             }
         },
+        Command::Rebuild(a) => run_rebuild(&inventory, a, d).await,
         Command::Wal(a) => {
             let r = wal::get(&inventory, &a.node, d).await?;
             if a.json {
@@ -218,4 +256,93 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             Ok(Outcome::Done)
         }
     }
+}
+
+async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Result<Outcome, CoordinatorError> {
+    use std::io::IsTerminal;
+    let display = if a.json {
+        Display::Json
+    } else if !a.no_progress_bar && std::io::stderr().is_terminal() {
+        Display::Bar
+    } else {
+        Display::Plain
+    };
+    let report = if let Some(job) = &a.attach {
+        rebuild::attach(inventory, &a.node, job, a.from.as_deref(), a.slot.as_deref(), d, display).await?
+    } else {
+        let req = rebuild::RebuildRequest {
+            node: a.node.clone(),
+            from: a.from.clone(),
+            slot: a.slot.clone(),
+            tablespace_mappings: a.tablespace_mapping.clone(),
+            spread_checkpoint: a.checkpoint == "spread",
+            dry_run: a.dry_run,
+        };
+        let prepared = rebuild::preflight(inventory, &req, d).await?;
+        if a.dry_run {
+            let steps = rebuild::plan(&prepared, &req, d).await?;
+            if a.json {
+                let v: Vec<_> = steps
+                    .iter()
+                    .map(|(host, s)| {
+                        serde_json::json!({
+                            "host": host, "step": s.name, "description": s.description,
+                            "argv": s.argv, "sql": s.sql,
+                        })
+                    })
+                    .collect();
+                print_json(&serde_json::json!({ "dry_run": true, "steps": v }))?;
+            } else {
+                let mut s = format!(
+                    "plan (dry run, nothing changed): rebuild {} from {}\n",
+                    prepared.node.name, prepared.upstream.name
+                );
+                for (i, (host, step)) in steps.iter().enumerate() {
+                    s += &format!("  {:>2}. [{host}] {}: {}\n", i + 1, step.name, step.description);
+                    if !step.argv.is_empty() {
+                        s += &format!("        $ {}\n", shell_words(&step.argv));
+                    }
+                    if let Some(sql) = &step.sql {
+                        s += &format!("        SQL: {sql}\n");
+                    }
+                }
+                print_text(&s)?;
+            }
+            return Ok(Outcome::Done);
+        }
+        rebuild::execute(&prepared, &req, d, display).await?
+    };
+    if a.json {
+        print_json(&serde_json::json!({ "result": report }))?;
+    } else {
+        let lag = report.lag_bytes.map(fleet_status::bytes).unwrap_or_else(|| "-".into());
+        let mut s = format!(
+            "rebuilt {} from {} in {:.1}s: {} ({}), lag {lag}, slot {}\n",
+            report.node, report.upstream, report.seconds, report.state, report.sync_state, report.slot
+        );
+        if let Some(m) = &report.moved_aside_to {
+            s += &format!("previous data directory kept at {m}\n");
+        }
+        if let Some(l) = &report.log_file {
+            s += &format!("pg_basebackup log: {l}\n");
+        }
+        print_text(&s)?;
+    }
+    Ok(Outcome::Done)
+}
+
+/// An argv as a shell user would type it (display only).
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
+            if plain {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }

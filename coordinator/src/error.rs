@@ -5,6 +5,7 @@ use pgfleet_proto::ParseError;
 
 use crate::client::AgentCallError;
 use crate::inventory::{InventoryError, UnknownName};
+use crate::rebuild::RebuildError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -16,6 +17,8 @@ pub enum CoordinatorError {
     InvalidArgument(#[from] ParseError),
     #[error(transparent)]
     Agent(#[from] AgentCallError),
+    #[error(transparent)]
+    Rebuild(#[from] RebuildError),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -28,6 +31,7 @@ impl CoordinatorError {
             CoordinatorError::Inventory(_)
             | CoordinatorError::UnknownName(_)
             | CoordinatorError::InvalidArgument(_) => true,
+            CoordinatorError::Rebuild(r) => r.is_usage(),
             CoordinatorError::Agent(_) | CoordinatorError::Output(_) => false,
         }
     }

@@ -10,11 +10,15 @@
 //! host = "10.0.0.11"     # PostgreSQL address other nodes replicate from
 //! port = 5432
 //! ```
+//!
+//! A cluster may also say which role replicas connect as and where its
+//! password lives (`replication_role`, `replication_password_file`), and pin
+//! its `system_identifier`.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use pgfleet_proto::{ClusterName, NodeName};
+use pgfleet_proto::{ClusterName, NodeName, RoleName};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,12 @@ pub struct Inventory {
 pub struct Cluster {
     pub name: ClusterName,
     pub nodes: Vec<Node>,
+    /// Role replicas connect as.
+    pub replication_role: RoleName,
+    /// File holding the replication password (0600 or stricter).
+    pub replication_password_file: Option<PathBuf>,
+    /// The cluster's system identifier, when pinned in the inventory.
+    pub system_identifier: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +74,19 @@ struct RawCluster {
     name: String,
     #[serde(default)]
     nodes: Vec<RawNode>,
+    /// Role replicas connect as.
+    #[serde(default = "default_role")]
+    replication_role: String,
+    /// File with the replication password (PGFLEET_REPLICATION_PASSWORD overrides).
+    #[serde(default)]
+    replication_password_file: Option<PathBuf>,
+    /// Pin the cluster's system identifier (decimal).
+    #[serde(default)]
+    system_identifier: Option<String>,
+}
+
+fn default_role() -> String {
+    "pgfleet_replication".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,7 +166,30 @@ impl Inventory {
             if nodes.is_empty() {
                 return Err(invalid(format!("cluster {name} has no nodes")));
             }
-            clusters.push(Cluster { name, nodes });
+            let replication_role = RoleName::parse(&rc.replication_role)
+                .map_err(|e| invalid(format!("cluster {name}: replication_role: {e}")))?;
+            if let Some(id) = &rc.system_identifier
+                && (id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err(invalid(format!(
+                    "cluster {name}: system_identifier {id:?} must be decimal digits"
+                )));
+            }
+            if let Some(f) = &rc.replication_password_file
+                && !f.is_absolute()
+            {
+                return Err(invalid(format!(
+                    "cluster {name}: replication_password_file {} must be an absolute path",
+                    f.display()
+                )));
+            }
+            clusters.push(Cluster {
+                name,
+                nodes,
+                replication_role,
+                replication_password_file: rc.replication_password_file,
+                system_identifier: rc.system_identifier,
+            });
         }
         if clusters.is_empty() {
             return Err(invalid("no clusters defined; add a [[clusters]] table".into()));
@@ -183,6 +229,65 @@ impl Inventory {
                     .flat_map(|c| c.nodes.iter().map(|n| n.name.to_string()))
                     .collect(),
             })
+    }
+}
+
+/// Why the replication password could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    #[error(
+        "no replication password for cluster {cluster}: set replication_password_file in the \
+         inventory or PGFLEET_REPLICATION_PASSWORD (never a command-line flag)"
+    )]
+    Missing { cluster: String },
+    #[error("cannot read the replication password file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the replication password file {path} is readable by others (mode {mode:o}); \
+         chmod 600 it"
+    )]
+    Unsafe { path: PathBuf, mode: u32 },
+    #[error("the replication password of cluster {cluster} is empty or has a line break inside")]
+    Invalid { cluster: String },
+}
+
+impl Cluster {
+    /// The replication password: PGFLEET_REPLICATION_PASSWORD, else the
+    /// cluster's password file (refused when group or others may read it).
+    pub fn replication_password(&self) -> Result<String, PasswordError> {
+        use std::os::unix::fs::PermissionsExt;
+        let pw = match std::env::var("PGFLEET_REPLICATION_PASSWORD") {
+            Ok(p) => p,
+            Err(_) => {
+                let Some(path) = &self.replication_password_file else {
+                    return Err(PasswordError::Missing {
+                        cluster: self.name.to_string(),
+                    });
+                };
+                let read = |source| PasswordError::Read {
+                    path: path.clone(),
+                    source,
+                };
+                let mode = std::fs::metadata(path).map_err(read)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    return Err(PasswordError::Unsafe {
+                        path: path.clone(),
+                        mode: mode & 0o777,
+                    });
+                }
+                let text = std::fs::read_to_string(path).map_err(read)?;
+                text.strip_suffix('\n').unwrap_or(&text).to_owned()
+            }
+        };
+        if pw.is_empty() || pw.contains(['\n', '\r', '\0']) {
+            return Err(PasswordError::Invalid {
+                cluster: self.name.to_string(),
+            });
+        }
+        Ok(pw)
     }
 }
 

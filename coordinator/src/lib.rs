@@ -7,6 +7,8 @@ pub mod client;
 pub mod error;
 pub mod fleet_status;
 pub mod inventory;
+pub mod progress;
+pub mod rebuild;
 pub mod slots;
 pub mod status_render;
 pub mod table;

@@ -36,6 +36,7 @@ impl fmt::Debug for StartRebuildRequest {
             .field("upstream_tablespaces", &self.upstream_tablespaces)
             .field("dry_run", &self.dry_run)
             .field("operation_id", &self.operation_id)
+            .field("release_slot_after_stop", &self.release_slot_after_stop)
             .finish()
     }
 }

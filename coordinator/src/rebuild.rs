@@ -1,0 +1,652 @@
+//! `pgfleet rebuild NODE`: the manual replica rebuild, driven across two
+//! agents. The upstream's agent grants access (role, pg_hba.conf, stale
+//! slot); the node's agent runs the copy as a job; this side checks the
+//! preconditions it can see from the fleet, streams the job's events, drops
+//! the upstream slot if the job fails, and confirms streaming from the
+//! upstream's side at the end.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use pgfleet_proto::agent::v1 as pb;
+use pgfleet_proto::agent::v1::agent_client::AgentClient;
+use pgfleet_proto::agent::v1::job_event::Event;
+use pgfleet_proto::{ParseError, SlotName};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::client::{self, AgentCallError, Deadlines};
+use crate::fleet_status::{self, Role};
+use crate::inventory::{Cluster, Inventory, Node, PasswordError};
+
+/// How long the upstream may take to show the new standby streaming.
+const VERIFY_DEADLINE: Duration = Duration::from_secs(60);
+const VERIFY_POLL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    InvalidArgument(#[from] ParseError),
+    #[error("invalid --tablespace-mapping {value:?}: {reason}")]
+    InvalidMapping { value: String, reason: &'static str },
+    #[error("--from {from}: {reason}")]
+    InvalidUpstream { from: String, reason: String },
+    #[error(
+        "{node} is the running primary of cluster {cluster}: a rebuild never stops, overwrites or \
+         demotes a running primary; switch over or fail over first"
+    )]
+    TargetIsPrimary { node: String, cluster: String },
+    #[error("cluster {cluster} has no running primary to copy from; name an upstream with --from NODE")]
+    NoUpstream { cluster: String },
+    #[error("cannot reach {what}: {reason}")]
+    Unreachable { what: String, reason: String },
+    #[error(
+        "upstream {upstream} has system identifier {found} but cluster {cluster}'s is {expected}: \
+         it is not a server of this cluster"
+    )]
+    SystemIdentifierMismatch {
+        upstream: String,
+        cluster: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{node}'s address {host:?} does not resolve to an IP address for its pg_hba.conf line")]
+    Address { node: String, host: String },
+    #[error(transparent)]
+    Password(#[from] PasswordError),
+    #[error(transparent)]
+    Agent(#[from] AgentCallError),
+    #[error(
+        "rebuild of {node} failed at step {step}: {error}{}{}{}{}",
+        stderr_section(stderr_tail),
+        moved_aside_to.as_ref().map(|p| format!("\n  previous data directory kept at {p}")).unwrap_or_default(),
+        log_file.as_ref().map(|p| format!("\n  pg_basebackup log: {p}")).unwrap_or_default(),
+        slot_note
+    )]
+    JobFailed {
+        node: String,
+        step: String,
+        error: String,
+        stderr_tail: Vec<String>,
+        moved_aside_to: Option<String>,
+        log_file: Option<String>,
+        slot_note: String,
+    },
+    #[error("the event stream of job {job} on {node} ended before the job did; re-attach with: pgfleet rebuild {node} --attach {job}")]
+    StreamEnded { node: String, job: String },
+    #[error(
+        "{node} is streaming per its own agent, but {upstream} does not show it streaming through slot {slot} within {}s: {last}",
+        VERIFY_DEADLINE.as_secs()
+    )]
+    NotConfirmed {
+        node: String,
+        upstream: String,
+        slot: String,
+        last: String,
+    },
+}
+
+fn stderr_section(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("\n  {}", lines.join("\n  "))
+    }
+}
+
+impl RebuildError {
+    /// Refused before anything changed, because of what was typed.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            RebuildError::InvalidArgument(_)
+            | RebuildError::InvalidMapping { .. }
+            | RebuildError::InvalidUpstream { .. } => true,
+            RebuildError::TargetIsPrimary { .. }
+            | RebuildError::NoUpstream { .. }
+            | RebuildError::Unreachable { .. }
+            | RebuildError::SystemIdentifierMismatch { .. }
+            | RebuildError::Address { .. }
+            | RebuildError::Password(_)
+            | RebuildError::Agent(_)
+            | RebuildError::JobFailed { .. }
+            | RebuildError::StreamEnded { .. }
+            | RebuildError::NotConfirmed { .. } => false,
+        }
+    }
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct RebuildRequest {
+    pub node: String,
+    pub from: Option<String>,
+    pub slot: Option<String>,
+    pub tablespace_mappings: Vec<String>,
+    pub spread_checkpoint: bool,
+    pub dry_run: bool,
+}
+
+/// Parses `OLD=NEW` (both absolute, no `..`).
+pub fn parse_mapping(value: &str) -> Result<pb::TablespaceMapping, RebuildError> {
+    let bad = |reason| RebuildError::InvalidMapping {
+        value: value.to_owned(),
+        reason,
+    };
+    let (old, new) = value.split_once('=').ok_or(bad("expected OLD=NEW"))?;
+    if new.contains('=') {
+        return Err(bad("'=' inside a path is not supported"));
+    }
+    for p in [old, new] {
+        if !p.starts_with('/') {
+            return Err(bad("both directories must be absolute paths"));
+        }
+        if p.split('/').any(|c| c == "..") {
+            return Err(bad("'..' is not allowed in the directories"));
+        }
+    }
+    if old == new {
+        return Err(bad("OLD and NEW are the same directory"));
+    }
+    Ok(pb::TablespaceMapping {
+        old_dir: old.to_owned(),
+        new_dir: new.to_owned(),
+    })
+}
+
+/// Everything decided before the first change.
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    pub cluster: &'a Cluster,
+    pub node: &'a Node,
+    pub upstream: &'a Node,
+    pub slot: SlotName,
+    pub mappings: Vec<pb::TablespaceMapping>,
+    pub cluster_system_identifier: String,
+    pub replica_address: IpAddr,
+    pub password: String,
+}
+
+/// Checks everything that can be checked from the fleet's status, in the
+/// order that names the first problem a person would want to hear about.
+pub async fn preflight<'a>(
+    inventory: &'a Inventory,
+    req: &RebuildRequest,
+    d: Deadlines,
+) -> Result<Prepared<'a>, RebuildError> {
+    let (cluster, node) = inventory.node(&req.node).map_err(|e| RebuildError::InvalidUpstream {
+        from: req.node.clone(),
+        reason: e.to_string(),
+    })?;
+    let slot = match &req.slot {
+        Some(s) => SlotName::parse(s)?,
+        None => node.name.default_slot(),
+    };
+    let mappings = req
+        .tablespace_mappings
+        .iter()
+        .map(|m| parse_mapping(m))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(from) = &req.from {
+        let (c, _) = inventory.node(from).map_err(|e| RebuildError::InvalidUpstream {
+            from: from.clone(),
+            reason: e.to_string(),
+        })?;
+        if c.name != cluster.name {
+            return Err(RebuildError::InvalidUpstream {
+                from: from.clone(),
+                reason: format!("it belongs to cluster {}, not {}", c.name, cluster.name),
+            });
+        }
+        if from == &req.node {
+            return Err(RebuildError::InvalidUpstream {
+                from: from.clone(),
+                reason: "a node cannot be rebuilt from itself".into(),
+            });
+        }
+    }
+
+    let report = fleet_status::gather(&[cluster], d).await;
+    let creport = &report.clusters[0];
+    let by_name = |n: &str| creport.nodes.iter().find(|r| r.name == n);
+    let target = by_name(node.name.as_str()).ok_or_else(|| RebuildError::Unreachable {
+        what: node.name.to_string(),
+        reason: "missing from status".into(),
+    })?;
+    if !target.reachable {
+        return Err(RebuildError::Unreachable {
+            what: format!("the agent of {}", node.name),
+            reason: target.error.clone().unwrap_or_default(),
+        });
+    }
+    if target.role == Role::Primary {
+        return Err(RebuildError::TargetIsPrimary {
+            node: node.name.to_string(),
+            cluster: cluster.name.to_string(),
+        });
+    }
+    let upstream_name = match (&req.from, &creport.primary) {
+        (Some(f), _) => f.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => {
+            return Err(RebuildError::NoUpstream {
+                cluster: cluster.name.to_string(),
+            });
+        }
+    };
+    let upstream = cluster
+        .nodes
+        .iter()
+        .find(|n| n.name.as_str() == upstream_name)
+        .ok_or_else(|| RebuildError::NoUpstream {
+            cluster: cluster.name.to_string(),
+        })?;
+    let up = by_name(&upstream_name).ok_or_else(|| RebuildError::NoUpstream {
+        cluster: cluster.name.to_string(),
+    })?;
+    if !up.reachable {
+        return Err(RebuildError::Unreachable {
+            what: format!("the agent of upstream {upstream_name}"),
+            reason: up.error.clone().unwrap_or_default(),
+        });
+    }
+    if !up.server_up {
+        return Err(RebuildError::Unreachable {
+            what: format!("PostgreSQL on upstream {upstream_name}"),
+            reason: up.down_reason.clone().unwrap_or_else(|| "server is down".into()),
+        });
+    }
+    // The cluster's identity: pinned in the inventory, else its primary's.
+    let primary_sysid = creport
+        .primary
+        .as_deref()
+        .and_then(by_name)
+        .and_then(|p| p.system_identifier.clone());
+    let expected = cluster
+        .system_identifier
+        .clone()
+        .or(primary_sysid)
+        .or_else(|| up.system_identifier.clone())
+        .unwrap_or_default();
+    let found = up.system_identifier.clone().unwrap_or_default();
+    if found != expected {
+        return Err(RebuildError::SystemIdentifierMismatch {
+            upstream: upstream_name,
+            cluster: cluster.name.to_string(),
+            expected,
+            found,
+        });
+    }
+    let replica_address = resolve(node).await?;
+    let password = cluster.replication_password()?;
+    Ok(Prepared {
+        cluster,
+        node,
+        upstream,
+        slot,
+        mappings,
+        cluster_system_identifier: expected,
+        replica_address,
+        password,
+    })
+}
+
+async fn resolve(node: &Node) -> Result<IpAddr, RebuildError> {
+    if let Ok(ip) = node.host.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let err = || RebuildError::Address {
+        node: node.name.to_string(),
+        host: node.host.clone(),
+    };
+    let mut addrs = tokio::net::lookup_host((node.host.as_str(), node.port))
+        .await
+        .map_err(|_| err())?;
+    addrs.next().map(|a| a.ip()).ok_or_else(err)
+}
+
+/// How events are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Display {
+    /// A live progress bar on a terminal.
+    Bar,
+    /// One line per event, for logs and pipes.
+    Plain,
+    /// One JSON object per line on stdout.
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RebuildReport {
+    pub node: String,
+    pub upstream: String,
+    pub slot: String,
+    pub job_id: String,
+    pub moved_aside_to: Option<String>,
+    pub log_file: Option<String>,
+    pub replayed_lsn: Option<String>,
+    /// The upstream's view once done: pg_stat_replication state and lag.
+    pub state: String,
+    pub sync_state: String,
+    pub lag_bytes: Option<u64>,
+    pub seconds: f64,
+}
+
+/// The dry-run plan: both agents say what they would do.
+pub async fn plan(p: &Prepared<'_>, req: &RebuildRequest, d: Deadlines) -> Result<Vec<(String, pb::PlanStep)>, RebuildError> {
+    let mut up = client::connect(p.upstream, d).await?;
+    let prep = up
+        .prepare_upstream(prepare_request(p, true, ""))
+        .await
+        .map_err(|s| AgentCallError::from_status(p.upstream, s))?
+        .into_inner();
+    let mut target = client::connect(p.node, d).await?;
+    let plan = target
+        .start_rebuild(start_request(p, &prep, req, true, ""))
+        .await
+        .map_err(|s| AgentCallError::from_status(p.node, s))?
+        .into_inner();
+    let mut steps: Vec<(String, pb::PlanStep)> = prep
+        .steps
+        .into_iter()
+        .map(|s| (p.upstream.name.to_string(), s))
+        .collect();
+    steps.extend(plan.plan.into_iter().map(|s| (p.node.name.to_string(), s)));
+    steps.push((
+        p.upstream.name.to_string(),
+        pb::PlanStep {
+            name: "confirm".into(),
+            description: format!(
+                "confirm {} streams in pg_stat_replication and slot {} is active; report the byte lag",
+                p.node.name, p.slot
+            ),
+            argv: Vec::new(),
+            sql: Some("SELECT state, sync_state FROM pg_stat_replication; SELECT active FROM pg_replication_slots".into()),
+        },
+    ));
+    Ok(steps)
+}
+
+fn prepare_request(p: &Prepared<'_>, dry_run: bool, op: &str) -> pb::PrepareUpstreamRequest {
+    pb::PrepareUpstreamRequest {
+        replication_role: p.cluster.replication_role.to_string(),
+        replication_password: p.password.clone(),
+        replica_address: p.replica_address.to_string(),
+        slot_name: p.slot.to_string(),
+        dry_run,
+        operation_id: op.to_owned(),
+    }
+}
+
+fn start_request(
+    p: &Prepared<'_>,
+    prep: &pb::PrepareUpstreamResponse,
+    req: &RebuildRequest,
+    dry_run: bool,
+    op: &str,
+) -> pb::StartRebuildRequest {
+    pb::StartRebuildRequest {
+        upstream_host: p.upstream.host.clone(),
+        upstream_port: u32::from(p.upstream.port),
+        replication_role: p.cluster.replication_role.to_string(),
+        replication_password: p.password.clone(),
+        slot_name: p.slot.to_string(),
+        application_name: p.node.name.to_string(),
+        tablespace_mappings: p.mappings.clone(),
+        checkpoint: if req.spread_checkpoint {
+            pb::CheckpointMode::Spread
+        } else {
+            pb::CheckpointMode::Fast
+        } as i32,
+        expected_system_identifier: p.cluster_system_identifier.clone(),
+        expected_size_bytes: prep.database_size_bytes,
+        upstream_tablespaces: prep.tablespaces.clone(),
+        dry_run,
+        operation_id: op.to_owned(),
+        release_slot_after_stop: prep.slot_held_by_replica,
+    }
+}
+
+/// Runs the rebuild: upstream access, the node's job, then confirmation.
+pub async fn execute(
+    p: &Prepared<'_>,
+    req: &RebuildRequest,
+    d: Deadlines,
+    display: Display,
+) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
+    let op = format!("op-{}", std::process::id());
+    let mut up = client::connect(p.upstream, d).await?;
+    let prep = up
+        .prepare_upstream(prepare_request(p, false, &op))
+        .await
+        .map_err(|s| AgentCallError::from_status(p.upstream, s))?
+        .into_inner();
+    emit_note(
+        display,
+        &p.upstream.name.to_string(),
+        &format!(
+            "upstream ready: role {} {}, {}{}",
+            p.cluster.replication_role,
+            if prep.role_created { "created" } else { "checked" },
+            if prep.hba_line_added {
+                format!("pg_hba.conf line added ({})", prep.hba_line)
+            } else {
+                format!("pg_hba.conf already admits {}", p.replica_address)
+            },
+            if prep.stale_slot_dropped {
+                format!(", stale slot {} dropped", p.slot)
+            } else {
+                String::new()
+            }
+        ),
+    );
+    let mut target = client::connect(p.node, d).await?;
+    let job_id = target
+        .start_rebuild(start_request(p, &prep, req, false, &op))
+        .await
+        .map_err(|s| AgentCallError::from_status(p.node, s))?
+        .into_inner()
+        .job_id;
+    emit_note(
+        display,
+        &p.node.name.to_string(),
+        &format!(
+            "job {job_id} started (re-attach with: pgfleet rebuild {} --attach {job_id})",
+            p.node.name
+        ),
+    );
+    follow(p.cluster, p.node, p.upstream, &p.slot, &job_id, target, d, display, started).await
+}
+
+/// Re-attaches to a running or finished job on `node`.
+pub async fn attach(
+    inventory: &Inventory,
+    node: &str,
+    job_id: &str,
+    from: Option<&str>,
+    slot: Option<&str>,
+    d: Deadlines,
+    display: Display,
+) -> Result<RebuildReport, RebuildError> {
+    let (cluster, n) = inventory.node(node).map_err(|e| RebuildError::InvalidUpstream {
+        from: node.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let slot = match slot {
+        Some(s) => SlotName::parse(s)?,
+        None => n.name.default_slot(),
+    };
+    // The upstream is needed for the final confirmation and a failed job's
+    // slot: the named one, else the cluster's primary now.
+    let upstream_name = match from {
+        Some(f) => f.to_owned(),
+        None => {
+            let report = fleet_status::gather(&[cluster], d).await;
+            report.clusters[0]
+                .primary
+                .clone()
+                .ok_or_else(|| RebuildError::NoUpstream {
+                    cluster: cluster.name.to_string(),
+                })?
+        }
+    };
+    let (_, upstream) = inventory.node(&upstream_name).map_err(|e| RebuildError::InvalidUpstream {
+        from: upstream_name.clone(),
+        reason: e.to_string(),
+    })?;
+    let target = client::connect(n, d).await?;
+    follow(cluster, n, upstream, &slot, job_id, target, d, display, Instant::now()).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn follow(
+    _cluster: &Cluster,
+    node: &Node,
+    upstream: &Node,
+    slot: &SlotName,
+    job_id: &str,
+    mut target: AgentClient<Channel>,
+    d: Deadlines,
+    display: Display,
+    started: Instant,
+) -> Result<RebuildReport, RebuildError> {
+    // The call deadline would cut a long copy short: the stream has none.
+    let mut request = tonic::Request::new(pb::WatchJobRequest {
+        job_id: job_id.to_owned(),
+    });
+    request.set_timeout(Duration::from_secs(7 * 24 * 3600));
+    let mut stream = target
+        .watch_job(request)
+        .await
+        .map_err(|s| AgentCallError::from_status(node, s))?
+        .into_inner();
+    let mut view = crate::progress::JobView::new(node.name.as_str(), display);
+    let mut finished = None;
+    while let Some(item) = stream.next().await {
+        let ev = match item {
+            Ok(ev) => ev,
+            Err(_) => break,
+        };
+        view.show(&ev);
+        if let Some(Event::Finished(f)) = ev.event {
+            finished = Some(f);
+            break;
+        }
+    }
+    view.finish();
+    let Some(f) = finished else {
+        return Err(RebuildError::StreamEnded {
+            node: node.name.to_string(),
+            job: job_id.to_owned(),
+        });
+    };
+    if !f.success {
+        // DESIGN.md invariant 4: no slot of a failed rebuild stays on the
+        // upstream, where it would hold WAL back forever.
+        let slot_note = if f.slot_created || f.log_file.is_some() {
+            drop_failed_slot(upstream, slot, d).await
+        } else {
+            String::new()
+        };
+        return Err(RebuildError::JobFailed {
+            node: node.name.to_string(),
+            step: f.failed_step.unwrap_or_default(),
+            error: f.error.unwrap_or_default(),
+            stderr_tail: f.stderr_tail,
+            moved_aside_to: f.moved_aside_to,
+            log_file: f.log_file,
+            slot_note,
+        });
+    }
+    let (state, sync_state, lag) = confirm(node, upstream, slot, d).await?;
+    Ok(RebuildReport {
+        node: node.name.to_string(),
+        upstream: upstream.name.to_string(),
+        slot: slot.to_string(),
+        job_id: job_id.to_owned(),
+        moved_aside_to: f.moved_aside_to,
+        log_file: f.log_file,
+        replayed_lsn: f.replayed_lsn,
+        state,
+        sync_state,
+        lag_bytes: lag,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn drop_failed_slot(upstream: &Node, slot: &SlotName, d: Deadlines) -> String {
+    let result = async {
+        let mut c = client::connect(upstream, d).await?;
+        c.drop_slot(pb::DropSlotRequest {
+            slot_name: slot.to_string(),
+            force: false,
+        })
+        .await
+        .map_err(|s| AgentCallError::from_status(upstream, s))
+    }
+    .await;
+    match result {
+        Ok(_) => format!("\n  slot {slot} created on {} by this rebuild was dropped", upstream.name),
+        Err(AgentCallError::Status { code: tonic::Code::NotFound, .. }) => {
+            format!("\n  no slot {slot} was left on {}", upstream.name)
+        }
+        Err(e) => format!(
+            "\n  could not drop slot {slot} on {} ({e}); drop it with: pgfleet slots drop {} {slot}",
+            upstream.name, upstream.name
+        ),
+    }
+}
+
+/// Waits until the upstream shows the node streaming through its slot.
+async fn confirm(
+    node: &Node,
+    upstream: &Node,
+    slot: &SlotName,
+    d: Deadlines,
+) -> Result<(String, String, Option<u64>), RebuildError> {
+    let deadline = Instant::now() + VERIFY_DEADLINE;
+    let mut c = client::connect(upstream, d).await?;
+    loop {
+        let last = match c.get_replication(pb::GetReplicationRequest {}).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let s = r.slots.iter().find(|s| s.slot_name == slot.as_str());
+                let w = r
+                    .standbys
+                    .iter()
+                    .find(|w| w.application_name == node.name.as_str());
+                match (s, w) {
+                    (Some(s), Some(w)) if s.active && w.state == "streaming" => {
+                        return Ok((w.state.clone(), w.sync_state.clone(), w.total_lag_bytes));
+                    }
+                    (s, w) => format!(
+                        "slot {}, connection {}",
+                        s.map(|s| if s.active { "active" } else { "inactive" }).unwrap_or("missing"),
+                        w.map(|w| w.state.as_str()).unwrap_or("missing")
+                    ),
+                }
+            }
+            Err(e) => e.message().to_owned(),
+        };
+        if Instant::now() >= deadline {
+            return Err(RebuildError::NotConfirmed {
+                node: node.name.to_string(),
+                upstream: upstream.name.to_string(),
+                slot: slot.to_string(),
+                last,
+            });
+        }
+        tokio::time::sleep(VERIFY_POLL).await;
+    }
+}
+
+fn emit_note(display: Display, node: &str, line: &str) {
+    match display {
+        Display::Json => {
+            let v = serde_json::json!({ "node": node, "note": line });
+            println!("{v}");
+        }
+        Display::Bar | Display::Plain => eprintln!("[{node}] {line}"),
+    }
+}
