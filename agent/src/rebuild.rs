@@ -35,7 +35,7 @@ use crate::status::disk_space;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 const RELEASE_SLOT_TIMEOUT: Duration = Duration::from_secs(60);
-const READY_POLL: Duration = Duration::from_millis(200);
+const READY_POLL: Duration = Duration::from_millis(50);
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Room kept free beyond the copy and the percentage margin: WAL streamed
 /// during the copy, and breathing space for the server.

@@ -22,7 +22,7 @@ use crate::inventory::{Cluster, Inventory, Node, PasswordError};
 
 /// How long the upstream may take to show the new standby streaming.
 const VERIFY_DEADLINE: Duration = Duration::from_secs(60);
-const VERIFY_POLL: Duration = Duration::from_millis(250);
+const VERIFY_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
