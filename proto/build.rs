@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug([
             ".pgfleet.agent.v1.PrepareUpstreamRequest",
             ".pgfleet.agent.v1.StartRebuildRequest",
+            ".pgfleet.agent.v1.ConfigureStandbyRequest",
+            ".pgfleet.agent.v1.RewindRequest",
         ])
         .compile_fds(fds)?;
     Ok(())

@@ -14,6 +14,13 @@ pub struct ControlData {
     pub system_identifier: Option<String>,
     pub cluster_state: Option<String>,
     pub timeline: Option<u32>,
+    /// "Latest checkpoint location": after a clean shutdown, the last
+    /// record the server wrote is this shutdown checkpoint.
+    pub checkpoint_lsn: Option<String>,
+    /// "Data page checksum version" other than 0.
+    pub data_checksums: Option<bool>,
+    /// "wal_log_hints setting".
+    pub wal_log_hints: Option<bool>,
 }
 
 pub async fn read(config: &AgentConfig) -> Result<ControlData, ExecError> {
@@ -39,6 +46,9 @@ pub fn parse(text: &str) -> ControlData {
             "Database system identifier" => cd.system_identifier = Some(value.to_owned()),
             "Database cluster state" => cd.cluster_state = Some(value.to_owned()),
             "Latest checkpoint's TimeLineID" => cd.timeline = value.parse().ok(),
+            "Latest checkpoint location" => cd.checkpoint_lsn = Some(value.to_owned()),
+            "Data page checksum version" => cd.data_checksums = Some(value != "0"),
+            "wal_log_hints setting" => cd.wal_log_hints = Some(value == "on"),
             _ => {}
         }
     }
@@ -55,16 +65,36 @@ mod tests {
                     Catalog version number:               202209061\n\
                     Database system identifier:           7309377431396349458\n\
                     Database cluster state:               shut down in recovery\n\
+                    Latest checkpoint location:           0/5000028\n\
                     Latest checkpoint's TimeLineID:       3\n\
-                    Latest checkpoint's PrevTimeLineID:   2\n";
+                    Latest checkpoint's PrevTimeLineID:   2\n\
+                    Data page checksum version:           0\n";
         assert_eq!(
             parse(text),
             ControlData {
                 system_identifier: Some("7309377431396349458".into()),
                 cluster_state: Some("shut down in recovery".into()),
                 timeline: Some(3),
+                checkpoint_lsn: Some("0/5000028".into()),
+                data_checksums: Some(false),
+                wal_log_hints: None,
             }
         );
         assert_eq!(parse(""), ControlData::default());
     }
+}
+
+/// A setting as the server's configuration files give it (`postgres -C`),
+/// for a server that is down.
+pub async fn configured_setting(config: &AgentConfig, name: &str) -> Result<String, ExecError> {
+    let program = config.pg_bin("postgres");
+    let out = Cmd::new(&program, PG_CONTROLDATA_TIMEOUT)
+        .arg("-D")
+        .arg(&config.postgres.data_dir)
+        .arg("-C")
+        .arg(name)
+        .run()
+        .await?
+        .success(&program)?;
+    Ok(out.stdout.trim_end_matches('\n').to_owned())
 }

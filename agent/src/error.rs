@@ -6,6 +6,7 @@ use tonic::{Code, Status};
 use crate::jobs::JobError;
 use crate::pg::{DropSlotError, PgError};
 use crate::rebuild::RebuildError;
+use crate::standby::StandbyError;
 use crate::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum AgentError {
     Rebuild(#[from] RebuildError),
     #[error(transparent)]
     Job(#[from] JobError),
+    #[error(transparent)]
+    Standby(#[from] StandbyError),
 }
 
 fn pg_code(e: &PgError) -> Code {
@@ -78,6 +81,21 @@ impl From<AgentError> for Status {
                 UpstreamError::HbaNotLoaded { .. } => Code::Internal,
             },
             AgentError::Rebuild(r) => rebuild_code(r),
+            AgentError::Standby(s) => match s {
+                StandbyError::Invalid { .. } => Code::InvalidArgument,
+                StandbyError::Pg(pg) => pg_code(pg),
+                StandbyError::Command { .. } | StandbyError::File { .. } | StandbyError::Rewind { .. } => {
+                    Code::Internal
+                }
+                StandbyError::RunningPrimary
+                | StandbyError::NotStandby
+                | StandbyError::StillRunning { .. }
+                | StandbyError::SlotActive(_)
+                | StandbyError::RunningForRewind
+                | StandbyError::NotCleanPrimary { .. }
+                | StandbyError::NoDataDir(_) => Code::FailedPrecondition,
+                StandbyError::PromoteTimeout => Code::DeadlineExceeded,
+            },
             AgentError::Job(j) => match j {
                 JobError::AlreadyRunning { .. } => Code::AlreadyExists,
                 JobError::NotFound(_) => Code::NotFound,

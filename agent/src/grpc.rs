@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::pin::Pin;
 
 use futures::Stream;
-use pgfleet_proto::{RoleName, SlotName};
+use pgfleet_proto::sync::{SyncMethod, SyncSpec};
+use pgfleet_proto::{NodeName, RoleName, SlotName};
 use pgfleet_proto::agent::v1 as pb;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
@@ -14,7 +15,7 @@ use tracing::{Instrument, info_span};
 use crate::AgentState;
 use crate::error::AgentError;
 use crate::secret::Secret;
-use crate::{jobs, rebuild, upstream};
+use crate::{jobs, rebuild, standby, upstream};
 use crate::service::ServiceState;
 use crate::status::{self, NodeStatus};
 
@@ -52,6 +53,7 @@ impl pb::agent_server::Agent for AgentService {
             })?,
             slot: SlotName::parse(&r.slot_name).map_err(|e| invalid("slot_name", e.to_string()))?,
             dry_run: r.dry_run,
+            for_rewind: r.for_rewind,
         };
         let span = info_span!("rpc", method = "PrepareUpstream", op_id = %r.operation_id,
             role = %parsed.role, replica = %parsed.replica_addr, slot = %parsed.slot, dry_run = r.dry_run);
@@ -108,6 +110,159 @@ impl pb::agent_server::Agent for AgentService {
         // Spawned, not awaited: the job carries on when this caller goes.
         tokio::spawn(rebuild::run(self.state.clone(), job, parsed));
         Ok(Response::new(pb::StartRebuildResponse { job_id, plan }))
+    }
+
+    async fn get_settings(
+        &self,
+        _req: Request<pb::GetSettingsRequest>,
+    ) -> Result<Response<pb::Settings>, Status> {
+        let s = standby::settings(&self.state.pg)
+            .instrument(info_span!("rpc", method = "GetSettings"))
+            .await
+            .map_err(AgentError::from)?;
+        Ok(Response::new(pb::Settings {
+            in_recovery: s.in_recovery,
+            max_connections: s.max_connections,
+            max_worker_processes: s.max_worker_processes,
+            max_wal_senders: s.max_wal_senders,
+            max_prepared_transactions: s.max_prepared_transactions,
+            max_locks_per_transaction: s.max_locks_per_transaction,
+            synchronous_standby_names: s.synchronous_standby_names,
+            synchronous_commit: s.synchronous_commit,
+            replay_pause_state: s.replay_pause_state,
+            logical_slots: s.logical_slots,
+            wal_log_hints: s.wal_log_hints,
+            data_checksums: s.data_checksums,
+            timeline: s.timeline,
+        }))
+    }
+
+    async fn set_synchronous_standbys(
+        &self,
+        req: Request<pb::SetSynchronousStandbysRequest>,
+    ) -> Result<Response<pb::SetSynchronousStandbysResponse>, Status> {
+        let r = req.into_inner();
+        let spec = sync_spec(r.config.unwrap_or_default())?;
+        let (now, previous) = standby::set_synchronous_standbys(&self.state.pg, &spec)
+            .instrument(info_span!("rpc", method = "SetSynchronousStandbys", op_id = %r.operation_id))
+            .await
+            .map_err(AgentError::from)?;
+        Ok(Response::new(pb::SetSynchronousStandbysResponse {
+            synchronous_standby_names: now,
+            previous,
+        }))
+    }
+
+    async fn configure_standby(
+        &self,
+        req: Request<pb::ConfigureStandbyRequest>,
+    ) -> Result<Response<pb::ConfigureStandbyResponse>, Status> {
+        let r = req.into_inner();
+        let up = standby::parse_upstream(
+            &r.upstream_host,
+            r.upstream_port,
+            &r.replication_role,
+            r.replication_password,
+            &r.slot_name,
+            &r.application_name,
+        )
+        .map_err(AgentError::from)?;
+        let span = info_span!("rpc", method = "ConfigureStandby", op_id = %r.operation_id, upstream = %up.host, slot = %up.slot);
+        let (started, primary_conninfo) =
+            standby::configure(&self.state.config, &self.state.pg, &up, r.reset_synchronous_standby_names)
+                .instrument(span)
+                .await
+                .map_err(AgentError::from)?;
+        Ok(Response::new(pb::ConfigureStandbyResponse {
+            started,
+            primary_conninfo,
+        }))
+    }
+
+    async fn fence(
+        &self,
+        req: Request<pb::FenceRequest>,
+    ) -> Result<Response<pb::FenceResponse>, Status> {
+        let r = req.into_inner();
+        let (stopped, cd) = standby::fence(&self.state.config, &self.state.pg, r.immediate)
+            .instrument(info_span!("rpc", method = "Fence", op_id = %r.operation_id))
+            .await
+            .map_err(AgentError::from)?;
+        let sync = crate::controldata::configured_setting(&self.state.config, "synchronous_standby_names")
+            .await
+            .ok();
+        Ok(Response::new(pb::FenceResponse {
+            stopped,
+            cluster_state: cd.cluster_state,
+            checkpoint_lsn: cd.checkpoint_lsn,
+            timeline: cd.timeline,
+            synchronous_standby_names: sync,
+            wal_log_hints: cd.wal_log_hints.unwrap_or(false),
+            data_checksums: cd.data_checksums.unwrap_or(false),
+        }))
+    }
+
+    async fn unfence(
+        &self,
+        req: Request<pb::UnfenceRequest>,
+    ) -> Result<Response<pb::UnfenceResponse>, Status> {
+        let r = req.into_inner();
+        standby::unfence(&self.state.config, &self.state.pg)
+            .instrument(info_span!("rpc", method = "Unfence", op_id = %r.operation_id))
+            .await
+            .map_err(AgentError::from)?;
+        Ok(Response::new(pb::UnfenceResponse {}))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let r = req.into_inner();
+        let (timeline, current_lsn) = standby::promote(&self.state.pg)
+            .instrument(info_span!("rpc", method = "Promote", op_id = %r.operation_id))
+            .await
+            .map_err(AgentError::from)?;
+        Ok(Response::new(pb::PromoteResponse {
+            timeline,
+            current_lsn,
+        }))
+    }
+
+    async fn create_slot(
+        &self,
+        req: Request<pb::CreateSlotRequest>,
+    ) -> Result<Response<pb::CreateSlotResponse>, Status> {
+        let r = req.into_inner();
+        let slot = SlotName::parse(&r.slot_name).map_err(AgentError::from)?;
+        let created = standby::create_slot(&self.state.pg, &slot)
+            .instrument(info_span!("rpc", method = "CreateSlot", op_id = %r.operation_id, slot = %slot))
+            .await
+            .map_err(AgentError::from)?;
+        Ok(Response::new(pb::CreateSlotResponse { created }))
+    }
+
+    async fn rewind(
+        &self,
+        req: Request<pb::RewindRequest>,
+    ) -> Result<Response<pb::RewindResponse>, Status> {
+        let r = req.into_inner();
+        // The slot and application name are not used by pg_rewind; valid
+        // placeholders keep one parser for upstreams.
+        let up = standby::parse_upstream(
+            &r.upstream_host,
+            r.upstream_port,
+            &r.replication_role,
+            r.replication_password,
+            "unused",
+            "unused",
+        )
+        .map_err(AgentError::from)?;
+        let output_tail = standby::rewind(&self.state.config, &self.state.pg, &up)
+            .instrument(info_span!("rpc", method = "Rewind", op_id = %r.operation_id, upstream = %up.host))
+            .await
+            .map_err(AgentError::from)?;
+        Ok(Response::new(pb::RewindResponse { output_tail }))
     }
 
     async fn watch_job(
@@ -208,6 +363,27 @@ impl pb::agent_server::Agent for AgentService {
     }
 }
 
+fn sync_spec(c: pb::SyncConfig) -> Result<SyncSpec, AgentError> {
+    let invalid = |reason: String| AgentError::Invalid {
+        field: "synchronous standbys",
+        reason,
+    };
+    if c.names.is_empty() {
+        return Ok(SyncSpec::asynchronous());
+    }
+    let method = match c.method.as_str() {
+        "first" => SyncMethod::First,
+        "any" => SyncMethod::Any,
+        other => return Err(invalid(format!("method {other:?}: use \"first\" or \"any\""))),
+    };
+    let names = c
+        .names
+        .iter()
+        .map(|n| NodeName::parse(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(SyncSpec::from_nodes(method, c.num_sync, &names)?)
+}
+
 fn lsn(l: Option<pgfleet_proto::Lsn>) -> Option<String> {
     l.map(|l| l.to_string())
 }
@@ -269,7 +445,9 @@ fn node_status_to_pb(st: NodeStatus) -> pb::NodeStatus {
                 out.system_identifier = cd.system_identifier;
                 out.timeline = cd.timeline;
                 out.cluster_state = cd.cluster_state;
+                out.checkpoint_lsn = cd.checkpoint_lsn;
             }
+            out.configured_synchronous_standby_names = st.configured_sync;
         }
     }
     out

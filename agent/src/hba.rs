@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 
 use pgfleet_proto::RoleName;
 
-/// The rule a replica at `addr` connecting as `role` needs.
+/// The rule a replica at `addr` connecting as `role` needs: database
+/// `replication` for streaming, `postgres` for pg_rewind's SQL connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationRule {
+    pub database: &'static str,
     pub role: RoleName,
     pub addr: IpAddr,
 }
@@ -27,7 +29,8 @@ impl ReplicationRule {
 
     pub fn line(&self) -> String {
         format!(
-            "host replication {} {} scram-sha-256",
+            "host {} {} {} scram-sha-256",
+            self.database,
             self.role,
             self.cidr()
         )
@@ -51,7 +54,7 @@ impl ReplicationRule {
                 _ => (false, 0),
             }
         };
-        if t.len() < 5 || t[0] != "host" || t[1] != "replication" || t[2] != self.role.as_str() {
+        if t.len() < 5 || t[0] != "host" || t[1] != self.database || t[2] != self.role.as_str() {
             return false;
         }
         let (ok, used) = addr_ok(t[3], &t[4..]);
@@ -128,6 +131,7 @@ mod tests {
 
     fn rule() -> ReplicationRule {
         ReplicationRule {
+            database: "replication",
             role: RoleName::parse("repuser").unwrap(),
             addr: "198.18.0.3".parse().unwrap(),
         }
@@ -162,6 +166,7 @@ mod tests {
     #[test]
     fn ipv6_uses_128() {
         let r = ReplicationRule {
+            database: "replication",
             role: RoleName::parse("repuser").unwrap(),
             addr: "fd00::3".parse().unwrap(),
         };

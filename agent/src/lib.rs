@@ -11,6 +11,7 @@
 //! - `upstream`, `hba`: the upstream's side of a rebuild (role, pg_hba.conf)
 //! - `rebuild`, `basebackup`, `datadir`, `passfile`: the replica's side
 //! - `jobs`, `plan`: long operations as watchable jobs, steps as data
+//! - `standby`: fence, promote, follow a new upstream, sync standbys, rewind
 //! - `secret`: the password wrapper that never prints
 //! - `grpc`, `server`, `error`: the RPC skin and its status codes
 
@@ -30,6 +31,7 @@ pub mod rebuild;
 pub mod secret;
 pub mod server;
 pub mod service;
+pub mod standby;
 pub mod status;
 pub mod upstream;
 

@@ -20,6 +20,9 @@ pub struct NodeStatus {
     pub service_backend: &'static str,
     /// Read only when the server is down.
     pub control_data: Option<ControlData>,
+    /// synchronous_standby_names from the configuration files, read only
+    /// when the server is down.
+    pub configured_sync: Option<String>,
     pub disk: Option<DiskSpace>,
     pub data_directory: String,
     pub hostname: String,
@@ -36,21 +39,25 @@ pub async fn gather(config: &AgentConfig, pg: &Pg) -> NodeStatus {
     let disk = tokio::task::spawn_blocking(move || disk_space(&data_dir));
     let (server, service) = tokio::join!(pg.status(), service::status(config));
     let server = server.map_err(|e| e.to_string());
-    let control_data = match &server {
-        Ok(_) => None,
-        Err(_) => match controldata::read(config).await {
-            Ok(cd) => Some(cd),
-            Err(e) => {
-                debug!(error = %e, "pg_controldata unavailable");
-                None
-            }
-        },
+    let (control_data, configured_sync) = match &server {
+        Ok(_) => (None, None),
+        Err(_) => {
+            let (cd, sync) = tokio::join!(
+                controldata::read(config),
+                controldata::configured_setting(config, "synchronous_standby_names")
+            );
+            let cd = cd
+                .map_err(|e| debug!(error = %e, "pg_controldata unavailable"))
+                .ok();
+            (cd, sync.ok())
+        }
     };
     NodeStatus {
         server,
         service,
         service_backend: config.service.backend_name(),
         control_data,
+        configured_sync,
         disk: disk.await.ok().flatten(),
         data_directory: config.postgres.data_dir.display().to_string(),
         hostname: nix::unistd::gethostname()

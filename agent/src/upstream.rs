@@ -50,6 +50,8 @@ pub struct PrepareRequest {
     pub replica_addr: IpAddr,
     pub slot: SlotName,
     pub dry_run: bool,
+    /// Also let the replica run pg_rewind against this node.
+    pub for_rewind: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -110,8 +112,13 @@ pub async fn prepare(pg: &Pg, req: &PrepareRequest) -> Result<Prepared, Upstream
     }
 
     ensure_role(pg, req, &mut out).await?;
-    ensure_hba(pg, req, &hba_path, &mut out).await?;
-    clear_stale_slot(pg, req, &mut out).await?;
+    ensure_hba(pg, req, "replication", &hba_path, &mut out).await?;
+    if req.for_rewind {
+        ensure_hba(pg, req, "postgres", &hba_path, &mut out).await?;
+        grant_rewind(pg, req, &mut out).await?;
+    } else {
+        clear_stale_slot(pg, req, &mut out).await?;
+    }
     Ok(out)
 }
 
@@ -154,17 +161,41 @@ async fn ensure_role(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> Resul
     Ok(())
 }
 
+/// EXECUTE on the functions pg_rewind calls on its source, so the
+/// replication role needs no superuser (PostgreSQL docs, pg_rewind, Notes).
+const REWIND_GRANTS: [&str; 4] = [
+    "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+    "pg_catalog.pg_stat_file(text, boolean)",
+    "pg_catalog.pg_read_binary_file(text)",
+    "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+];
+
+async fn grant_rewind(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> Result<(), UpstreamError> {
+    for f in REWIND_GRANTS {
+        let sql = format!("GRANT EXECUTE ON FUNCTION {f} TO {}", req.role.quoted());
+        out.steps.push(Step::new("rewind-grants", format!("let {} run pg_rewind's file functions", req.role)).sql(sql.clone()));
+        if !req.dry_run {
+            pg.query(&sql, &[]).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn ensure_hba(
     pg: &Pg,
     req: &PrepareRequest,
+    database: &'static str,
     path: &std::path::Path,
     out: &mut Prepared,
 ) -> Result<(), UpstreamError> {
     let rule = ReplicationRule {
+        database,
         role: req.role.clone(),
         addr: req.replica_addr,
     };
-    out.hba_line = rule.line();
+    if database == "replication" {
+        out.hba_line = rule.line();
+    }
     let io = |action: &'static str| {
         let path = path.to_owned();
         move |source| UpstreamError::HbaFile {
@@ -230,9 +261,9 @@ async fn ensure_hba(
     let loaded = pg
         .query(
             "SELECT 1 FROM pg_hba_file_rules \
-             WHERE type = 'host' AND database = '{replication}' AND user_name = ARRAY[$1]::text[] \
+             WHERE type = 'host' AND database = ARRAY[$3]::text[] AND user_name = ARRAY[$1]::text[] \
                AND address = $2 AND auth_method = 'scram-sha-256' AND error IS NULL",
-            &[&req.role.as_str(), &req.replica_addr.to_string()],
+            &[&req.role.as_str(), &req.replica_addr.to_string(), &database],
         )
         .await?;
     if loaded.is_empty() {
@@ -240,7 +271,7 @@ async fn ensure_hba(
     }
     info!(line = %rule.line(), backup = %backup.display(), "pg_hba.conf line added and reloaded");
     out.hba_line_added = true;
-    out.hba_backup = Some(backup);
+    out.hba_backup.get_or_insert(backup);
     Ok(())
 }
 

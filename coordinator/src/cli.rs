@@ -54,6 +54,100 @@ pub enum Command {
     /// access on the upstream, stop the node, move its data directory aside
     /// (never deleted), pg_basebackup, start, wait until it streams.
     Rebuild(RebuildArgs),
+    /// Synchronous replication of a cluster.
+    Sync(SyncArgs),
+    /// Planned move of the primary role to a standby, with no acknowledged
+    /// commit lost; the old primary follows the new one.
+    Switchover(SwitchoverArgs),
+    /// The primary is gone: fence it, promote the standby that has every
+    /// acknowledged commit, re-point the rest.
+    Failover(FailoverArgs),
+    /// Bring a former primary (fenced or crashed) back as a standby of the
+    /// current primary (pg_rewind when its timeline diverged).
+    Rejoin(RejoinArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(subcommand)]
+    pub action: SyncAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncAction {
+    /// Set the synchronous standbys: `sync set --cluster C [--method first|any] [--num N] NODE...`,
+    /// or `--off` for asynchronous replication.
+    Set {
+        /// Cluster (optional when the inventory has one).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// "first": priority order (FIRST n); "any": quorum (ANY n).
+        #[arg(long, default_value = "first", value_parser = ["first", "any"])]
+        method: String,
+        /// How many standbys must confirm each commit.
+        #[arg(long, default_value_t = 1)]
+        num: u32,
+        /// Back to asynchronous replication.
+        #[arg(long, conflicts_with_all = ["nodes", "num", "method"])]
+        off: bool,
+        /// The synchronous standbys, in priority order.
+        nodes: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show synchronous_standby_names and each standby's sync_state.
+    Show {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SwitchoverArgs {
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// The standby to promote (default: a synchronous one, least lag).
+    #[arg(long, value_name = "NODE")]
+    pub to: Option<String>,
+    /// Print the checks' result and the steps; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// The standby to promote (default: the most advanced synchronous one).
+    #[arg(long, value_name = "NODE")]
+    pub to: Option<String>,
+    /// The old primary's agent cannot be reached and you made sure it is down.
+    #[arg(long)]
+    pub fenced: bool,
+    /// Promote even when no candidate provably has every acknowledged commit.
+    #[arg(long)]
+    pub accept_data_loss: bool,
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RejoinArgs {
+    /// The former primary.
+    pub node: String,
+    /// Rebuild it (data directory moved aside) when pg_rewind cannot be used.
+    #[arg(long)]
+    pub rebuild_if_needed: bool,
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +340,70 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             }
         },
         Command::Rebuild(a) => run_rebuild(&inventory, a, d).await,
+        Command::Sync(a) => run_sync(&inventory, a, d).await,
+        Command::Switchover(a) => {
+            let cluster = one_cluster(&inventory, a.cluster.as_deref())?;
+            let plan = crate::failover::switchover_preflight(&inventory, &cluster, a.to.as_deref(), d).await?;
+            if a.dry_run {
+                let lines = crate::failover::switchover_plan_lines(&plan);
+                if a.json {
+                    print_json(&serde_json::json!({ "dry_run": true, "warnings": plan.warnings, "steps": lines }))?;
+                } else {
+                    let mut s = crate::failover::render_plan(
+                        &format!("switch over {} from {} to {}", plan.cluster.name, plan.old.name, plan.new.name),
+                        &lines,
+                    );
+                    for w in &plan.warnings {
+                        s += &format!("warning: {w}\n");
+                    }
+                    print_text(&s)?;
+                }
+                return Ok(Outcome::Done);
+            }
+            for w in &plan.warnings {
+                eprintln!("warning: {w}");
+            }
+            let r = crate::failover::switchover(&inventory, plan, d).await?;
+            if a.json { print_json(&r)?; } else { print_text(&crate::failover::render(&r))?; }
+            Ok(Outcome::Done)
+        }
+        Command::Failover(a) => {
+            let cluster = one_cluster(&inventory, a.cluster.as_deref())?;
+            let req = crate::failover::FailoverRequest {
+                cluster,
+                to: a.to.clone(),
+                fenced: a.fenced,
+                accept_data_loss: a.accept_data_loss,
+                dry_run: a.dry_run,
+            };
+            match crate::failover::failover(&inventory, &req, d).await? {
+                Ok(r) => {
+                    if a.json { print_json(&r)?; } else { print_text(&crate::failover::render(&r))?; }
+                }
+                Err(lines) => {
+                    if a.json {
+                        print_json(&serde_json::json!({ "dry_run": true, "steps": lines }))?;
+                    } else {
+                        print_text(&crate::failover::render_plan(&format!("fail over {}", req.cluster), &lines))?;
+                    }
+                }
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Rejoin(a) => {
+            let r = crate::rejoin::rejoin(&inventory, &a.node, a.rebuild_if_needed, a.dry_run, d).await?;
+            if a.json {
+                print_json(&r)?;
+            } else if let Some(p) = &r.plan {
+                print_text(&format!("{p}\n"))?;
+            } else {
+                print_text(&format!(
+                    "{} rejoined as a standby of {} ({}) in {:.2}s\n",
+                    r.node, r.primary, r.method, r.seconds
+                ))?;
+            }
+            Ok(Outcome::Done)
+        }
         Command::Wal(a) => {
             let r = wal::get(&inventory, &a.node, d).await?;
             if a.json {
@@ -256,6 +414,53 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             Ok(Outcome::Done)
         }
     }
+}
+
+/// `--cluster`, or the inventory's only cluster.
+fn one_cluster(inventory: &Inventory, cluster: Option<&str>) -> Result<String, CoordinatorError> {
+    match cluster {
+        Some(c) => Ok(inventory.select(Some(c))?[0].name.to_string()),
+        None if inventory.clusters.len() == 1 => Ok(inventory.clusters[0].name.to_string()),
+        None => Err(CoordinatorError::Usage(format!(
+            "the inventory has {} clusters; say which with --cluster ({})",
+            inventory.clusters.len(),
+            inventory.clusters.iter().map(|c| c.name.to_string()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+async fn run_sync(inventory: &Inventory, a: &SyncArgs, d: Deadlines) -> Result<Outcome, CoordinatorError> {
+    let (report, json) = match &a.action {
+        SyncAction::Show { cluster, json } => {
+            let c = one_cluster(inventory, cluster.as_deref())?;
+            (crate::sync::show(inventory, &c, d).await?, *json)
+        }
+        SyncAction::Set { cluster, method, num, off, nodes, json } => {
+            let c = one_cluster(inventory, cluster.as_deref())?;
+            let spec = if *off {
+                None
+            } else {
+                if nodes.is_empty() {
+                    return Err(CoordinatorError::Usage(
+                        "name the synchronous standbys (sync set NODE...), or pass --off".into(),
+                    ));
+                }
+                let m = if method == "any" {
+                    pgfleet_proto::sync::SyncMethod::Any
+                } else {
+                    pgfleet_proto::sync::SyncMethod::First
+                };
+                Some((m, *num, nodes.clone()))
+            };
+            (crate::sync::set(inventory, &c, spec, d).await?, *json)
+        }
+    };
+    if json {
+        print_json(&report)?;
+    } else {
+        print_text(&crate::sync::render(&report))?;
+    }
+    Ok(Outcome::Done)
 }
 
 async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Result<Outcome, CoordinatorError> {
@@ -279,6 +484,16 @@ async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Re
             dry_run: a.dry_run,
         };
         let prepared = rebuild::preflight(inventory, &req, d).await?;
+        let _op = if a.dry_run {
+            None
+        } else {
+            Some(crate::journal::Operation::begin(
+                &inventory.state_dir,
+                prepared.cluster.name.as_str(),
+                "rebuild",
+                &format!("{} from {}", prepared.node.name, prepared.upstream.name),
+            )?)
+        };
         if a.dry_run {
             let steps = rebuild::plan(&prepared, &req, d).await?;
             if a.json {

@@ -5,7 +5,10 @@ use pgfleet_proto::ParseError;
 
 use crate::client::AgentCallError;
 use crate::inventory::{InventoryError, UnknownName};
+use crate::failover::MoveError;
+use crate::journal::JournalError;
 use crate::rebuild::RebuildError;
+use crate::sync::SyncError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -19,6 +22,14 @@ pub enum CoordinatorError {
     Agent(#[from] AgentCallError),
     #[error(transparent)]
     Rebuild(#[from] RebuildError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error(transparent)]
+    Move(#[from] MoveError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Usage(String),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -32,6 +43,10 @@ impl CoordinatorError {
             | CoordinatorError::UnknownName(_)
             | CoordinatorError::InvalidArgument(_) => true,
             CoordinatorError::Rebuild(r) => r.is_usage(),
+            CoordinatorError::Sync(s) => s.is_usage(),
+            CoordinatorError::Move(m) => m.is_usage(),
+            CoordinatorError::Usage(_) => true,
+            CoordinatorError::Journal(_) => false,
             CoordinatorError::Agent(_) | CoordinatorError::Output(_) => false,
         }
     }

@@ -88,6 +88,10 @@ pub struct NodeReport {
     pub data_directory: Option<String>,
     pub disk_free_bytes: Option<u64>,
     pub disk_total_bytes: Option<u64>,
+    /// A stopped server's last checkpoint (pg_controldata).
+    pub checkpoint_lsn: Option<Lsn>,
+    /// A stopped server's synchronous_standby_names, from its config files.
+    pub configured_synchronous_standby_names: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -196,6 +200,8 @@ fn node_report(node: &Node, answer: &NodeAnswer) -> NodeReport {
         data_directory: None,
         disk_free_bytes: None,
         disk_total_bytes: None,
+        checkpoint_lsn: None,
+        configured_synchronous_standby_names: None,
     };
     let st = match &answer.status {
         Ok(st) => st,
@@ -253,6 +259,8 @@ fn node_report(node: &Node, answer: &NodeAnswer) -> NodeReport {
     r.data_directory = Some(st.data_directory.clone());
     r.disk_free_bytes = st.disk_free_bytes;
     r.disk_total_bytes = st.disk_total_bytes;
+    r.checkpoint_lsn = st.checkpoint_lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
+    r.configured_synchronous_standby_names = st.configured_synchronous_standby_names.clone();
     r
 }
 

@@ -37,6 +37,9 @@ pub enum InventoryError {
 #[derive(Debug, Clone)]
 pub struct Inventory {
     pub clusters: Vec<Cluster>,
+    /// Where the coordinator keeps cluster locks, the operation journal and
+    /// the last synchronous configuration of each cluster.
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +69,13 @@ pub struct Node {
 struct RawInventory {
     #[serde(default)]
     clusters: Vec<RawCluster>,
+    /// Locks, journal and remembered sync settings.
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/pgfleet".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,7 +204,16 @@ impl Inventory {
         if clusters.is_empty() {
             return Err(invalid("no clusters defined; add a [[clusters]] table".into()));
         }
-        Ok(Inventory { clusters })
+        if !raw.state_dir.is_absolute() {
+            return Err(invalid(format!(
+                "state_dir {} must be an absolute path",
+                raw.state_dir.display()
+            )));
+        }
+        Ok(Inventory {
+            clusters,
+            state_dir: raw.state_dir,
+        })
     }
 
     /// The clusters selected by `--cluster` (all when `None`).

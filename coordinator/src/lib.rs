@@ -5,11 +5,15 @@
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod failover;
 pub mod fleet_status;
 pub mod inventory;
+pub mod journal;
 pub mod progress;
 pub mod rebuild;
+pub mod rejoin;
 pub mod slots;
 pub mod status_render;
+pub mod sync;
 pub mod table;
 pub mod wal;

@@ -375,6 +375,7 @@ fn prepare_request(p: &Prepared<'_>, dry_run: bool, op: &str) -> pb::PrepareUpst
         slot_name: p.slot.to_string(),
         dry_run,
         operation_id: op.to_owned(),
+        for_rewind: false,
     }
 }
 

@@ -6,6 +6,7 @@
 //! further: the agent's domain code never sees a raw slot name.
 
 mod redact;
+pub mod sync;
 pub mod types;
 
 pub use types::{ClusterName, Lsn, NodeName, ParseError, RoleName, SlotName};

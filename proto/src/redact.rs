@@ -3,7 +3,9 @@
 
 use std::fmt;
 
-use crate::agent::v1::{PrepareUpstreamRequest, StartRebuildRequest};
+use crate::agent::v1::{
+    ConfigureStandbyRequest, PrepareUpstreamRequest, RewindRequest, StartRebuildRequest,
+};
 
 const REDACTED: &str = "[SECRET]";
 
@@ -16,6 +18,7 @@ impl fmt::Debug for PrepareUpstreamRequest {
             .field("slot_name", &self.slot_name)
             .field("dry_run", &self.dry_run)
             .field("operation_id", &self.operation_id)
+            .field("for_rewind", &self.for_rewind)
             .finish()
     }
 }
@@ -37,6 +40,33 @@ impl fmt::Debug for StartRebuildRequest {
             .field("dry_run", &self.dry_run)
             .field("operation_id", &self.operation_id)
             .field("release_slot_after_stop", &self.release_slot_after_stop)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ConfigureStandbyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigureStandbyRequest")
+            .field("upstream_host", &self.upstream_host)
+            .field("upstream_port", &self.upstream_port)
+            .field("replication_role", &self.replication_role)
+            .field("replication_password", &REDACTED)
+            .field("slot_name", &self.slot_name)
+            .field("application_name", &self.application_name)
+            .field("reset_synchronous_standby_names", &self.reset_synchronous_standby_names)
+            .field("operation_id", &self.operation_id)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RewindRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RewindRequest")
+            .field("upstream_host", &self.upstream_host)
+            .field("upstream_port", &self.upstream_port)
+            .field("replication_role", &self.replication_role)
+            .field("replication_password", &REDACTED)
+            .field("operation_id", &self.operation_id)
             .finish()
     }
 }

@@ -1,0 +1,156 @@
+//! One operation per cluster at a time, and a record of what each did
+//! (DESIGN.md invariant 7). A lock file per cluster held with flock(2) (the
+//! kernel releases it if the coordinator dies), a journal of JSON lines per
+//! cluster written before and after every step, and the cluster's last
+//! synchronous configuration, which failover needs when the primary that
+//! held it is gone.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{action} {path}: {source}; set state_dir in the inventory to a directory this user may write")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another operation is running on cluster {cluster}: {holder}; wait for it or check `pgfleet status`")]
+    Busy { cluster: String, holder: String },
+}
+
+/// Held for the whole operation; dropping it releases the cluster.
+#[derive(Debug)]
+pub struct Operation {
+    pub id: String,
+    pub kind: &'static str,
+    cluster: String,
+    journal: PathBuf,
+    _lock: Flock<File>,
+    started: Instant,
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
+    let path = path.to_owned();
+    move |source| JournalError::Io { action, path, source }
+}
+
+impl Operation {
+    /// Takes the cluster's lock or says who holds it.
+    pub fn begin(state_dir: &Path, cluster: &str, kind: &'static str, what: &str) -> Result<Self, JournalError> {
+        std::fs::create_dir_all(state_dir).map_err(io("creating", state_dir))?;
+        let lock_path = state_dir.join(format!("{cluster}.lock"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io("opening", &lock_path))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut f, _)) => {
+                let mut holder = String::new();
+                let _ = f.read_to_string(&mut holder);
+                return Err(JournalError::Busy {
+                    cluster: cluster.to_owned(),
+                    holder: if holder.trim().is_empty() { "unknown".into() } else { holder.trim().to_owned() },
+                });
+            }
+        };
+        let id = format!(
+            "{kind}-{}-{}",
+            humantime::format_rfc3339_seconds(SystemTime::now())
+                .to_string()
+                .replace(['-', ':'], ""),
+            std::process::id()
+        );
+        let _ = lock.set_len(0);
+        let _ = lock.rewind();
+        let _ = writeln!(lock, "{id} ({what}), pid {}", std::process::id());
+        let op = Operation {
+            id,
+            kind,
+            cluster: cluster.to_owned(),
+            journal: state_dir.join(format!("{cluster}.journal")),
+            _lock: lock,
+            started: Instant::now(),
+        };
+        op.record("begin", "started", what)?;
+        Ok(op)
+    }
+
+    /// Appends one journal line; written (and fsynced) before the step acts.
+    pub fn record(&self, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
+        let line = json!({
+            "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            "op": self.id,
+            "kind": self.kind,
+            "cluster": self.cluster,
+            "step": step,
+            "event": event,
+            "detail": detail,
+        });
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.journal)
+            .map_err(io("opening", &self.journal))?;
+        writeln!(f, "{line}").map_err(io("writing", &self.journal))?;
+        f.sync_data().map_err(io("syncing", &self.journal))
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn end(self, outcome: &str) {
+        let _ = self.record("end", outcome, "");
+    }
+}
+
+/// The cluster's synchronous configuration as pgfleet last set or saw it.
+pub fn remember_sync(state_dir: &Path, cluster: &str, value: &str) -> Result<(), JournalError> {
+    std::fs::create_dir_all(state_dir).map_err(io("creating", state_dir))?;
+    let path = state_dir.join(format!("{cluster}.sync"));
+    let tmp = state_dir.join(format!(".{cluster}.sync.tmp"));
+    std::fs::write(&tmp, format!("{value}\n")).map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("renaming", &path))
+}
+
+pub fn recall_sync(state_dir: &Path, cluster: &str) -> Option<String> {
+    std::fs::read_to_string(state_dir.join(format!("{cluster}.sync")))
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_operation_on_a_cluster_is_refused_and_journal_records() {
+        let dir = std::env::temp_dir().join(format!("pgfleet-journal-{}", std::process::id()));
+        let op = Operation::begin(&dir, "main", "switchover", "to node1").unwrap();
+        let e = Operation::begin(&dir, "main", "rebuild", "node2").unwrap_err().to_string();
+        assert!(e.contains("another operation is running on cluster main") && e.contains("switchover"), "{e}");
+        // Another cluster is independent.
+        let other = Operation::begin(&dir, "other", "rebuild", "x").unwrap();
+        op.record("promote", "done", "timeline 2").unwrap();
+        op.end("succeeded");
+        other.end("succeeded");
+        let again = Operation::begin(&dir, "main", "rebuild", "node2");
+        assert!(again.is_ok());
+        let text = std::fs::read_to_string(dir.join("main.journal")).unwrap();
+        assert!(text.lines().count() >= 3 && text.contains("\"step\":\"promote\""), "{text}");
+        remember_sync(&dir, "main", "FIRST 1 (\"a\")").unwrap();
+        assert_eq!(recall_sync(&dir, "main").unwrap(), "FIRST 1 (\"a\")");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
