@@ -365,12 +365,21 @@ pub async fn fence(config: &AgentConfig, pg: &Pg, immediate: bool) -> Result<(bo
             .await
             .and_then(|o| o.success(Path::new(config.service.backend_name())));
         if let Err(e) = result {
-            warn!(error = %e, "fast stop failed; trying immediate");
-            immediate_stop(config)
+            // A server that died on its own (crash, SIGKILL) leaves a pid
+            // file behind and pg_ctl may fail to signal it: what counts is
+            // that nothing runs any more.
+            warn!(error = %e, "stop failed; trying immediate");
+            let second = immediate_stop(config)
                 .run()
                 .await
-                .and_then(|o| o.success(Path::new(config.service.backend_name())))
-                .map_err(|source| StandbyError::Command { step: "stop", source })?;
+                .and_then(|o| o.success(Path::new(config.service.backend_name())));
+            if let Err(e2) = second {
+                let now = service::status(config).await;
+                if now.state == ServiceState::Running || pg.status().await.is_ok() {
+                    return Err(StandbyError::Command { step: "stop", source: e2 });
+                }
+                info!(detail = %now.detail, "server was already gone");
+            }
         }
         stopped = true;
     }

@@ -811,8 +811,9 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
 }
 
 pub fn render(r: &MoveReport) -> String {
+    let old_now = if r.operation.starts_with("failover") { "is fenced" } else { "follows it" };
     let mut s = format!(
-        "{}: {} is the primary of {} (timeline {}), {} follows it; took {:.2}s",
+        "{}: {} is the primary of {} (timeline {}), {} {old_now}; took {:.2}s",
         r.operation, r.new_primary, r.cluster, r.timeline, r.old_primary, r.seconds
     );
     if let Some(w) = r.write_unavailable_seconds {
