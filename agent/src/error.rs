@@ -52,6 +52,7 @@ fn rebuild_code(e: &RebuildError) -> Code {
         RebuildError::UpstreamUnreachable { .. } => Code::Unavailable,
         RebuildError::NotReady { .. } => Code::DeadlineExceeded,
         RebuildError::Command { .. }
+        | RebuildError::Service { .. }
         | RebuildError::DataDir(_)
         | RebuildError::Passfile { .. }
         | RebuildError::LogFile { .. }
@@ -84,7 +85,10 @@ impl From<AgentError> for Status {
             AgentError::Standby(s) => match s {
                 StandbyError::Invalid { .. } => Code::InvalidArgument,
                 StandbyError::Pg(pg) => pg_code(pg),
-                StandbyError::Command { .. } | StandbyError::File { .. } | StandbyError::Rewind { .. } => {
+                StandbyError::Command { .. }
+                | StandbyError::Service { .. }
+                | StandbyError::File { .. }
+                | StandbyError::Rewind { .. } => {
                     Code::Internal
                 }
                 StandbyError::RunningPrimary

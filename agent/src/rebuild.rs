@@ -101,6 +101,11 @@ pub enum RebuildError {
     },
     #[error("PostgreSQL still runs after the stop command ({detail})")]
     StillRunning { detail: String },
+    #[error("{step}: {source}")]
+    Service {
+        step: &'static str,
+        source: service::ServiceError,
+    },
     #[error(transparent)]
     DataDir(#[from] DataDirError),
     #[error("writing the replication passfile {path}: {source}")]
@@ -592,11 +597,9 @@ async fn execute(ctx: &Ctx<'_>, step: RebuildStep, job: &Job, out: &mut Outcome)
             // Last look before the first change: still not a primary?
             check_local(ctx).await?;
             out.node_changed = true;
-            service::action_command(cfg, Action::Stop, cfg.rebuild.service_timeout)
-                .run()
+            service::perform(cfg, Action::Stop)
                 .await
-                .and_then(|o| o.success(Path::new(cfg.service.backend_name())))
-                .map_err(|source| RebuildError::Command { step: "stop", source })?;
+                .map_err(|source| RebuildError::Service { step: "stop", source })?;
             let after = service::status(cfg).await;
             if after.state != ServiceState::Stopped {
                 return Err(RebuildError::StillRunning { detail: after.detail });
@@ -674,11 +677,9 @@ async fn execute(ctx: &Ctx<'_>, step: RebuildStep, job: &Job, out: &mut Outcome)
         }
         RebuildStep::Basebackup => run_basebackup(ctx, job, out).await,
         RebuildStep::Start => {
-            service::action_command(cfg, Action::Start, cfg.rebuild.service_timeout)
-                .run()
+            service::perform(cfg, Action::Start)
                 .await
-                .and_then(|o| o.success(Path::new(cfg.service.backend_name())))
-                .map_err(|source| RebuildError::Command { step: "start", source })?;
+                .map_err(|source| RebuildError::Service { step: "start", source })?;
             Ok("started".into())
         }
         RebuildStep::WaitStreaming => {

@@ -25,6 +25,7 @@ use crate::secret::Secret;
 use crate::service::{self, Action, ServiceState};
 
 const PROMOTE_WAIT_SECONDS: i32 = 60;
+const PROMOTE_POLL: Duration = Duration::from_millis(5);
 const REWIND_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,11 @@ pub enum StandbyError {
     Command {
         step: &'static str,
         source: ExecError,
+    },
+    #[error("{step}: {source}")]
+    Service {
+        step: &'static str,
+        source: service::ServiceError,
     },
     #[error("{action} {path}: {source}")]
     File {
@@ -322,11 +328,9 @@ pub async fn configure(
                 path: data.clone(),
                 source: std::io::Error::other(e.to_string()),
             })??;
-            service::action_command(config, Action::Start, config.rebuild.service_timeout)
-                .run()
+            service::perform(config, Action::Start)
                 .await
-                .and_then(|o| o.success(Path::new(config.service.backend_name())))
-                .map_err(|source| StandbyError::Command { step: "start", source })?;
+                .map_err(|source| StandbyError::Service { step: "start", source })?;
             info!(%conninfo, slot = %up.slot, "stopped node started as a standby");
             Ok((true, conninfo))
         }
@@ -355,15 +359,16 @@ pub async fn fence(config: &AgentConfig, pg: &Pg, immediate: bool) -> Result<(bo
     let running = pg.status().await.is_ok() || service::status(config).await.state == ServiceState::Running;
     let mut stopped = false;
     if running {
-        let cmd = if immediate {
+        let result = if immediate {
             immediate_stop(config)
+                .run()
+                .await
+                .and_then(|o| o.success(Path::new(config.service.backend_name())))
+                .map(|_| ())
+                .map_err(service::ServiceError::from)
         } else {
-            service::action_command(config, Action::Stop, config.rebuild.service_timeout)
+            service::perform(config, Action::Stop).await
         };
-        let result = cmd
-            .run()
-            .await
-            .and_then(|o| o.success(Path::new(config.service.backend_name())));
         if let Err(e) = result {
             // A server that died on its own (crash, SIGKILL) leaves a pid
             // file behind and pg_ctl may fail to signal it: what counts is
@@ -415,11 +420,9 @@ pub async fn unfence(config: &AgentConfig, pg: &Pg) -> Result<(), StandbyError> 
             source,
         })?;
     }
-    service::action_command(config, Action::Start, config.rebuild.service_timeout)
-        .run()
+    service::perform(config, Action::Start)
         .await
-        .and_then(|o| o.success(Path::new(config.service.backend_name())))
-        .map_err(|source| StandbyError::Command { step: "start", source })?;
+        .map_err(|source| StandbyError::Service { step: "start", source })?;
     warn!("fence undone: started again as a primary");
     Ok(())
 }
@@ -437,13 +440,23 @@ pub async fn promote(pg: &Pg) -> Result<(u32, String), StandbyError> {
     if !pg.in_recovery().await? {
         return Err(StandbyError::NotStandby);
     }
-    let ok: bool = pg
-        .query_one("SELECT pg_promote(true, $1)", &[&PROMOTE_WAIT_SECONDS])
+    // pg_promote(wait => true) checks ten times a second; asking without
+    // waiting and polling pg_is_in_recovery() every few milliseconds ends
+    // the write-unavailability window sooner.
+    let signalled: bool = pg
+        .query_one("SELECT pg_promote(false)", &[])
         .await?
         .try_get(0)
         .map_err(PgError::from)?;
-    if !ok {
+    if !signalled {
         return Err(StandbyError::PromoteTimeout);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(PROMOTE_WAIT_SECONDS as u64);
+    while pg.in_recovery().await? {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StandbyError::PromoteTimeout);
+        }
+        tokio::time::sleep(PROMOTE_POLL).await;
     }
     let s = pg.status().await?;
     info!(timeline = ?s.timeline, "promoted");

@@ -1,5 +1,8 @@
 //! `pgfleet slots` and `pgfleet slots drop`, and the agent's DropSlot RPC,
 //! checked against what pg_replication_slots says on the primary.
+// Helpers may unwrap like the tests they serve (clippy.toml allows it only
+// inside test functions).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -19,9 +22,8 @@ const SLOTS_SQL: &str = "select slot_name, slot_type, active, active_pid, restar
 
 /// `(active, active_pid)` of slot `name` on `host`, `None` if it does not exist.
 async fn slot_state(host: &Host, name: &str) -> Option<(bool, Option<String>)> {
-    let sql = format!(
-        "select active, active_pid from pg_replication_slots where slot_name = '{name}'"
-    );
+    let sql =
+        format!("select active, active_pid from pg_replication_slots where slot_name = '{name}'");
     rows(host, &sql)
         .await
         .into_iter()
@@ -58,7 +60,10 @@ fn log_count(path: &std::path::Path, needle: &str) -> usize {
 async fn wait_slot_active(host: &Host, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while slot_state(host, name).await.map(|s| s.0) != Some(true) {
-        assert!(Instant::now() < deadline, "slot {name} not in use within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "slot {name} not in use within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -76,7 +81,10 @@ impl HbaReject {
         // Rewritten in place: the file keeps its owner (postgres) and mode.
         std::fs::write(
             &path,
-            format!("host replication all {}/32 reject\n{original}", replica.addr()),
+            format!(
+                "host replication all {}/32 reject\n{original}",
+                replica.addr()
+            ),
         )
         .unwrap();
         exec(primary, "select pg_reload_conf()").await;
@@ -128,7 +136,11 @@ async fn primary_with_stale_slot() -> TestFleet {
 async fn slots_lists_active_and_flags_inactive_slots_holding_wal() {
     let fleet = primary_and_replica().await;
     let (p, r) = (fleet.host(0), fleet.host(1));
-    exec(p, "select pg_create_physical_replication_slot('stale1', true)").await;
+    exec(
+        p,
+        "select pg_create_physical_replication_slot('stale1', true)",
+    )
+    .await;
     exec(
         p,
         "create table t (id int, v text);
@@ -203,23 +215,34 @@ async fn slots_lists_active_and_flags_inactive_slots_holding_wal() {
     assert_eq!(out.code(), Some(0), "{out}");
     let lines = table_lines(&out.stdout, "node0");
     let stale_line = lines.iter().find(|l| l.contains("stale1")).unwrap();
-    assert!(stale_line.contains("inactive, holding WAL back"), "{stale_line}");
+    assert!(
+        stale_line.contains("inactive, holding WAL back"),
+        "{stale_line}"
+    );
     let r1_line = lines.iter().find(|l| l.contains(" r1 ")).unwrap();
     assert!(!r1_line.contains("holding WAL back"), "{r1_line}");
-    assert!(r1_line.contains(&format!("yes (pid {sender})")), "{r1_line}");
+    assert!(
+        r1_line.contains(&format!("yes (pid {sender})")),
+        "{r1_line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_drop_removes_inactive_slot() {
     let fleet = primary_with_stale_slot().await;
     let p = fleet.host(0);
-    exec(p, "select pg_create_physical_replication_slot('keep1', true)").await;
+    exec(
+        p,
+        "select pg_create_physical_replication_slot('keep1', true)",
+    )
+    .await;
     assert!(slot_state(p, "stale1").await.is_some());
 
     let out = pgfleet(&fleet, &["slots", "drop", "node0", "stale1"]);
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(
-        out.stdout.contains("dropped replication slot stale1 on node0"),
+        out.stdout
+            .contains("dropped replication slot stale1 on node0"),
         "{out}"
     );
     assert!(!out.stdout.contains("terminated"), "{out}");
@@ -249,7 +272,10 @@ async fn slots_drop_refuses_active_slot_without_force() {
     assert!(out.stdout.is_empty(), "{out}");
 
     // Untouched: same slot, same WAL sender, still streaming.
-    assert_eq!(slot_state(p, "r1").await, Some((true, Some(sender.clone()))));
+    assert_eq!(
+        slot_state(p, "r1").await,
+        Some((true, Some(sender.clone())))
+    );
     assert_eq!(walsender_pid(p, r).await, sender);
     let state = one(
         p,
@@ -276,8 +302,14 @@ async fn slots_drop_force_cuts_off_the_standby() {
 
     let out = pgfleet(&fleet, &["slots", "drop", "node0", "r1", "--force"]);
     assert_eq!(out.code(), Some(0), "{out}");
-    assert!(out.stdout.contains("dropped replication slot r1 on node0"), "{out}");
-    assert!(out.stdout.contains("its WAL sender was terminated"), "{out}");
+    assert!(
+        out.stdout.contains("dropped replication slot r1 on node0"),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("its WAL sender was terminated"),
+        "{out}"
+    );
 
     assert_eq!(slot_state(p, "r1").await, None);
     // The WAL sender that held it is gone.
@@ -315,7 +347,10 @@ async fn slots_drop_force_cuts_off_the_standby() {
         if warned && status_node(&report, "node1")["replication"].is_null() {
             break;
         }
-        assert!(Instant::now() < deadline, "no warning {want:?} within 20 s: {report:#}");
+        assert!(
+            Instant::now() < deadline,
+            "no warning {want:?} within 20 s: {report:#}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(slot_state(p, "r1").await, None);
@@ -347,7 +382,15 @@ async fn slots_drop_force_beats_a_standby_that_reconnects_at_once() {
             // --timeout: the agent's own answer, not the CLI's deadline
             // (see slots_drop_force_reports_a_slot_that_stays_in_use).
             let cli = s.spawn(|| {
-                fleet.pgfleet(&["slots", "drop", "node0", "r1", "--force", "--timeout", "60s"])
+                fleet.pgfleet(&[
+                    "slots",
+                    "drop",
+                    "node0",
+                    "r1",
+                    "--force",
+                    "--timeout",
+                    "60s",
+                ])
             });
             let deadline = Instant::now() + Duration::from_secs(20);
             while log_count(&p.postgres_log(), in_use) == refusals_before {
@@ -362,7 +405,10 @@ async fn slots_drop_force_beats_a_standby_that_reconnects_at_once() {
         });
         eprintln!("round {round}: {out}");
         assert_eq!(out.code(), Some(0), "round {round}: {out}");
-        assert!(out.stdout.contains("its WAL sender was terminated"), "{out}");
+        assert!(
+            out.stdout.contains("its WAL sender was terminated"),
+            "{out}"
+        );
         assert_eq!(slot_state(p, "r1").await, None, "round {round}");
     }
 }
@@ -527,7 +573,10 @@ async fn slots_on_a_stopped_server_says_so_and_does_not_claim_an_unreachable_age
     let out = pgfleet(&fleet, &["slots", "--json"]);
     let report = json(&out);
     // The rest of the fleet is listed; node1 says why it has no list.
-    assert_eq!(slot(node_slots(&report, "node0"), "r1")["slot_type"], "physical");
+    assert_eq!(
+        slot(node_slots(&report, "node0"), "r1")["slot_type"],
+        "physical"
+    );
     let n1 = report["nodes"]
         .as_array()
         .unwrap()
@@ -536,7 +585,10 @@ async fn slots_on_a_stopped_server_says_so_and_does_not_claim_an_unreachable_age
         .unwrap();
     assert_eq!(n1["reachable"], true, "{n1:#}");
     let error = n1["error"].as_str().unwrap_or_default();
-    assert!(error.contains("PostgreSQL is not accepting connections"), "{error:?}");
+    assert!(
+        error.contains("PostgreSQL is not accepting connections"),
+        "{error:?}"
+    );
     // Every agent answered: the report must not say otherwise, and exit code
     // 3 ("some agents could not be reached", README) does not apply.
     assert_eq!(report["all_reachable"], true, "{report:#}");

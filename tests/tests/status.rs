@@ -52,6 +52,8 @@ const NODE_KEYS: &[&str] = &[
     "data_directory",
     "disk_free_bytes",
     "disk_total_bytes",
+    "checkpoint_lsn",
+    "configured_synchronous_standby_names",
 ];
 
 /// Every field of `UpstreamView`.
@@ -195,6 +197,7 @@ async fn status_of_stopped_server_is_down_and_agent_still_answers() {
     assert_eq!(n["cluster_state"], "shut down", "{n:#}");
     assert_eq!(n["timeline"], 1, "{n:#}");
     assert_eq!(n["current_lsn"], Value::Null, "{n:#}");
+    lsn(&n["checkpoint_lsn"]);
     assert_eq!(report["clusters"][0]["primary"], Value::Null);
 
     let out = pgfleet(&fleet, &["status"]);
@@ -249,10 +252,18 @@ async fn status_json_shape_is_stable() {
     lsn(&n0["current_lsn"]);
     let sysid = n0["system_identifier"].as_str().unwrap();
     // A decimal string: a 64-bit identifier does not survive JSON numbers.
-    assert!(!sysid.is_empty() && sysid.bytes().all(|b| b.is_ascii_digit()), "{sysid}");
+    assert!(
+        !sysid.is_empty() && sysid.bytes().all(|b| b.is_ascii_digit()),
+        "{sysid}"
+    );
     assert!(n0["timeline"].is_u64());
     assert!(n0["disk_free_bytes"].is_u64() && n0["disk_total_bytes"].is_u64());
-    for k in ["agent_version", "hostname", "data_directory", "postgres_version"] {
+    for k in [
+        "agent_version",
+        "hostname",
+        "data_directory",
+        "postgres_version",
+    ] {
         assert!(n0[k].is_string(), "{k}: {n0:#}");
     }
 
@@ -274,8 +285,17 @@ async fn status_json_shape_is_stable() {
     assert_eq!(ghost["role"], "unknown");
     assert!(ghost["error"].is_string());
     for k in NODE_KEYS {
-        if !["name", "agent", "host", "port", "reachable", "error", "role", "server_up"]
-            .contains(k)
+        if ![
+            "name",
+            "agent",
+            "host",
+            "port",
+            "reachable",
+            "error",
+            "role",
+            "server_up",
+        ]
+        .contains(k)
         {
             assert_eq!(ghost[k], Value::Null, "{k}: {ghost:#}");
         }
@@ -301,7 +321,10 @@ async fn status_reports_unreachable_agent_and_exits_3() {
         assert_eq!(n["role"], "unknown", "{n:#}");
         assert_eq!(n["server_up"], false, "{n:#}");
         let error = n["error"].as_str().unwrap_or_default();
-        assert!(error.contains(endpoint), "{name}: error {error:?} does not name {endpoint}");
+        assert!(
+            error.contains(endpoint),
+            "{name}: error {error:?} does not name {endpoint}"
+        );
         assert!(error.contains("unreachable"), "{name}: {error:?}");
     }
     // A closed port says so.
@@ -321,10 +344,16 @@ async fn status_reports_unreachable_agent_and_exits_3() {
     assert_eq!(out.code(), Some(3), "{out}");
     for name in ["node1", "ghost"] {
         let line = table_line(&out.stdout, name);
-        assert!(line.contains("unreachable") && line.contains("unknown"), "{line}");
+        assert!(
+            line.contains("unreachable") && line.contains("unknown"),
+            "{line}"
+        );
     }
     assert!(table_line(&out.stdout, "node0").contains("primary"));
-    assert!(out.stdout.contains("not every agent could be reached"), "{out}");
+    assert!(
+        out.stdout.contains("not every agent could be reached"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,7 +378,10 @@ async fn status_flags_a_foreign_system_identifier() {
     let report = json(&out);
     let cluster = &report["clusters"][0];
     assert_eq!(status_node(&report, "node2")["role"], "primary");
-    assert_eq!(status_node(&report, "node2")["system_identifier"], foreign.as_str());
+    assert_eq!(
+        status_node(&report, "node2")["system_identifier"],
+        foreign.as_str()
+    );
     assert_eq!(cluster["primary"], Value::Null, "{report:#}");
     let warnings: Vec<&str> = cluster["warnings"]
         .as_array()
@@ -358,14 +390,20 @@ async fn status_flags_a_foreign_system_identifier() {
         .map(|w| w.as_str().unwrap())
         .collect();
     assert!(
-        warnings.iter().any(|w| w.contains("2 nodes report being primary")
-            && w.contains("node0")
-            && w.contains("node2")
-            && !w.contains("node1")),
+        warnings
+            .iter()
+            .any(|w| w.contains("2 nodes report being primary")
+                && w.contains("node0")
+                && w.contains("node2")
+                && !w.contains("node1")),
         "{warnings:?}"
     );
     let out = pgfleet(&fleet, &["status"]);
-    assert!(out.stdout.contains("warning: main: 2 nodes report being primary"), "{out}");
+    assert!(
+        out.stdout
+            .contains("warning: main: 2 nodes report being primary"),
+        "{out}"
+    );
 
     // Stopped, it is no primary, but its control file still shows it is not
     // a copy of this cluster; the real replica is not flagged.
@@ -404,11 +442,16 @@ async fn status_cluster_filter_and_unknown_cluster() {
     let text = format!(
         "[[clusters]]\nname = \"main\"\n{}\n[[clusters]]\nname = \"other\"\n{}",
         host_node_toml(fleet.host(0)),
-        node_toml("ghost", &ghost_endpoint(&fleet), &format!("198.18.{}.250", fleet.n()))
+        node_toml(
+            "ghost",
+            &ghost_endpoint(&fleet),
+            &format!("198.18.{}.250", fleet.n())
+        )
     );
     write_inventory_text(&fleet, &text);
 
-    let out = pgfleet(&fleet, &["status", "--json"]);
+    // (A short connect deadline: the ghost only ever times out.)
+    let out = pgfleet(&fleet, &["status", "--json", "--connect-timeout", "1s"]);
     assert_eq!(out.code(), Some(3), "{out}");
     assert_eq!(json(&out)["clusters"].as_array().unwrap().len(), 2);
 
@@ -429,7 +472,17 @@ async fn status_cluster_filter_and_unknown_cluster() {
     assert!(table_lines(&out.stdout, "ghost").is_empty(), "{out}");
     table_line(&out.stdout, "node0");
 
-    let out = pgfleet(&fleet, &["status", "--cluster", "other", "--json"]);
+    let out = pgfleet(
+        &fleet,
+        &[
+            "status",
+            "--cluster",
+            "other",
+            "--json",
+            "--connect-timeout",
+            "1s",
+        ],
+    );
     assert_eq!(out.code(), Some(3), "{out}");
     let report = json(&out);
     assert_eq!(report["clusters"][0]["name"], "other");

@@ -8,13 +8,13 @@ use pgfleet_tests::TestFleet;
 use serde_json::Value;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 /// A WAL file name: 24 upper-case hexadecimal digits (timeline, log, segment).
 fn assert_walfile(v: &Value) -> &str {
@@ -22,7 +22,9 @@ fn assert_walfile(v: &Value) -> &str {
         .as_str()
         .unwrap_or_else(|| panic!("expected a WAL file name, got {v}"));
     assert!(
-        s.len() == 24 && s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)),
+        s.len() == 24
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)),
         "{s:?} is not a WAL file name"
     );
     s
@@ -135,7 +137,11 @@ async fn agent_serves_health_and_reflection() {
     start_agents(&fleet);
     let endpoint = fleet.host(0).agent_endpoint();
 
-    let channel = Channel::from_shared(endpoint).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
 
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "pgfleet.agent.v1.Agent"] {

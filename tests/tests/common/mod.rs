@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end test files: fleet set-ups that several
 //! tests start from, direct SQL, and reading the CLI's JSON and tables.
-#![allow(dead_code)]
+// Not every test file uses every helper. Helpers may unwrap like the tests
+// they serve (clippy.toml allows it only inside test functions).
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
@@ -47,7 +49,9 @@ pub fn write_inventory_text(fleet: &TestFleet, text: &str) {
 
 /// One `[[clusters.nodes]]` table.
 pub fn node_toml(name: &str, agent: &str, host: &str) -> String {
-    format!("\n[[clusters.nodes]]\nname = \"{name}\"\nagent = \"{agent}\"\nhost = \"{host}\"\nport = 5432\n")
+    format!(
+        "\n[[clusters.nodes]]\nname = \"{name}\"\nagent = \"{agent}\"\nhost = \"{host}\"\nport = 5432\n"
+    )
 }
 
 /// The inventory entry of a fleet host.
@@ -107,7 +111,8 @@ pub fn lsn(v: &Value) -> Lsn {
             [hi, lo].iter().all(|h| {
                 !h.is_empty()
                     && h.len() <= 8
-                    && h.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
             })
         }),
         "{s:?} is not an LSN like 0/3000060"
