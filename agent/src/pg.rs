@@ -251,33 +251,38 @@ impl Pg {
         })
     }
 
-    /// Drops one slot. An active slot is refused unless `force`, in which
-    /// case its WAL sender is terminated first and the drop retried until
-    /// the slot is released (bounded by `RELEASE_DEADLINE`).
+    /// Drops one slot. An active slot is refused unless `force`: then the
+    /// WAL sender holding it is terminated (waiting for it to exit) and the
+    /// slot dropped at once; a standby that reconnects within milliseconds
+    /// and takes the slot again gets its new sender terminated the same way,
+    /// until `RELEASE_DEADLINE`.
     pub async fn drop_slot(&self, name: &SlotName, force: bool) -> Result<DroppedSlot, DropSlotError> {
-        const RELEASE_DEADLINE: Duration = Duration::from_secs(10);
-        const RELEASE_POLL: Duration = Duration::from_millis(50);
+        // Below the CLI's default call deadline (10 s), so the caller hears
+        // this error rather than its own timeout.
+        const RELEASE_DEADLINE: Duration = Duration::from_secs(5);
+        // How long pg_terminate_backend waits for the sender to exit.
+        const TERMINATE_WAIT_MS: i64 = 1000;
 
-        let rows = self
-            .query(SLOT_BY_NAME_SQL, &[&name.as_str()])
-            .await?;
+        let rows = self.query(SLOT_BY_NAME_SQL, &[&name.as_str()]).await?;
         let Some(slot) = rows.first().map(slot_row).transpose()? else {
             return Err(DropSlotError::NotFound(name.clone()));
         };
-        let mut terminated_sender = false;
-        if slot.active {
-            let Some(pid) = slot.active_pid.filter(|_| force) else {
-                return Err(DropSlotError::Active {
-                    slot: name.clone(),
-                    pid: slot.active_pid,
-                });
-            };
-            warn!(slot = %name, pid, "terminating the WAL sender holding the slot (forced drop)");
-            self.query("SELECT pg_terminate_backend($1)", &[&pid]).await?;
-            terminated_sender = true;
+        if slot.active && !force {
+            return Err(DropSlotError::Active {
+                slot: name.clone(),
+                pid: slot.active_pid,
+            });
         }
+        let mut terminated_sender = false;
+        let mut holder = slot.active_pid.filter(|_| slot.active);
         let deadline = tokio::time::Instant::now() + RELEASE_DEADLINE;
         loop {
+            if let Some(pid) = holder {
+                warn!(slot = %name, pid, "terminating the WAL sender holding the slot (forced drop)");
+                self.query("SELECT pg_terminate_backend($1, $2)", &[&pid, &TERMINATE_WAIT_MS])
+                    .await?;
+                terminated_sender = true;
+            }
             match self
                 .query("SELECT pg_drop_replication_slot($1)", &[&name.as_str()])
                 .await
@@ -287,7 +292,7 @@ impl Pg {
                     return Err(DropSlotError::NotFound(name.clone()));
                 }
                 Err(e) if e.sqlstate() == Some(SqlState::OBJECT_IN_USE.code()) => {
-                    if !terminated_sender {
+                    if !force {
                         // Became active between our look and the drop.
                         return Err(DropSlotError::Active {
                             slot: name.clone(),
@@ -300,7 +305,17 @@ impl Pg {
                             waited: RELEASE_DEADLINE,
                         });
                     }
-                    tokio::time::sleep(RELEASE_POLL).await;
+                    // Someone holds it again: find and cut off the new holder.
+                    holder = self
+                        .query(SLOT_BY_NAME_SQL, &[&name.as_str()])
+                        .await?
+                        .first()
+                        .map(slot_row)
+                        .transpose()?
+                        .and_then(|s| s.active_pid);
+                    if holder.is_none() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -91,7 +91,9 @@ pub async fn list(clusters: &[&Cluster], inactive_only: bool, d: Deadlines) -> S
             n.slots.retain(|s| s.inactive_retaining_wal);
         }
     }
-    let all_reachable = nodes.iter().all(|n| n.reachable && n.error.is_none());
+    // A node whose PostgreSQL is down is reported (error) but its agent was
+    // reached, as in `status`.
+    let all_reachable = nodes.iter().all(|n| n.reachable);
     SlotsReport {
         nodes,
         all_reachable,

@@ -358,8 +358,6 @@ async fn slots_drop_force_cuts_off_the_standby() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a forced drop loses the race against the standby's immediate reconnect \
-            (agent/src/pg.rs, Pg::drop_slot terminates the WAL sender only once)"]
 async fn slots_drop_force_beats_a_standby_that_reconnects_at_once() {
     let fleet = primary_and_replica().await;
     let (p, r) = (fleet.host(0), fleet.host(1));
@@ -414,9 +412,6 @@ async fn slots_drop_force_beats_a_standby_that_reconnects_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the agent retries a forced drop for 10 s, as long as the CLI's default call \
-            deadline, so the CLI reports the agent unreachable instead of its answer \
-            (agent/src/pg.rs RELEASE_DEADLINE vs coordinator/src/cli.rs --timeout 10s)"]
 async fn slots_drop_force_reports_a_slot_that_stays_in_use() {
     let fleet = primary_and_replica().await;
     let (p, r) = (fleet.host(0), fleet.host(1));
@@ -564,8 +559,6 @@ async fn drop_slot_rpc_answers_invalid_argument_not_found_and_failed_preconditio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: `pgfleet slots` exits 3 and says all_reachable=false when every agent \
-            answered but one node's PostgreSQL is down (coordinator/src/slots.rs, list)"]
 async fn slots_on_a_stopped_server_says_so_and_does_not_claim_an_unreachable_agent() {
     let fleet = primary_and_replica().await;
     fleet.host(1).stop_postgres().unwrap();
