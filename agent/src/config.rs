@@ -28,10 +28,19 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// Address and port the gRPC server listens on, e.g. "10.0.0.5:7420".
     pub listen: SocketAddr,
-    /// Serve gRPC without TLS. Must be set explicitly; meant for loopback
-    /// demos and the test fleet until mutual TLS lands.
+    /// Serve gRPC without TLS. Must be set explicitly, and only on a
+    /// loopback address: without TLS there is no caller identity, and every
+    /// caller is an admin.
     #[serde(default)]
     pub insecure: bool,
+    /// Mutual TLS: the agent's certificate and key, and the fleet CA every
+    /// client certificate must chain to.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Append one JSON line per changing call (time, caller, RPC, target,
+    /// outcome) to this file.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
     /// OS user the agent runs as. When started as root the agent switches to
     /// this user before doing anything else; PostgreSQL refuses root anyway.
     #[serde(default = "default_run_as")]
@@ -43,6 +52,17 @@ pub struct AgentConfig {
     /// Replica rebuilds on this host.
     #[serde(default)]
     pub rebuild: RebuildConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The fleet CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This agent's certificate (PEM), issued with `pgfleet certs issue --role agent`.
+    pub cert: PathBuf,
+    /// Its private key (PEM); refused unless only its owner may read it.
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -200,6 +220,10 @@ fn default_pg_ctlcluster() -> PathBuf {
     "/usr/bin/pg_ctlcluster".into()
 }
 
+/// Set only by the test harness while its hosts still run plaintext agents
+/// on namespace addresses; never in packaged units.
+pub const INSECURE_ANYWHERE: &str = "PGFLEET_TEST_INSECURE_ANYWHERE";
+
 /// Durations written as humantime strings ("3s", "1m 30s").
 mod humantime_serde_compat {
     use std::time::Duration;
@@ -235,12 +259,34 @@ impl AgentConfig {
             path: path.to_owned(),
             message,
         };
-        if !self.insecure {
-            return Err(invalid(
-                "TLS is not configured: set `insecure = true` to serve plaintext gRPC \
-                 (only for loopback demos and test fleets)"
-                    .into(),
-            ));
+        match (&self.tls, self.insecure) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "both [tls] and `insecure = true` are set; remove one".into(),
+                ));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "no [tls] section: configure mutual TLS (ca, cert, key), or set \
+                     `insecure = true` to serve plaintext on a loopback address"
+                        .into(),
+                ));
+            }
+            (None, true) if !self.listen.ip().is_loopback() && std::env::var_os(INSECURE_ANYWHERE).is_none() => {
+                return Err(invalid(format!(
+                    "`insecure = true` serves plaintext without caller identities; it is only allowed on a \
+                     loopback address, not {}. Configure [tls] instead",
+                    self.listen
+                )));
+            }
+            _ => {}
+        }
+        if let Some(tls) = &self.tls {
+            for (name, p) in [("tls.ca", &tls.ca), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if !p.is_absolute() {
+                    return Err(invalid(format!("{name} must be an absolute path, got {}", p.display())));
+                }
+            }
         }
         for (name, p) in [
             ("postgres.bin_dir", &self.postgres.bin_dir),
@@ -330,6 +376,26 @@ mod tests {
         let rel = MINIMAL.replace("/var/lib/postgresql/15/main", "data");
         let e = AgentConfig::parse(&rel, Path::new("a.toml")).unwrap_err().to_string();
         assert!(e.contains("postgres.data_dir must be an absolute path"), "{e}");
+    }
+
+    #[test]
+    fn plaintext_only_on_loopback() {
+        let e = AgentConfig::parse(&MINIMAL.replace("127.0.0.1:7420", "10.0.0.5:7420"), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only allowed on a loopback address"), "{e}");
+    }
+
+    #[test]
+    fn tls_section_parses() {
+        let t = MINIMAL.replace(
+            "insecure = true",
+            "[tls]\nca = \"/etc/pgfleet/ca.crt\"\ncert = \"/etc/pgfleet/a.crt\"\nkey = \"/etc/pgfleet/a.key\"\n",
+        );
+        // [tls] before [postgres] keeps TOML tables apart.
+        let t = t.replacen("listen = \"127.0.0.1:7420\"\n", "listen = \"10.0.0.5:7420\"\n", 1);
+        let c = AgentConfig::parse(&t, Path::new("a.toml")).unwrap();
+        assert!(c.tls.is_some() && !c.insecure);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
 use crate::AgentState;
+use crate::auth::{self, Caller};
 use crate::error::AgentError;
 use crate::secret::Secret;
 use crate::{jobs, rebuild, standby, upstream};
@@ -30,11 +31,10 @@ impl AgentService {
     }
 }
 
-#[tonic::async_trait]
-impl pb::agent_server::Agent for AgentService {
-    type WatchJobStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+/// The handlers, behind `gate` (authorization) and `audited`.
+impl AgentService {
 
-    async fn prepare_upstream(
+    async fn prepare_upstream_impl(
         &self,
         req: Request<pb::PrepareUpstreamRequest>,
     ) -> Result<Response<pb::PrepareUpstreamResponse>, Status> {
@@ -84,7 +84,7 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn start_rebuild(
+    async fn start_rebuild_impl(
         &self,
         req: Request<pb::StartRebuildRequest>,
     ) -> Result<Response<pb::StartRebuildResponse>, Status> {
@@ -112,7 +112,7 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::StartRebuildResponse { job_id, plan }))
     }
 
-    async fn get_settings(
+    async fn get_settings_impl(
         &self,
         _req: Request<pb::GetSettingsRequest>,
     ) -> Result<Response<pb::Settings>, Status> {
@@ -137,7 +137,7 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn set_synchronous_standbys(
+    async fn set_synchronous_standbys_impl(
         &self,
         req: Request<pb::SetSynchronousStandbysRequest>,
     ) -> Result<Response<pb::SetSynchronousStandbysResponse>, Status> {
@@ -153,7 +153,7 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn configure_standby(
+    async fn configure_standby_impl(
         &self,
         req: Request<pb::ConfigureStandbyRequest>,
     ) -> Result<Response<pb::ConfigureStandbyResponse>, Status> {
@@ -179,7 +179,7 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn fence(
+    async fn fence_impl(
         &self,
         req: Request<pb::FenceRequest>,
     ) -> Result<Response<pb::FenceResponse>, Status> {
@@ -202,7 +202,7 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn unfence(
+    async fn unfence_impl(
         &self,
         req: Request<pb::UnfenceRequest>,
     ) -> Result<Response<pb::UnfenceResponse>, Status> {
@@ -214,7 +214,7 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::UnfenceResponse {}))
     }
 
-    async fn promote(
+    async fn promote_impl(
         &self,
         req: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::PromoteResponse>, Status> {
@@ -229,7 +229,7 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn create_slot(
+    async fn create_slot_impl(
         &self,
         req: Request<pb::CreateSlotRequest>,
     ) -> Result<Response<pb::CreateSlotResponse>, Status> {
@@ -242,7 +242,7 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::CreateSlotResponse { created }))
     }
 
-    async fn rewind(
+    async fn rewind_impl(
         &self,
         req: Request<pb::RewindRequest>,
     ) -> Result<Response<pb::RewindResponse>, Status> {
@@ -265,10 +265,10 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::RewindResponse { output_tail }))
     }
 
-    async fn watch_job(
+    async fn watch_job_impl(
         &self,
         req: Request<pb::WatchJobRequest>,
-    ) -> Result<Response<Self::WatchJobStream>, Status> {
+    ) -> Result<Response<WatchJobStream>, Status> {
         let job = self
             .state
             .jobs
@@ -278,7 +278,7 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn get_status(
+    async fn get_status_impl(
         &self,
         _req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
@@ -288,7 +288,7 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(node_status_to_pb(st)))
     }
 
-    async fn get_replication(
+    async fn get_replication_impl(
         &self,
         _req: Request<pb::GetReplicationRequest>,
     ) -> Result<Response<pb::ReplicationInfo>, Status> {
@@ -308,7 +308,7 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(info))
     }
 
-    async fn get_wal(
+    async fn get_wal_impl(
         &self,
         _req: Request<pb::GetWalRequest>,
     ) -> Result<Response<pb::WalInfo>, Status> {
@@ -342,7 +342,7 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn drop_slot(
+    async fn drop_slot_impl(
         &self,
         req: Request<pb::DropSlotRequest>,
     ) -> Result<Response<pb::DropSlotResponse>, Status> {
@@ -360,6 +360,233 @@ impl pb::agent_server::Agent for AgentService {
             terminated_sender: dropped.terminated_sender,
             released_wal_bytes: dropped.released_wal_bytes,
         }))
+    }
+}
+
+type WatchJobStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    type WatchJobStream = WatchJobStream;
+
+    async fn prepare_upstream(
+        &self,
+        req: Request<pb::PrepareUpstreamRequest>,
+    ) -> Result<Response<pb::PrepareUpstreamResponse>, Status> {
+        let caller = self.gate(&req, "PrepareUpstream")?;
+        let target = req.get_ref().target();
+        let result = self.prepare_upstream_impl(req).await;
+        self.audited(&caller, "PrepareUpstream", &target, result)
+    }
+
+    async fn start_rebuild(
+        &self,
+        req: Request<pb::StartRebuildRequest>,
+    ) -> Result<Response<pb::StartRebuildResponse>, Status> {
+        let caller = self.gate(&req, "StartRebuild")?;
+        let target = req.get_ref().target();
+        let result = self.start_rebuild_impl(req).await;
+        self.audited(&caller, "StartRebuild", &target, result)
+    }
+
+    async fn get_settings(
+        &self,
+        req: Request<pb::GetSettingsRequest>,
+    ) -> Result<Response<pb::Settings>, Status> {
+        self.gate(&req, "GetSettings")?;
+        self.get_settings_impl(req).await
+    }
+
+    async fn set_synchronous_standbys(
+        &self,
+        req: Request<pb::SetSynchronousStandbysRequest>,
+    ) -> Result<Response<pb::SetSynchronousStandbysResponse>, Status> {
+        let caller = self.gate(&req, "SetSynchronousStandbys")?;
+        let target = req.get_ref().target();
+        let result = self.set_synchronous_standbys_impl(req).await;
+        self.audited(&caller, "SetSynchronousStandbys", &target, result)
+    }
+
+    async fn configure_standby(
+        &self,
+        req: Request<pb::ConfigureStandbyRequest>,
+    ) -> Result<Response<pb::ConfigureStandbyResponse>, Status> {
+        let caller = self.gate(&req, "ConfigureStandby")?;
+        let target = req.get_ref().target();
+        let result = self.configure_standby_impl(req).await;
+        self.audited(&caller, "ConfigureStandby", &target, result)
+    }
+
+    async fn fence(
+        &self,
+        req: Request<pb::FenceRequest>,
+    ) -> Result<Response<pb::FenceResponse>, Status> {
+        let caller = self.gate(&req, "Fence")?;
+        let target = req.get_ref().target();
+        let result = self.fence_impl(req).await;
+        self.audited(&caller, "Fence", &target, result)
+    }
+
+    async fn unfence(
+        &self,
+        req: Request<pb::UnfenceRequest>,
+    ) -> Result<Response<pb::UnfenceResponse>, Status> {
+        let caller = self.gate(&req, "Unfence")?;
+        let target = req.get_ref().target();
+        let result = self.unfence_impl(req).await;
+        self.audited(&caller, "Unfence", &target, result)
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let caller = self.gate(&req, "Promote")?;
+        let target = req.get_ref().target();
+        let result = self.promote_impl(req).await;
+        self.audited(&caller, "Promote", &target, result)
+    }
+
+    async fn create_slot(
+        &self,
+        req: Request<pb::CreateSlotRequest>,
+    ) -> Result<Response<pb::CreateSlotResponse>, Status> {
+        let caller = self.gate(&req, "CreateSlot")?;
+        let target = req.get_ref().target();
+        let result = self.create_slot_impl(req).await;
+        self.audited(&caller, "CreateSlot", &target, result)
+    }
+
+    async fn rewind(
+        &self,
+        req: Request<pb::RewindRequest>,
+    ) -> Result<Response<pb::RewindResponse>, Status> {
+        let caller = self.gate(&req, "Rewind")?;
+        let target = req.get_ref().target();
+        let result = self.rewind_impl(req).await;
+        self.audited(&caller, "Rewind", &target, result)
+    }
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        self.gate(&req, "WatchJob")?;
+        self.watch_job_impl(req).await
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        self.gate(&req, "GetStatus")?;
+        self.get_status_impl(req).await
+    }
+
+    async fn get_replication(
+        &self,
+        req: Request<pb::GetReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationInfo>, Status> {
+        self.gate(&req, "GetReplication")?;
+        self.get_replication_impl(req).await
+    }
+
+    async fn get_wal(
+        &self,
+        req: Request<pb::GetWalRequest>,
+    ) -> Result<Response<pb::WalInfo>, Status> {
+        self.gate(&req, "GetWal")?;
+        self.get_wal_impl(req).await
+    }
+
+    async fn drop_slot(
+        &self,
+        req: Request<pb::DropSlotRequest>,
+    ) -> Result<Response<pb::DropSlotResponse>, Status> {
+        let caller = self.gate(&req, "DropSlot")?;
+        let target = req.get_ref().target();
+        let result = self.drop_slot_impl(req).await;
+        self.audited(&caller, "DropSlot", &target, result)
+    }
+}
+
+impl AgentService {
+    /// Authorizes the caller for `method`; a refusal is logged and, for a
+    /// changing call, audited.
+    fn gate<T>(&self, req: &Request<T>, method: &'static str) -> Result<Caller, Status> {
+        let caller = auth::caller_of(req, self.state.config.tls.is_some())?;
+        auth::authorize(&caller, method).inspect_err(|s| {
+            self.state.audit.record(&caller, method, "(refused)", Err(s));
+        })?;
+        Ok(caller)
+    }
+
+    fn audited<T>(
+        &self,
+        caller: &Caller,
+        method: &'static str,
+        target: &str,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        self.state.audit.record(caller, method, target, result.as_ref().map(|_| ()));
+        result
+    }
+}
+
+/// What a changing call acts on, for the audit log: names and addresses,
+/// never a secret.
+trait Target {
+    fn target(&self) -> String;
+}
+
+impl Target for pb::DropSlotRequest {
+    fn target(&self) -> String {
+        format!("slot {}{}", self.slot_name, if self.force { " (force)" } else { "" })
+    }
+}
+impl Target for pb::PrepareUpstreamRequest {
+    fn target(&self) -> String {
+        format!("replica {} role {} slot {}", self.replica_address, self.replication_role, self.slot_name)
+    }
+}
+impl Target for pb::StartRebuildRequest {
+    fn target(&self) -> String {
+        format!("rebuild from {}:{} slot {}", self.upstream_host, self.upstream_port, self.slot_name)
+    }
+}
+impl Target for pb::SetSynchronousStandbysRequest {
+    fn target(&self) -> String {
+        format!("synchronous standbys {:?}", self.config.as_ref().map(|c| &c.names))
+    }
+}
+impl Target for pb::ConfigureStandbyRequest {
+    fn target(&self) -> String {
+        format!("follow {}:{} slot {}", self.upstream_host, self.upstream_port, self.slot_name)
+    }
+}
+impl Target for pb::FenceRequest {
+    fn target(&self) -> String {
+        "this node".into()
+    }
+}
+impl Target for pb::UnfenceRequest {
+    fn target(&self) -> String {
+        "this node".into()
+    }
+}
+impl Target for pb::PromoteRequest {
+    fn target(&self) -> String {
+        "this node".into()
+    }
+}
+impl Target for pb::CreateSlotRequest {
+    fn target(&self) -> String {
+        format!("slot {}", self.slot_name)
+    }
+}
+impl Target for pb::RewindRequest {
+    fn target(&self) -> String {
+        format!("rewind from {}:{}", self.upstream_host, self.upstream_port)
     }
 }
 

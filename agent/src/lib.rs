@@ -15,6 +15,7 @@
 //! - `secret`: the password wrapper that never prints
 //! - `grpc`, `server`, `error`: the RPC skin and its status codes
 
+pub mod auth;
 pub mod basebackup;
 pub mod config;
 pub mod controldata;
@@ -46,15 +47,20 @@ pub struct AgentState {
     pub config: AgentConfig,
     pub pg: Pg,
     pub jobs: jobs::Jobs,
+    pub audit: auth::Audit,
 }
 
 impl AgentState {
-    pub fn new(config: AgentConfig) -> Self {
+    /// Fails only when the audit log cannot be opened: an agent that
+    /// cannot record changes does not start.
+    pub fn new(config: AgentConfig) -> std::io::Result<Self> {
         let pg = Pg::new(config.postgres.clone());
-        AgentState {
+        let audit = auth::Audit::open(config.audit_log.as_deref())?;
+        Ok(AgentState {
             config,
             pg,
             jobs: jobs::Jobs::default(),
-        }
+            audit,
+        })
     }
 }

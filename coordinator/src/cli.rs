@@ -35,6 +35,13 @@ pub struct Cli {
     /// Deadline for connecting to an agent.
     #[arg(long, global = true, env = "PGFLEET_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// Client certificate towards https:// agents (overrides the inventory's
+    /// [tls] cert), e.g. a reader identity for monitoring.
+    #[arg(long, global = true, env = "PGFLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its key (0600).
+    #[arg(long, global = true, env = "PGFLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, global = true, env = "PGFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -65,6 +72,43 @@ pub enum Command {
     /// Bring a former primary (fenced or crashed) back as a standby of the
     /// current primary (pg_rewind when its timeline diverged).
     Rejoin(RejoinArgs),
+    /// The fleet CA and certificates for agents, admins and readers.
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    #[command(subcommand)]
+    pub action: CertsAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsAction {
+    /// Create the fleet CA (ca.crt, ca.key) in DIR.
+    Init {
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Issue NAME.crt and NAME.key in DIR, signed by its CA.
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// agent: a server certificate; admin: may change things; reader:
+        /// read-only calls.
+        #[arg(long, value_parser = ["agent", "admin", "reader"])]
+        role: String,
+        /// The holder's name (an agent's host name).
+        name: String,
+        /// More names or IP addresses the agent is reached by (repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -269,8 +313,19 @@ fn print_text(s: &str) -> Result<(), CoordinatorError> {
 
 pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
     let d = cli.deadlines();
+    if let Command::Certs(c) = &cli.command {
+        return run_certs(c);
+    }
     let inventory = Inventory::load(&cli.inventory)?;
+    if let Some(mut tls) = inventory.tls.clone() {
+        if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
+            tls.cert = c.clone();
+            tls.key = k.clone();
+        }
+        crate::client::init_tls(&tls).map_err(|e| CoordinatorError::Usage(e.to_string()))?;
+    }
     match &cli.command {
+        Command::Certs(_) => Ok(Outcome::Done),
         Command::Status(a) => {
             let clusters = inventory.select(a.cluster.as_deref())?;
             let report = fleet_status::gather(&clusters, d).await;
@@ -414,6 +469,30 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             Ok(Outcome::Done)
         }
     }
+}
+
+fn run_certs(c: &CertsArgs) -> Result<Outcome, CoordinatorError> {
+    let files = match &c.action {
+        CertsAction::Init { dir, days } => crate::certs::init(dir, *days),
+        CertsAction::Issue { dir, role, name, san, days } => {
+            let role = pgfleet_proto::identity::CertRole::parse(role)
+                .ok_or_else(|| CoordinatorError::Usage(format!("unknown role {role}")))?;
+            crate::certs::issue(
+                dir,
+                &crate::certs::IssueRequest {
+                    role,
+                    name: name.clone(),
+                    sans: san.clone(),
+                    valid_days: *days,
+                },
+            )
+        }
+    }
+    .map_err(|e| CoordinatorError::Usage(e.to_string()))?;
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(Outcome::Done)
 }
 
 /// `--cluster`, or the inventory's only cluster.

@@ -3,10 +3,57 @@
 
 use std::time::Duration;
 
-use pgfleet_proto::agent::v1::agent_client::AgentClient;
-use tonic::transport::{Channel, Endpoint};
+use std::sync::OnceLock;
 
-use crate::inventory::Node;
+use pgfleet_proto::agent::v1::agent_client::AgentClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::inventory::{ClientTls, Node};
+
+/// This process's TLS identity towards agents, set once at start-up from
+/// the inventory (and --tls-cert/--tls-key).
+static CLIENT_TLS: OnceLock<ClientTlsConfig> = OnceLock::new();
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} may be read by other users (mode {mode:o}); chmod 600 it")]
+    KeyReadable { path: std::path::PathBuf, mode: u32 },
+}
+
+/// Loads the client identity for https:// agents.
+pub fn init_tls(tls: &ClientTls) -> Result<(), TlsSetupError> {
+    use std::os::unix::fs::PermissionsExt;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| TlsSetupError::Read {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let mode = std::fs::metadata(&tls.key)
+        .map_err(|source| TlsSetupError::Read {
+            path: tls.key.clone(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TlsSetupError::KeyReadable {
+            path: tls.key.clone(),
+            mode,
+        });
+    }
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    let _ = CLIENT_TLS.set(config);
+    Ok(())
+}
 
 /// Why a call to an agent failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,11 +129,21 @@ pub async fn connect(node: &Node, d: Deadlines) -> Result<AgentClient<Channel>, 
         endpoint: node.agent.clone(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(node.agent.clone())
+    let mut endpoint = Endpoint::from_shared(node.agent.clone())
         .map_err(|e| unreachable(format!("invalid endpoint: {e}")))?
         .connect_timeout(d.connect)
         .timeout(d.call)
         .tcp_nodelay(true);
+    if node.agent.starts_with("https://") {
+        let tls = CLIENT_TLS.get().ok_or_else(|| {
+            unreachable(
+                "it is an https:// endpoint but the inventory has no [tls] section (ca, cert, key)".into(),
+            )
+        })?;
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| unreachable(format!("TLS setup: {}", error_chain(&e))))?;
+    }
     let channel = match tokio::time::timeout(d.connect, endpoint.connect()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(unreachable(error_chain(&e))),

@@ -40,6 +40,20 @@ pub struct Inventory {
     /// Where the coordinator keeps cluster locks, the operation journal and
     /// the last synchronous configuration of each cluster.
     pub state_dir: PathBuf,
+    /// Mutual TLS towards https:// agents.
+    pub tls: Option<ClientTls>,
+}
+
+/// The coordinator's client identity and the fleet CA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// The fleet CA certificate agents' certificates must chain to.
+    pub ca: PathBuf,
+    /// Our certificate (`pgfleet certs issue --role admin|reader`).
+    pub cert: PathBuf,
+    /// Its key (0600).
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +86,9 @@ struct RawInventory {
     /// Locks, journal and remembered sync settings.
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
+    /// Client TLS identity for https:// agents.
+    #[serde(default)]
+    tls: Option<ClientTls>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -213,6 +230,7 @@ impl Inventory {
         Ok(Inventory {
             clusters,
             state_dir: raw.state_dir,
+            tls: raw.tls,
         })
     }
 

@@ -2,6 +2,7 @@
 //! over gRPC, and presents the result to people (tables) and programs
 //! (JSON). The CLI and `pgfleet serve` share this library.
 
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod error;

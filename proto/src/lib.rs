@@ -5,6 +5,7 @@
 //! types once, at the RPC edge (`SlotName::parse`), and only the types travel
 //! further: the agent's domain code never sees a raw slot name.
 
+pub mod identity;
 mod redact;
 pub mod sync;
 pub mod types;
