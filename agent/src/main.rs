@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let state = Arc::new(AgentState::new(config));
+        let state = Arc::new(AgentState::new(config).context("opening the audit log")?);
         let listener = server::bind(&state).await?;
         server::serve(state, listener, shutdown_signal()).await?;
         Ok(())
