@@ -1,0 +1,294 @@
+//! The control channel (DESIGN.md invariant 10): mutual TLS with the fleet
+//! CA, reader and admin identities told apart, refusals that change
+//! nothing, an audit line per changing call, and plaintext only on loopback.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pgfleet_proto::agent::v1 as pb;
+use pgfleet_proto::agent::v1::agent_client::AgentClient;
+use pgfleet_tests::{TestFleet, bin_path};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+fn pgfleet(args: &[&str]) -> std::process::Output {
+    let out = Command::new(bin_path("pgfleet").unwrap()).args(args).output().unwrap();
+    assert!(out.status.success(), "pgfleet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn chown_postgres(p: &Path) {
+    let u = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+    nix::unistd::chown(p, Some(u.uid), Some(u.gid)).unwrap();
+}
+
+/// CA, agent, admin and reader certificates made by the real CLI, plus a
+/// foreign CA's admin.
+struct Pki {
+    dir: PathBuf,
+    other: PathBuf,
+}
+
+impl Pki {
+    fn new(base: &Path, agent_ip: &str) -> Pki {
+        let dir = base.join("pki");
+        let other = base.join("other-pki");
+        let d = dir.to_str().unwrap();
+        let o = other.to_str().unwrap();
+        pgfleet(&["certs", "init", d]);
+        pgfleet(&["certs", "issue", "--dir", d, "--role", "agent", "node0", "--san", agent_ip]);
+        pgfleet(&["certs", "issue", "--dir", d, "--role", "admin", "alice"]);
+        pgfleet(&["certs", "issue", "--dir", d, "--role", "reader", "monitor"]);
+        pgfleet(&["certs", "init", o]);
+        pgfleet(&["certs", "issue", "--dir", o, "--role", "admin", "mallory"]);
+        // The agent runs as postgres: its certificate and key are its own.
+        for f in ["node0.crt", "node0.key", "ca.crt"] {
+            chown_postgres(&dir.join(f));
+        }
+        chown_postgres(&dir);
+        Pki { dir, other }
+    }
+
+    fn read(&self, f: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(f)).unwrap()
+    }
+
+    fn client(&self, cert: Option<(Vec<u8>, Vec<u8>)>) -> ClientTlsConfig {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.read("ca.crt")));
+        match cert {
+            Some((c, k)) => tls.identity(Identity::from_pem(c, k)),
+            None => tls,
+        }
+    }
+
+    fn identity(&self, name: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        Some((self.read(&format!("{name}.crt")), self.read(&format!("{name}.key"))))
+    }
+}
+
+fn tls_agent_config(host: &pgfleet_tests::Host, pki: &Path, audit: &Path, key: &Path) -> String {
+    let plain = host.agent_config();
+    let tls = format!(
+        "audit_log = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        audit.display(),
+        pki.join("ca.crt").display(),
+        pki.join("node0.crt").display(),
+        key.display()
+    );
+    plain.replacen("insecure = true\n", &tls, 1)
+}
+
+async fn channel(url: &str, tls: ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}
+
+/// Status of a call made with `tls`: Ok, or the failure's code (a refused
+/// handshake is Unavailable or Unknown, depending on when it surfaces).
+async fn get_status(url: &str, tls: ClientTlsConfig) -> Result<pb::NodeStatus, Code> {
+    let ch = channel(url, tls).await.map_err(|_| Code::Unavailable)?;
+    AgentClient::new(ch)
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| s.code())
+}
+
+fn wait_port(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "agent did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
+    let fleet = TestFleet::new(1).unwrap();
+    let host = fleet.host(0);
+    host.initdb().unwrap();
+    host.start_postgres().unwrap();
+    host.query_one_string("SELECT pg_create_physical_replication_slot('keepme')").await.unwrap();
+
+    let pki = Pki::new(fleet.dir(), &host.addr().to_string());
+    let audit = host.dir().join("audit.jsonl");
+    let cfg = host.dir().join("agent-tls.toml");
+    std::fs::write(&cfg, tls_agent_config(host, &pki.dir, &audit, &pki.dir.join("node0.key"))).unwrap();
+    chown_postgres(&cfg);
+    let mut agent = host
+        .spawn(&[bin_path("pgfleet-agent").unwrap().to_str().unwrap(), "--config", cfg.to_str().unwrap()])
+        .unwrap();
+    wait_port(host.agent_addr());
+    let url = format!("https://{}", host.agent_addr());
+
+    // An admin may look and change.
+    let st = get_status(&url, pki.client(pki.identity("alice"))).await.unwrap();
+    assert!(st.server_up);
+    let admin = channel(&url, pki.client(pki.identity("alice"))).await.unwrap();
+    let e = AgentClient::new(admin)
+        .drop_slot(pb::DropSlotRequest { slot_name: "nosuch".into(), force: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "an admin passes authorization: {e:?}");
+
+    // A reader may look, not change.
+    assert!(get_status(&url, pki.client(pki.identity("monitor"))).await.is_ok());
+    let reader = channel(&url, pki.client(pki.identity("monitor"))).await.unwrap();
+    let e = AgentClient::new(reader.clone())
+        .drop_slot(pb::DropSlotRequest { slot_name: "keepme".into(), force: true })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("monitor") && e.message().contains("DropSlot"), "{e:?}");
+    let e = AgentClient::new(reader)
+        .start_rebuild(pb::StartRebuildRequest {
+            upstream_host: "198.18.0.9".into(),
+            upstream_port: 5432,
+            replication_role: "r".into(),
+            replication_password: "pw-never-used".into(),
+            slot_name: "s".into(),
+            application_name: "node0".into(),
+            expected_system_identifier: "1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // No client certificate, a foreign CA's admin, plaintext: refused.
+    assert!(get_status(&url, pki.client(None)).await.is_err(), "no client certificate accepted");
+    let mallory = Some((
+        std::fs::read(pki.other.join("mallory.crt")).unwrap(),
+        std::fs::read(pki.other.join("mallory.key")).unwrap(),
+    ));
+    assert!(get_status(&url, pki.client(mallory)).await.is_err(), "foreign CA accepted");
+    let plain = format!("http://{}", host.agent_addr());
+    let plain_result = async {
+        let ch = Endpoint::from_shared(plain).unwrap().timeout(Duration::from_secs(3)).connect().await.ok()?;
+        AgentClient::new(ch).get_status(pb::GetStatusRequest {}).await.ok()
+    }
+    .await;
+    assert!(plain_result.is_none(), "plaintext client accepted by a TLS agent");
+
+    // An expired certificate from the right CA: refused.
+    let expired = expired_admin(&pki.dir);
+    assert!(get_status(&url, pki.client(Some(expired))).await.is_err(), "expired certificate accepted");
+
+    // Nothing changed: the slot the reader tried to drop is there.
+    assert_eq!(
+        host.query_one_string("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'keepme'")
+            .await
+            .unwrap(),
+        "1"
+    );
+
+    // Audit: the refusal and the admin's call, no secret.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.iter().any(|l| l["caller"] == "monitor" && l["rpc"] == "DropSlot" && l["outcome"] == "PermissionDenied"), "{text}");
+    assert!(lines.iter().any(|l| l["caller"] == "alice" && l["rpc"] == "DropSlot" && l["outcome"] == "NotFound"), "{text}");
+    assert!(!text.contains("pw-never-used"), "{text}");
+
+    // The CLI speaks TLS with the inventory's identity.
+    let inv = fleet.dir().join("tls-inventory.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "state_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[[clusters]]\nname = \"main\"\n\
+             [[clusters.nodes]]\nname = \"node0\"\nagent = \"{url}\"\nhost = \"{}\"\n",
+            fleet.dir().join("state").display(),
+            pki.dir.join("ca.crt").display(),
+            pki.dir.join("alice.crt").display(),
+            pki.dir.join("alice.key").display(),
+            host.addr()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("pgfleet").unwrap())
+        .args(["--inventory", inv.to_str().unwrap(), "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["clusters"][0]["nodes"][0]["role"], "primary");
+    // ... and a reader identity cannot drop a slot through it (exit 1).
+    let out = Command::new(bin_path("pgfleet").unwrap())
+        .args(["--inventory", inv.to_str().unwrap()])
+        .args(["--tls-cert", pki.dir.join("monitor.crt").to_str().unwrap()])
+        .args(["--tls-key", pki.dir.join("monitor.key").to_str().unwrap()])
+        .args(["slots", "drop", "node0", "keepme"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may not call DropSlot"));
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// An admin certificate of the fleet CA whose validity ended yesterday.
+fn expired_admin(pki: &Path) -> (Vec<u8>, Vec<u8>) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(pki.join("ca.crt")).unwrap(), ca_key).unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "old-admin");
+    p.distinguished_name.push(DnType::OrganizationalUnitName, "admin");
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(30);
+    p.not_after = now - time::Duration::days(1);
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_unsafe_key_and_plaintext_off_loopback() {
+    let fleet = TestFleet::new(1).unwrap();
+    let host = fleet.host(0);
+    let pki = Pki::new(fleet.dir(), &host.addr().to_string());
+
+    // A private key others may read: the agent does not start.
+    let loose = pki.dir.join("loose.key");
+    std::fs::copy(pki.dir.join("node0.key"), &loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    chown_postgres(&loose);
+    let cfg = host.dir().join("agent-loose.toml");
+    std::fs::write(&cfg, tls_agent_config(host, &pki.dir, &host.dir().join("a.jsonl"), &loose)).unwrap();
+    chown_postgres(&cfg);
+    let agent = bin_path("pgfleet-agent").unwrap();
+    let err = host
+        .run(&[agent.to_str().unwrap(), "--config", cfg.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("may be read by other users"), "{err}");
+
+    // Plaintext on a non-loopback address: refused, naming the fix.
+    let plain = host.dir().join("agent-plain.toml");
+    std::fs::write(&plain, host.agent_config()).unwrap();
+    let out = Command::new(&agent)
+        .env_clear()
+        .args(["--config", plain.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only allowed on a loopback address") && stderr.contains("[tls]"), "{stderr}");
+    // On loopback it is allowed.
+    std::fs::write(&plain, host.agent_config().replace(&host.agent_addr().to_string(), "127.0.0.1:7499")).unwrap();
+    let out = Command::new(&agent)
+        .env_clear()
+        .args(["--config", plain.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
