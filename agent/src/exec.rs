@@ -144,19 +144,7 @@ impl Cmd {
     /// The argv on one line, quoted the way a shell user would type it (for
     /// reading only: nothing ever runs it through a shell).
     pub fn display_argv(&self) -> String {
-        self.argv()
-            .iter()
-            .map(|a| {
-                let plain = !a.is_empty()
-                    && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
-                if plain {
-                    a.clone()
-                } else {
-                    format!("'{}'", a.replace('\'', "'\\''"))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
+        pgfleet_proto::shell_words(&self.argv())
     }
 
     fn tool_name(&self) -> String {

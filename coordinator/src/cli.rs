@@ -594,7 +594,7 @@ async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Re
                 for (i, (host, step)) in steps.iter().enumerate() {
                     s += &format!("  {:>2}. [{host}] {}: {}\n", i + 1, step.name, step.description);
                     if !step.argv.is_empty() {
-                        s += &format!("        $ {}\n", shell_words(&step.argv));
+                        s += &format!("        $ {}\n", pgfleet_proto::shell_words(&step.argv));
                     }
                     if let Some(sql) = &step.sql {
                         s += &format!("        SQL: {sql}\n");
@@ -623,20 +623,4 @@ async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Re
         print_text(&s)?;
     }
     Ok(Outcome::Done)
-}
-
-/// An argv as a shell user would type it (display only).
-fn shell_words(argv: &[String]) -> String {
-    argv.iter()
-        .map(|a| {
-            let plain = !a.is_empty()
-                && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
-            if plain {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }

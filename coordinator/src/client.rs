@@ -171,3 +171,16 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     parts.join(": ")
 }
+
+/// Connects to `node`'s agent and makes one call, mapping its failure.
+pub async fn call<T>(
+    node: &Node,
+    d: Deadlines,
+    f: impl AsyncFnOnce(&mut AgentClient<Channel>) -> Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, AgentCallError> {
+    let mut c = connect(node, d).await?;
+    Ok(f(&mut c)
+        .await
+        .map_err(|s| AgentCallError::from_status(node, s))?
+        .into_inner())
+}

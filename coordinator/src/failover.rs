@@ -115,8 +115,7 @@ async fn call<T>(
     d: Deadlines,
     f: impl AsyncFnOnce(&mut pgfleet_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>) -> Result<tonic::Response<T>, tonic::Status>,
 ) -> Result<T, MoveError> {
-    let mut c = client::connect(n, d).await?;
-    Ok(f(&mut c).await.map_err(|s| AgentCallError::from_status(n, s))?.into_inner())
+    Ok(client::call(n, d, f).await?)
 }
 
 struct Run<'a> {

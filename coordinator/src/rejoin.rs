@@ -9,7 +9,7 @@ use std::time::Instant;
 use pgfleet_proto::agent::v1 as pb;
 use serde::Serialize;
 
-use crate::client::{self, AgentCallError, Deadlines};
+use crate::client::{self, Deadlines};
 use crate::failover::{MoveError, StepTiming};
 use crate::fleet_status::{self, Role};
 use crate::inventory::{Inventory, Node};
@@ -33,8 +33,7 @@ async fn call<T>(
     d: Deadlines,
     f: impl AsyncFnOnce(&mut pgfleet_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>) -> Result<tonic::Response<T>, tonic::Status>,
 ) -> Result<T, MoveError> {
-    let mut c = client::connect(n, d).await?;
-    Ok(f(&mut c).await.map_err(|s| AgentCallError::from_status(n, s))?.into_inner())
+    Ok(client::call(n, d, f).await?)
 }
 
 pub async fn rejoin(

@@ -28,6 +28,24 @@ pub mod coordinator {
     }
 }
 
+/// An argv (a `PlanStep`'s) on one line, quoted the way a shell user would
+/// type it. For reading only: pgfleet never runs anything through a shell.
+pub fn shell_words<S: AsRef<str>>(argv: &[S]) -> String {
+    argv.iter()
+        .map(|a| {
+            let a = a.as_ref();
+            let plain = !a.is_empty()
+                && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
+            if plain {
+                a.to_owned()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Encoded `FileDescriptorSet` of every pgfleet .proto, for gRPC server
 /// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
