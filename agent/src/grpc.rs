@@ -282,7 +282,7 @@ impl AgentService {
         &self,
         _req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
-        let st = status::gather(&self.state.config, &self.state.pg)
+        let st = status::gather(&self.state.config, &self.state.pg, &self.state.service_status)
             .instrument(info_span!("rpc", method = "GetStatus"))
             .await;
         Ok(Response::new(node_status_to_pb(st)))

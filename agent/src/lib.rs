@@ -48,6 +48,7 @@ pub struct AgentState {
     pub pg: Pg,
     pub jobs: jobs::Jobs,
     pub audit: auth::Audit,
+    pub service_status: service::StatusCache,
 }
 
 impl AgentState {
@@ -61,6 +62,7 @@ impl AgentState {
             pg,
             jobs: jobs::Jobs::default(),
             audit,
+            service_status: service::StatusCache::default(),
         })
     }
 }

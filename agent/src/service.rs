@@ -190,6 +190,37 @@ async fn log_tail(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The service state as status reports it, asked of the backend at most
+/// every `MAX_AGE`: each answer costs a process (systemctl, pg_ctl), and a
+/// dashboard polling status must not turn into a fork storm. Decisions
+/// (stop, fence, rebuild) call `status` directly, never this.
+#[derive(Debug, Default)]
+pub struct StatusCache {
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, ServiceStatus)>>,
+}
+
+impl StatusCache {
+    const MAX_AGE: Duration = Duration::from_millis(500);
+
+    /// `server_up`: whether PostgreSQL answered just now. A cached answer
+    /// that disagrees (running but no server, stopped but a server) is
+    /// stale: the state changed, so ask again.
+    pub async fn get(&self, config: &AgentConfig, server_up: bool) -> ServiceStatus {
+        // Held across the call on purpose: concurrent requests share one
+        // backend invocation.
+        let mut last = self.last.lock().await;
+        if let Some((at, s)) = last.as_ref()
+            && at.elapsed() < Self::MAX_AGE
+            && (s.state == ServiceState::Running) == server_up
+        {
+            return s.clone();
+        }
+        let s = status(config).await;
+        *last = Some((tokio::time::Instant::now(), s.clone()));
+        s
+    }
+}
+
 /// Asks the backend whether PostgreSQL runs. A backend that cannot answer is
 /// `Unknown` with its error as detail, never an RPC failure: status must
 /// work on a broken host.

@@ -34,10 +34,11 @@ pub struct DiskSpace {
     pub total_bytes: u64,
 }
 
-pub async fn gather(config: &AgentConfig, pg: &Pg) -> NodeStatus {
+pub async fn gather(config: &AgentConfig, pg: &Pg, services: &service::StatusCache) -> NodeStatus {
     let data_dir = config.postgres.data_dir.clone();
     let disk = tokio::task::spawn_blocking(move || disk_space(&data_dir));
-    let (server, service) = tokio::join!(pg.status(), service::status(config));
+    let server = pg.status().await;
+    let service = services.get(config, server.is_ok()).await;
     let server = server.map_err(|e| e.to_string());
     let (control_data, configured_sync) = match &server {
         Ok(_) => (None, None),
