@@ -576,8 +576,21 @@ fn choose<'a>(
             "{p} is a running primary; a failover is for a lost primary: use `pgfleet switchover` for a planned move"
         )));
     }
-    // The old primary is the one node that is not a running replica.
-    let olds: Vec<&NodeReport> = cr.nodes.iter().filter(|r| r.role != Role::Replica).collect();
+    // The old primary: the one node that is not a running replica; among
+    // several, the one whose control file says it ran as a primary ("in
+    // production" after a crash, "shut down" after a clean stop), since an
+    // unreachable node or a stopped standby did not.
+    let mut olds: Vec<&NodeReport> = cr.nodes.iter().filter(|r| r.role != Role::Replica).collect();
+    if olds.len() > 1 {
+        let was_primary: Vec<&NodeReport> = olds
+            .iter()
+            .copied()
+            .filter(|r| matches!(r.cluster_state.as_deref(), Some("in production" | "shut down")))
+            .collect();
+        if was_primary.len() == 1 {
+            olds = was_primary;
+        }
+    }
     if olds.len() != 1 {
         return Err(MoveError::Refused(format!(
             "cannot tell which node was the primary: {} nodes are not running replicas ({})",
@@ -837,4 +850,116 @@ pub fn render_plan(title: &str, lines: &[PlanLine]) -> String {
         s += &format!("  {:>2}. [{}] {}: {}\n", i + 1, l.host, l.step, l.description);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const INV: &str = r#"
+        state_dir = "/nonexistent/pgfleet-state"
+        [[clusters]]
+        name = "main"
+        [[clusters.nodes]]
+        name = "node0"
+        agent = "http://10.0.0.1:7420"
+        host = "10.0.0.1"
+        [[clusters.nodes]]
+        name = "node1"
+        agent = "http://10.0.0.2:7420"
+        host = "10.0.0.2"
+        [[clusters.nodes]]
+        name = "node2"
+        agent = "http://10.0.0.3:7420"
+        host = "10.0.0.3"
+    "#;
+
+    /// node0 crashed (agent up, server down, `sync` configured); node1 and
+    /// node2 replicas that received `r1` and `r2` bytes.
+    fn cluster(inv: &Inventory, sync: &str, r1: Option<u64>, r2: Option<u64>) -> ClusterReport {
+        let c = &inv.clusters[0];
+        let mut nodes: Vec<NodeReport> = c.nodes.iter().map(NodeReport::unknown).collect();
+        nodes[0].reachable = true;
+        nodes[0].role = Role::Down;
+        nodes[0].cluster_state = Some("in production".into());
+        nodes[0].checkpoint_lsn = Some(Lsn(90));
+        nodes[0].configured_synchronous_standby_names = Some(sync.to_owned());
+        for (i, r) in [(1, r1), (2, r2)] {
+            if let Some(r) = r {
+                nodes[i].reachable = true;
+                nodes[i].role = Role::Replica;
+                nodes[i].server_up = true;
+                nodes[i].received_lsn = Some(Lsn(r));
+            }
+        }
+        ClusterReport {
+            name: "main".into(),
+            primary: None,
+            nodes,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn req(to: Option<&str>, accept: bool) -> FailoverRequest {
+        FailoverRequest {
+            cluster: "main".into(),
+            to: to.map(str::to_owned),
+            fenced: false,
+            accept_data_loss: accept,
+            dry_run: false,
+        }
+    }
+
+    fn pick(sync: &str, r1: Option<u64>, r2: Option<u64>, to: Option<&str>, accept: bool) -> Result<String, String> {
+        let inv = Inventory::parse(INV, Path::new("i.toml")).unwrap();
+        let cr = cluster(&inv, sync, r1, r2);
+        choose(&inv, &inv.clusters[0], &cr, &req(to, accept))
+            .map(|c| c.new.name.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_most_advanced_synchronous_standby_is_promoted() {
+        let first = "FIRST 1 (\"node1\", \"node2\")";
+        assert_eq!(pick(first, Some(100), Some(80), None, false).unwrap(), "node1");
+        assert_eq!(pick(first, Some(80), Some(100), None, false).unwrap(), "node2");
+        let any = "ANY 1 (\"node1\", \"node2\")";
+        assert_eq!(pick(any, Some(80), Some(100), None, false).unwrap(), "node2");
+    }
+
+    #[test]
+    fn a_missing_synchronous_standby_leaves_no_proof() {
+        // FIRST 1: node1 may have been the only one with the last commits.
+        let e = pick("FIRST 1 (\"node1\", \"node2\")", None, Some(80), None, false).unwrap_err();
+        assert!(e.contains("--accept-data-loss"), "{e}");
+        // FIRST 2 with one missing: every commit was on both, node2 has them.
+        assert_eq!(pick("FIRST 2 (\"node1\", \"node2\")", None, Some(80), None, false).unwrap(), "node2");
+    }
+
+    #[test]
+    fn asynchronous_candidates_need_accept_data_loss_and_the_gap_is_named() {
+        let e = pick("", Some(60), Some(50), None, false).unwrap_err();
+        // node0's checkpoint is at 90: the best candidate is 30 bytes short.
+        assert!(e.contains("at least 30 B") && e.contains("node0's last checkpoint"), "{e}");
+        assert_eq!(pick("", Some(60), Some(50), None, true).unwrap(), "node1");
+    }
+
+    #[test]
+    fn a_named_candidate_behind_the_synchronous_one_is_refused() {
+        let first = "FIRST 1 (\"node1\", \"node2\")";
+        let e = pick(first, Some(100), Some(80), Some("node2"), false).unwrap_err();
+        assert!(e.contains("20 B") && e.contains("node1"), "{e}");
+        assert_eq!(pick(first, Some(100), Some(80), Some("node2"), true).unwrap(), "node2");
+        assert_eq!(pick(first, Some(100), Some(100), Some("node2"), false).unwrap(), "node2");
+    }
+
+    #[test]
+    fn a_running_primary_refuses_failover() {
+        let inv = Inventory::parse(INV, Path::new("i.toml")).unwrap();
+        let mut cr = cluster(&inv, "", Some(1), Some(1));
+        cr.primary = Some("node0".into());
+        let e = choose(&inv, &inv.clusters[0], &cr, &req(None, true)).err().unwrap().to_string();
+        assert!(e.contains("switchover"), "{e}");
+    }
 }

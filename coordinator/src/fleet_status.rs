@@ -170,39 +170,46 @@ fn lsn(s: &Option<String>, what: &str, node: &Node) -> Result<Option<Lsn>, Strin
         .transpose()
 }
 
+impl NodeReport {
+    /// A node nothing is known of yet: unreachable, role unknown.
+    pub fn unknown(node: &Node) -> Self {
+        NodeReport {
+            name: node.name.to_string(),
+            agent: node.agent.clone(),
+            host: node.host.clone(),
+            port: node.port,
+            reachable: false,
+            error: None,
+            role: Role::Unknown,
+            server_up: false,
+            down_reason: None,
+            service_state: None,
+            service_detail: None,
+            service_backend: None,
+            timeline: None,
+            system_identifier: None,
+            cluster_state: None,
+            current_lsn: None,
+            received_lsn: None,
+            replayed_lsn: None,
+            lag_bytes: None,
+            replay_delay_seconds: None,
+            replication: None,
+            wal_receiver: None,
+            postgres_version: None,
+            agent_version: None,
+            hostname: None,
+            data_directory: None,
+            disk_free_bytes: None,
+            disk_total_bytes: None,
+            checkpoint_lsn: None,
+            configured_synchronous_standby_names: None,
+        }
+    }
+}
+
 fn node_report(node: &Node, answer: &NodeAnswer) -> NodeReport {
-    let mut r = NodeReport {
-        name: node.name.to_string(),
-        agent: node.agent.clone(),
-        host: node.host.clone(),
-        port: node.port,
-        reachable: false,
-        error: None,
-        role: Role::Unknown,
-        server_up: false,
-        down_reason: None,
-        service_state: None,
-        service_detail: None,
-        service_backend: None,
-        timeline: None,
-        system_identifier: None,
-        cluster_state: None,
-        current_lsn: None,
-        received_lsn: None,
-        replayed_lsn: None,
-        lag_bytes: None,
-        replay_delay_seconds: None,
-        replication: None,
-        wal_receiver: None,
-        postgres_version: None,
-        agent_version: None,
-        hostname: None,
-        data_directory: None,
-        disk_free_bytes: None,
-        disk_total_bytes: None,
-        checkpoint_lsn: None,
-        configured_synchronous_standby_names: None,
-    };
+    let mut r = NodeReport::unknown(node);
     let st = match &answer.status {
         Ok(st) => st,
         Err(e) => {
