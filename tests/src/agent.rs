@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::MutexGuard;
 use std::thread;
@@ -15,6 +16,25 @@ use crate::{bin_path, toml_str};
 
 /// How long the agent may take to start listening.
 const AGENT_START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Changes to a host's default agent configuration
+/// ([`Host::start_agent_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// `postgres.data_dir` instead of [`Host::data_dir`] (the harness's own
+    /// `start_postgres`/`stop_postgres` keep using `data_dir()`).
+    pub data_dir: Option<PathBuf>,
+    /// `postgres.bin_dir` instead of [`PG_BIN_DIR`], e.g. a directory with
+    /// a wrapped `postgres`.
+    pub bin_dir: Option<PathBuf>,
+    /// `rebuild.allowed_roots`.
+    pub allowed_roots: Vec<PathBuf>,
+    /// `rebuild.passfile`.
+    pub passfile: Option<PathBuf>,
+    /// Further lines of the `[rebuild]` section, as TOML, e.g.
+    /// `free_space_margin_percent = 20` or `ready_timeout = "30s"`.
+    pub rebuild_lines: Vec<String>,
+}
 
 impl Host {
     /// The agent's gRPC address, `198.18.N.X:7420`.
@@ -30,8 +50,13 @@ impl Host {
     /// The agent configuration for this host: pg_ctl backend with the same
     /// server options the harness starts PostgreSQL with.
     pub fn agent_config(&self) -> String {
+        self.agent_config_with(&AgentOptions::default())
+    }
+
+    /// [`agent_config`](Self::agent_config) with `options` applied.
+    pub fn agent_config_with(&self, options: &AgentOptions) -> String {
         let path = |p: std::path::PathBuf| toml_str(&p.display().to_string());
-        format!(
+        let mut text = format!(
             "listen = {listen}\n\
              insecure = true\n\
              [postgres]\n\
@@ -44,12 +69,36 @@ impl Host {
              log_file = {log}\n\
              options = {options}\n",
             listen = toml_str(&self.agent_addr().to_string()),
-            bin = toml_str(PG_BIN_DIR),
-            data = path(self.data_dir()),
+            bin = options
+                .bin_dir
+                .clone()
+                .map_or_else(|| toml_str(PG_BIN_DIR), path),
+            data = path(options.data_dir.clone().unwrap_or_else(|| self.data_dir())),
             sock = path(self.socket_dir()),
             log = path(self.postgres_log()),
             options = toml_str(&self.pg_ctl_options()),
-        )
+        );
+        let mut rebuild = Vec::new();
+        if !options.allowed_roots.is_empty() {
+            let roots: Vec<String> = options
+                .allowed_roots
+                .iter()
+                .map(|r| toml_str(&r.display().to_string()))
+                .collect();
+            rebuild.push(format!("allowed_roots = [{}]", roots.join(", ")));
+        }
+        if let Some(p) = &options.passfile {
+            rebuild.push(format!("passfile = {}", path(p.clone())));
+        }
+        rebuild.extend(options.rebuild_lines.iter().cloned());
+        if !rebuild.is_empty() {
+            text.push_str("[rebuild]\n");
+            for line in rebuild {
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+        text
     }
 
     /// Writes agent.toml and starts `pgfleet-agent --config agent.toml` on
@@ -60,6 +109,12 @@ impl Host {
     /// The agent dies with the thread that calls this (PR_SET_PDEATHSIG):
     /// call it from the thread that owns the fleet.
     pub fn start_agent(&self) -> Result<()> {
+        self.start_agent_with(&AgentOptions::default())
+    }
+
+    /// [`start_agent`](Self::start_agent) with a configuration changed by
+    /// `options` (a different data directory, `[rebuild]` settings).
+    pub fn start_agent_with(&self, options: &AgentOptions) -> Result<()> {
         let mut slot = self.agent_slot();
         if let Some(child) = slot.as_mut()
             && child.try_wait()?.is_none()
@@ -80,7 +135,7 @@ impl Host {
             );
         }
         let config = self.agent_config_path();
-        write_postgres_file(&config, &self.agent_config())?;
+        write_postgres_file(&config, &self.agent_config_with(options))?;
         let log_path = self.agent_log();
         let log = OpenOptions::new()
             .create(true)

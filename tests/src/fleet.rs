@@ -7,10 +7,12 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use crate::cli::CliChild;
 use crate::host::{Host, PG_PORT, tail};
 use crate::net::{self, NetLease};
 use crate::process::{self, describe, die_with_parent, failure_message, output_with_timeout};
@@ -29,6 +31,9 @@ const LOG_TAIL_LINES: usize = 40;
 pub struct TestFleet {
     hosts: Vec<Host>,
     dir: PathBuf,
+    /// The cluster's replication password, also in
+    /// [`replication_password_file`](Self::replication_password_file).
+    replication_password: Mutex<String>,
     /// Dropped last, after `Drop::drop` removed everything: only then may
     /// another fleet take this network number.
     lease: NetLease,
@@ -82,6 +87,7 @@ impl TestFleet {
         let mut fleet = TestFleet {
             hosts: Vec::with_capacity(hosts),
             dir: net::fleet_dir(n),
+            replication_password: Mutex::new(random_password()?),
             lease,
         };
         DirBuilder::new()
@@ -91,6 +97,8 @@ impl TestFleet {
         // Whatever the umask: postgres must be able to reach its own h{i}.
         std::fs::set_permissions(&fleet.dir, Permissions::from_mode(0o755))
             .with_context(|| format!("chmod {}", fleet.dir.display()))?;
+        let password = fleet.replication_password();
+        fleet.write_password_file(&password)?;
         net::create_bridge(n)?;
         for i in 0..hosts {
             let host = Host::create(n, i, &fleet.dir)?;
@@ -223,8 +231,11 @@ impl TestFleet {
         Ok(path)
     }
 
-    /// The inventory text: cluster `cluster` with every host as `node{i}`,
-    /// then `extra_nodes` (name, agent endpoint; `host` taken from the URL).
+    /// The inventory text: the fleet's [`state_dir`](Self::state_dir), and
+    /// cluster `cluster` with the fleet's
+    /// [`replication_password_file`](Self::replication_password_file) and
+    /// every host as `node{i}`, then `extra_nodes` (name, agent endpoint;
+    /// `host` taken from the URL).
     pub fn inventory_toml(&self, cluster: &str, extra_nodes: &[(&str, &str)]) -> Result<String> {
         let mut nodes: Vec<(String, String, String)> = self
             .hosts
@@ -238,7 +249,12 @@ impl TestFleet {
                 url_host(agent)?.to_owned(),
             ));
         }
-        let mut text = format!("[[clusters]]\nname = {}\n", toml_str(cluster));
+        let mut text = format!(
+            "state_dir = {}\n\n[[clusters]]\nname = {}\nreplication_password_file = {}\n",
+            toml_str(&self.state_dir().display().to_string()),
+            toml_str(cluster),
+            toml_str(&self.replication_password_file().display().to_string()),
+        );
         for (name, agent, host) in nodes {
             text.push_str(&format!(
                 "\n[[clusters.nodes]]\nname = {}\nagent = {}\nhost = {}\nport = {PG_PORT}\n",
@@ -250,17 +266,121 @@ impl TestFleet {
         Ok(text)
     }
 
+    /// The coordinator's state directory in generated inventories (cluster
+    /// locks, journal): `<fleet dir>/state`, so that fleets running at once
+    /// never share a cluster lock.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The cluster's replication password: random per fleet, with `:`, `\`,
+    /// `'` and a space between its random parts (the characters a passfile
+    /// or a connection string must escape). The random parts, e.g. from
+    /// [`replication_password_parts`](Self::replication_password_parts),
+    /// are what to look for when checking that it leaks nowhere.
+    pub fn replication_password(&self) -> String {
+        self.password_lock().clone()
+    }
+
+    /// The random runs of [`replication_password`](Self::replication_password)
+    /// (each at least 12 characters): one of them showing up anywhere means
+    /// the password leaked, whatever escaping was applied to the rest.
+    pub fn replication_password_parts(&self) -> Vec<String> {
+        self.replication_password()
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|p| p.len() >= 12)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The 0600 file (owned by root, like the CLI) holding the replication
+    /// password, named by generated inventories as
+    /// `replication_password_file`.
+    pub fn replication_password_file(&self) -> PathBuf {
+        self.dir.join("replication.password")
+    }
+
+    /// Replaces the replication password (and the file's content).
+    pub fn set_replication_password(&self, password: &str) -> Result<()> {
+        if password.is_empty() || password.contains(['\n', '\r', '\0']) {
+            bail!("a replication password is one non-empty line");
+        }
+        self.write_password_file(password)?;
+        *self.password_lock() = password.to_owned();
+        Ok(())
+    }
+
+    fn password_lock(&self) -> std::sync::MutexGuard<'_, String> {
+        self.replication_password
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_password_file(&self, password: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.replication_password_file();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        writeln!(f, "{password}").with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
     /// Runs `pgfleet --inventory <fleet inventory> ARGS` in the root
     /// namespace as root (writing the default inventory first if none was
     /// written). A non-zero exit is returned, not an error; running past 60 s
     /// is an error (the CLI is killed).
     pub fn pgfleet<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<CliOutput> {
+        let mut cmd = self.pgfleet_command(args)?;
+        run_cli(&mut cmd)
+    }
+
+    /// Starts `pgfleet --inventory <fleet inventory> ARGS` like
+    /// [`pgfleet`](Self::pgfleet), but returns at once: the test reads its
+    /// stdout line by line while it runs (e.g. `rebuild --json` events) and
+    /// collects the rest with [`CliChild::wait`]. Killed when dropped, and
+    /// when the calling thread exits.
+    pub fn pgfleet_spawn<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<CliChild> {
+        let cmd = self.pgfleet_command(args)?;
+        CliChild::spawn(cmd)
+    }
+
+    /// The `pgfleet` command line `pgfleet` and `pgfleet_spawn` run: the
+    /// fleet's inventory (written first if there is none), the developer's
+    /// `PGFLEET_*` variables removed except `PGFLEET_LOG`. Tests may add
+    /// variables (e.g. `PGFLEET_REPLICATION_PASSWORD`) before running it.
+    pub fn pgfleet_command<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Command> {
         let inventory = self.inventory_path();
         if !inventory.exists() {
             self.write_inventory()?;
         }
+        self.pgfleet_command_with_inventory(&inventory, args)
+    }
+
+    /// Runs `pgfleet --inventory INVENTORY ARGS` like
+    /// [`pgfleet`](Self::pgfleet), with another inventory than the fleet's
+    /// (e.g. one with its own `state_dir`: a second coordinator).
+    pub fn pgfleet_with_inventory<S: AsRef<OsStr>>(
+        &self,
+        inventory: &Path,
+        args: &[S],
+    ) -> Result<CliOutput> {
+        let mut cmd = self.pgfleet_command_with_inventory(inventory, args)?;
+        run_cli(&mut cmd)
+    }
+
+    fn pgfleet_command_with_inventory<S: AsRef<OsStr>>(
+        &self,
+        inventory: &Path,
+        args: &[S],
+    ) -> Result<Command> {
         let mut cmd = Command::new(bin_path("pgfleet")?);
-        cmd.arg("--inventory").arg(&inventory).args(args);
+        cmd.arg("--inventory").arg(inventory).args(args);
         // The developer's PGFLEET_TIMEOUT etc. must not change what a test
         // sees; only the log filter passes.
         for (var, _) in std::env::vars_os() {
@@ -269,19 +389,7 @@ impl TestFleet {
             }
         }
         die_with_parent(&mut cmd);
-        let finished = output_with_timeout(&mut cmd, CLI_TIMEOUT)?;
-        if finished.timed_out {
-            bail!(
-                "{}",
-                failure_message(&format!("`{}`", describe(&cmd)), &finished)
-            );
-        }
-        let out = finished.output;
-        Ok(CliOutput {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        Ok(cmd)
     }
 
     /// The last lines of every host's postgres.log and agent.log, for
@@ -319,6 +427,11 @@ impl TestFleet {
                 );
             }
         }
+        for h in &self.hosts {
+            if let Err(e) = h.unmount_all() {
+                eprintln!("pgfleet-tests teardown: {e:#}");
+            }
+        }
         // Kills whatever is still running in the namespaces, then deletes them.
         if let Err(e) = net::purge(self.n()) {
             eprintln!("pgfleet-tests teardown of network {}: {e:#}", self.n());
@@ -333,6 +446,42 @@ impl Drop for TestFleet {
         }
         self.teardown();
     }
+}
+
+/// Runs a `pgfleet` command line to its end (killed after 60 s).
+fn run_cli(cmd: &mut Command) -> Result<CliOutput> {
+    let finished = output_with_timeout(cmd, CLI_TIMEOUT)?;
+    if finished.timed_out {
+        bail!(
+            "{}",
+            failure_message(&format!("`{}`", describe(cmd)), &finished)
+        );
+    }
+    let out = finished.output;
+    Ok(CliOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// A fresh replication password: five random 12-digit hex runs joined by
+/// `:`, `\`, `'` and a space.
+fn random_password() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 30];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "{}:{}\\{}'{} {}",
+        &hex[0..12],
+        &hex[12..24],
+        &hex[24..36],
+        &hex[36..48],
+        &hex[48..60]
+    ))
 }
 
 /// The host part of an endpoint URL such as `http://198.18.3.9:7420`.

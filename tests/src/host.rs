@@ -46,6 +46,8 @@ pub struct Host {
     addr: Ipv4Addr,
     dir: PathBuf,
     pub(crate) agent: Mutex<Option<Child>>,
+    /// tmpfs mounts made by [`Host::mount_tmpfs`], unmounted at teardown.
+    mounts: Mutex<Vec<PathBuf>>,
 }
 
 impl Host {
@@ -70,6 +72,7 @@ impl Host {
             addr: net::host_addr(n, index)?,
             dir,
             agent: Mutex::new(None),
+            mounts: Mutex::new(Vec::new()),
         })
     }
 
@@ -188,7 +191,8 @@ impl Host {
     }
 
     /// `initdb` (trust authentication, superuser `postgres`), then pg_hba
-    /// lines trusting the fleet's /24 for normal and replication connections.
+    /// lines trusting the fleet's /24 for normal and replication connections,
+    /// and `wal_log_hints = on` in postgresql.conf (for pg_rewind).
     pub fn initdb(&self) -> Result<()> {
         let data = self.data_dir();
         if data.exists() {
@@ -219,6 +223,15 @@ impl Host {
             "host all all {subnet} trust\nhost replication all {subnet} trust"
         )
         .with_context(|| format!("writing {}", hba.display()))?;
+        // In the file, not only on the pg_ctl command line: pg_rewind runs
+        // single-user crash recovery without our -o options, which would
+        // record wal_log_hints = off in pg_control and then refuse to rewind.
+        let conf = data.join("postgresql.conf");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .with_context(|| format!("opening {}", conf.display()))?;
+        writeln!(f, "wal_log_hints = on").with_context(|| format!("writing {}", conf.display()))?;
         Ok(())
     }
 
@@ -380,6 +393,158 @@ impl Host {
             .await
             .with_context(|| format!("on {} ({})", self.netns, self.addr))
     }
+}
+
+/// Filesystems and network conditions of a host.
+impl Host {
+    /// Mounts a tmpfs of `size_mib` MiB at `dir` (created if missing, inside
+    /// the host directory), owned by postgres, mode 0700: a small filesystem
+    /// for running out of space. Unmounted when the fleet is torn down, also
+    /// after a failed test.
+    pub fn mount_tmpfs(&self, dir: &Path, size_mib: u32) -> Result<()> {
+        if !dir.starts_with(&self.dir) {
+            bail!("{} is outside {}", dir.display(), self.dir.display());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let options = format!("size={size_mib}m,mode=0700");
+        let argv = [
+            "mount".as_ref(),
+            "-t".as_ref(),
+            "tmpfs".as_ref(),
+            "-o".as_ref(),
+            options.as_ref(),
+            "tmpfs".as_ref(),
+            dir.as_os_str(),
+        ];
+        run_root(&argv)?;
+        self.mounts_lock().push(dir.to_owned());
+        let user = pg_user()?;
+        chown(dir, Some(user.uid), Some(user.gid))
+            .with_context(|| format!("chown postgres {}", dir.display()))?;
+        Ok(())
+    }
+
+    /// Unmounts (lazily: whatever still has a file open there keeps it
+    /// until it closes it) every tmpfs this host mounted.
+    pub(crate) fn unmount_all(&self) -> Result<()> {
+        let mut mounts = self.mounts_lock();
+        let mut errors = Vec::new();
+        while let Some(dir) = mounts.pop() {
+            if let Err(e) = run_root(&["umount".as_ref(), "-l".as_ref(), dir.as_os_str()]) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", errors.join("\n"))
+        }
+    }
+
+    fn mounts_lock(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.mounts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Limits what this host sends to `rate` (tc syntax, e.g. "80mbit")
+    /// with a token bucket on its eth0: a copy from this host then takes a
+    /// predictable while. Replaces an earlier limit.
+    pub fn limit_egress(&self, rate: &str) -> Result<()> {
+        net::ip(&[
+            "netns",
+            "exec",
+            &self.netns,
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "64kb",
+            "latency",
+            "200ms",
+        ])?;
+        Ok(())
+    }
+
+    /// Removes the limit of [`limit_egress`](Self::limit_egress).
+    pub fn clear_egress_limit(&self) -> Result<()> {
+        net::ip(&[
+            "netns",
+            "exec",
+            &self.netns,
+            "tc",
+            "qdisc",
+            "del",
+            "dev",
+            "eth0",
+            "root",
+        ])?;
+        Ok(())
+    }
+
+    /// Makes `addr` unreachable from this host (an `unreachable` route:
+    /// connections fail at once with "No route to host"); other hosts and
+    /// the root namespace still reach this host and each other.
+    pub fn block_route_to(&self, addr: Ipv4Addr) -> Result<()> {
+        net::ip(&[
+            "-n",
+            &self.netns,
+            "route",
+            "add",
+            "unreachable",
+            &format!("{addr}/32"),
+        ])?;
+        Ok(())
+    }
+
+    /// Undoes [`block_route_to`](Self::block_route_to).
+    pub fn unblock_route_to(&self, addr: Ipv4Addr) -> Result<()> {
+        net::ip(&[
+            "-n",
+            &self.netns,
+            "route",
+            "del",
+            "unreachable",
+            &format!("{addr}/32"),
+        ])?;
+        Ok(())
+    }
+
+    /// The live (not zombie) processes running in this host's namespace,
+    /// with their argv.
+    pub fn processes(&self) -> Result<Vec<(Pid, Vec<String>)>> {
+        Ok(net::netns_pids(&self.netns)?
+            .into_iter()
+            .filter_map(|pid| {
+                if process::proc_stat(pid)?.state == 'Z' {
+                    return None;
+                }
+                Some((pid, process::cmdline(pid)?))
+            })
+            .collect())
+    }
+}
+
+/// Runs a command as root in the root namespace; fails with its output
+/// unless it exits 0 within the run timeout.
+fn run_root(argv: &[&OsStr]) -> Result<Output> {
+    let (program, args) = argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let finished = output_with_timeout(&mut cmd, RUN_TIMEOUT)?;
+    if finished.timed_out || !finished.output.status.success() {
+        bail!(
+            "{}",
+            failure_message(&format!("`{}` as root", describe(&cmd)), &finished)
+        );
+    }
+    Ok(finished.output)
 }
 
 /// The single text value of the single row `sql` returns.

@@ -14,6 +14,7 @@
 //! it), never from a spawned tokio task.
 
 pub mod agent;
+pub mod cli;
 pub mod fleet;
 pub mod host;
 pub mod net;
@@ -23,6 +24,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
+pub use agent::AgentOptions;
+pub use cli::CliChild;
 pub use fleet::{CliOutput, TestFleet};
 pub use host::Host;
 

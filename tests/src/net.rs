@@ -235,6 +235,11 @@ pub fn purge(n: u8) -> Result<()> {
         errors.push(format!("{e:#}"));
     }
     let dir = fleet_dir(n);
+    // A tmpfs a test mounted inside (Host::mount_tmpfs) and a killed run
+    // left behind: remove_dir_all cannot remove a mount point.
+    if let Err(e) = unmount_under(&dir) {
+        errors.push(format!("{e:#}"));
+    }
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -245,6 +250,60 @@ pub fn purge(n: u8) -> Result<()> {
     } else {
         bail!("{}", errors.join("\n"))
     }
+}
+
+/// Lazily unmounts every mount point under `dir`, deepest first.
+fn unmount_under(dir: &std::path::Path) -> Result<()> {
+    let text = match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(t) => t,
+        Err(e) => bail!("reading /proc/self/mountinfo: {e}"),
+    };
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    let mut errors = Vec::new();
+    for p in points {
+        let mut cmd = Command::new("umount");
+        cmd.arg("-l").arg(&p);
+        match cmd.output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => errors.push(format!(
+                "umount -l {}: {}",
+                p.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => errors.push(format!("running umount: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", errors.join("\n"))
+    }
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -272,6 +331,13 @@ mod tests {
         assert_eq!(host_addr(7, 0).unwrap(), Ipv4Addr::new(198, 18, 7, 2));
         assert_eq!(host_addr(7, 252).unwrap(), Ipv4Addr::new(198, 18, 7, 254));
         assert!(host_addr(7, 253).is_err());
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo("/tmp/a\\040b"), "/tmp/a b");
+        assert_eq!(unescape_mountinfo("/tmp/plain"), "/tmp/plain");
+        assert_eq!(unescape_mountinfo("/x\\"), "/x\\");
     }
 
     #[test]

@@ -183,6 +183,34 @@ pub fn proc_stat(pid: Pid) -> Option<ProcStat> {
     Some(ProcStat { state, ppid })
 }
 
+/// The argv of `pid` from /proc/PID/cmdline; `None` if it is gone (a
+/// zombie or kernel thread has an empty one).
+pub fn cmdline(pid: Pid) -> Option<Vec<String>> {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        bytes
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// Every process on the machine (live, not zombie) whose argv satisfies
+/// `matches`, with that argv.
+pub fn processes_where(mut matches: impl FnMut(&[String]) -> bool) -> Vec<(Pid, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .map(Pid::from_raw)
+        .filter(|&pid| proc_stat(pid).is_some_and(|s| s.state != 'Z'))
+        .filter_map(|pid| Some((pid, cmdline(pid)?)))
+        .filter(|(_, argv)| matches(argv))
+        .collect()
+}
+
 /// The live children of `parent`, found by scanning /proc.
 pub fn children_of(parent: Pid) -> Vec<Pid> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
