@@ -52,6 +52,49 @@ pub fn command(config: &AgentConfig, copy: &Copy, passfile: &Path) -> Cmd {
         .die_with_agent()
 }
 
+/// Kills pg_basebackup processes left writing into this node's data
+/// directory by an agent that died (SIGKILL, OOM): `-X stream` forks a WAL
+/// streaming child the parent-death signal does not reach, and it would
+/// hold the upstream slot and keep writing into the old copy. Only our own
+/// user's processes whose argv names our data directory are touched.
+/// Returns the PIDs killed.
+pub fn kill_orphans(config: &AgentConfig) -> Vec<i32> {
+    let data = config.postgres.data_dir.as_os_str().as_encoded_bytes().to_vec();
+    let me = std::process::id() as i32;
+    let uid = nix::unistd::getuid();
+    let mut killed = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return killed;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        use std::os::unix::fs::MetadataExt;
+        if e.metadata().map(|m| m.uid()).ok() != Some(uid.as_raw()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_basebackup = argv
+            .first()
+            .is_some_and(|a| a.ends_with(b"pg_basebackup"));
+        let ours = argv.windows(2).any(|w| w[0] == b"-D" && w[1] == data.as_slice());
+        if is_basebackup && ours {
+            let p = nix::unistd::Pid::from_raw(pid);
+            if nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                killed.push(pid);
+            }
+        }
+    }
+    killed
+}
+
 /// `"  1234/56789 kB (2%), 0/1 tablespace ..."` → (done, total) in bytes.
 pub fn parse_progress(line: &str) -> Option<(u64, u64)> {
     let line = line.trim_start();

@@ -168,7 +168,20 @@ impl Cmd {
         let tool = self.tool_name();
         let span = info_span!("exec", tool = %tool);
         async move {
-            let mut command = Command::new(&self.program);
+            // Under the supervisor when the program may fork helpers that
+            // must die with the agent (see supervise.rs).
+            let supervisor = self.die_with_agent.then(supervisor_exe).flatten();
+            let mut command = match &supervisor {
+                Some(exe) => {
+                    let mut c = Command::new(exe);
+                    c.arg(crate::supervise::MODE)
+                        .arg(std::process::id().to_string())
+                        .arg("--")
+                        .arg(&self.program);
+                    c
+                }
+                None => Command::new(&self.program),
+            };
             command
                 .args(&self.args)
                 .env_clear()
@@ -183,7 +196,7 @@ impl Cmd {
             for (k, v) in &self.env {
                 command.env(k, v);
             }
-            if self.die_with_agent {
+            if self.die_with_agent && supervisor.is_none() {
                 set_parent_death_signal(&mut command);
             }
             debug!(argv = %self.display_argv(), "starting");
@@ -193,6 +206,7 @@ impl Cmd {
             })?;
             let stdout = child.stdout.take();
             let stderr = child.stderr.take();
+            let child_pid = child.id();
 
             let mut out_text = String::new();
             let mut tail: VecDeque<String> = VecDeque::new();
@@ -234,6 +248,17 @@ impl Cmd {
             let status = match tokio::time::timeout(self.timeout, work).await {
                 Ok(status) => status?,
                 Err(_) => {
+                    // A supervisor takes its program's whole process group
+                    // down on SIGTERM; kill_on_drop's SIGKILL would not.
+                    if supervisor.is_some()
+                        && let Some(pid) = child_pid
+                    {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGTERM,
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                     // kill_on_drop reaps it; say so loudly.
                     warn!(after = ?self.timeout, "timed out, killing");
                     return Err(ExecError::Timeout {
@@ -252,6 +277,13 @@ impl Cmd {
         .instrument(span)
         .await
     }
+}
+
+/// The agent binary, when this process is it (unit tests run other
+/// binaries, which cannot supervise).
+fn supervisor_exe() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    (exe.file_name()? == "pgfleet-agent").then_some(exe)
 }
 
 #[allow(unsafe_code)]

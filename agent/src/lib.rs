@@ -13,10 +13,12 @@
 //! - `jobs`, `plan`: long operations as watchable jobs, steps as data
 //! - `standby`: fence, promote, follow a new upstream, sync standbys, rewind
 //! - `secret`: the password wrapper that never prints
+//! - `cli`, `notify`: the daemon's arguments, systemd readiness (sd_notify)
 //! - `grpc`, `server`, `error`: the RPC skin and its status codes
 
 pub mod auth;
 pub mod basebackup;
+pub mod cli;
 pub mod config;
 pub mod controldata;
 pub mod datadir;
@@ -25,6 +27,7 @@ pub mod exec;
 pub mod grpc;
 pub mod hba;
 pub mod jobs;
+pub mod notify;
 pub mod passfile;
 pub mod pg;
 pub mod plan;
@@ -34,6 +37,7 @@ pub mod server;
 pub mod service;
 pub mod standby;
 pub mod status;
+pub mod supervise;
 pub mod upstream;
 
 use config::AgentConfig;

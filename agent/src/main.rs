@@ -1,31 +1,20 @@
 //! `pgfleet-agent --config /etc/pgfleet/agent.toml`
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use pgfleet_agent::config::AgentConfig;
-use pgfleet_agent::{AgentState, server};
+use pgfleet_agent::cli::Args;
+use pgfleet_agent::{AgentState, notify, server};
 use tracing::info;
 
-/// pgfleet agent: serves the local PostgreSQL's status and operations to the
-/// pgfleet coordinator over gRPC.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Configuration file.
-    #[arg(long, short, env = "PGFLEET_AGENT_CONFIG", default_value = "/etc/pgfleet/agent.toml")]
-    config: PathBuf,
-    /// Log format on stderr: "text" for people, "json" for log shippers.
-    #[arg(long, env = "PGFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
-    /// Check the configuration and exit.
-    #[arg(long)]
-    check_config: bool,
-}
-
 fn main() -> anyhow::Result<()> {
+    // A child the agent must not leave behind runs under the agent binary
+    // as its supervisor (agent::supervise).
+    if let Some(code) = pgfleet_agent::supervise::run_if_requested() {
+        std::process::exit(code);
+    }
     let args = Args::parse();
     init_tracing(&args.log_format);
     let config = AgentConfig::load(&args.config)?;
@@ -43,7 +32,15 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let state = Arc::new(AgentState::new(config).context("opening the audit log")?);
         let listener = server::bind(&state).await?;
-        server::serve(state, listener, shutdown_signal()).await?;
+        // Type=notify: systemd reports the unit started once we listen.
+        if let Err(e) = notify::ready() {
+            tracing::warn!(error = %e, "cannot notify the service manager of readiness");
+        }
+        let shutdown = async {
+            shutdown_signal().await;
+            let _ = notify::stopping();
+        };
+        server::serve(state, listener, shutdown).await?;
         Ok(())
     })
 }

@@ -18,7 +18,7 @@ use pgfleet_proto::agent::v1 as pb;
 use pgfleet_proto::agent::v1::job_event::Event;
 use pgfleet_proto::{NodeName, RoleName, SlotName};
 use tokio::io::AsyncWriteExt;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::AgentState;
 use crate::basebackup::{self, Copy};
@@ -485,6 +485,16 @@ pub async fn run(state: Arc<AgentState>, job: Arc<Job>, req: RebuildRequest) {
             stamp,
         };
         let mut outcome = Outcome::default();
+        // No rebuild runs (the job registry refused a second one), so any
+        // pg_basebackup into our data directory is an earlier agent's orphan.
+        let orphans = basebackup::kill_orphans(&state.config);
+        if !orphans.is_empty() {
+            warn!(?orphans, "killed pg_basebackup processes left by an earlier agent");
+            job.emit(Event::Log(pb::LogLine {
+                source: "agent".into(),
+                line: format!("killed pg_basebackup processes left by an earlier agent: {orphans:?}"),
+            }));
+        }
         for step in steps(&req) {
             let d = ctx.describe(step);
             job.emit(Event::StepStarted(pb::StepStarted {
@@ -555,7 +565,15 @@ async fn execute(ctx: &Ctx<'_>, step: RebuildStep, job: &Job, out: &mut Outcome)
             drop(tmp);
             let stderr = output.stderr_tail.join(" | ");
             if !output.status.success() {
-                let auth = ["password authentication failed", "no pg_hba.conf entry", "does not exist", "no password supplied", "must have replication"]
+                let auth = [
+                    "password authentication failed",
+                    "no pg_hba.conf entry",
+                    "pg_hba.conf rejects",
+                    "does not exist",
+                    "no password supplied",
+                    "must have replication",
+                    "expired",
+                ]
                     .iter()
                     .any(|p| stderr.contains(p));
                 return Err(if auth {

@@ -127,6 +127,9 @@ fn log_section(lines: &[String]) -> String {
 }
 
 const PID_POLL: Duration = Duration::from_millis(10);
+/// How long a started server may go without a postmaster.pid before the
+/// start counts as failed.
+const START_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs `action` through the backend and returns once it took effect:
 /// systemctl and pg_ctlcluster wait themselves; for pg_ctl we watch
@@ -142,6 +145,7 @@ pub async fn perform(config: &AgentConfig, action: Action) -> Result<(), Service
     };
     let pid_file = config.postgres.data_dir.join("postmaster.pid");
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut missing_since: Option<tokio::time::Instant> = None;
     loop {
         let text = tokio::fs::read_to_string(&pid_file).await.ok();
         match action {
@@ -149,11 +153,12 @@ pub async fn perform(config: &AgentConfig, action: Action) -> Result<(), Service
             Action::Start => match text.as_deref().map(pm_status) {
                 Some(Some("ready" | "standby")) => return Ok(()),
                 Some(_) => {}
-                // Gone (or never written) after pg_ctl spawned the server:
-                // it exited; its log says why.
+                // Not written yet, or gone: a slow start (crash recovery,
+                // a busy host) writes it late; a failed one never. Only a
+                // pid file missing for START_GRACE counts as a failed start.
                 None => {
-                    tokio::time::sleep(PID_POLL * 5).await;
-                    if !pid_file.exists() {
+                    let since = *missing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= START_GRACE {
                         return Err(ServiceError::StartFailed {
                             log_tail: log_tail(log_file).await,
                         });

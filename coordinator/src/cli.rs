@@ -607,7 +607,8 @@ async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Re
         rebuild::execute(&prepared, &req, d, display).await?
     };
     if a.json {
-        print_json(&serde_json::json!({ "result": report }))?;
+        // One line: --json is a stream of JSON lines.
+        println!("{}", serde_json::json!({ "result": report }));
     } else {
         let lag = report.lag_bytes.map(fleet_status::bytes).unwrap_or_else(|| "-".into());
         let mut s = format!(

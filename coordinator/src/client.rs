@@ -101,6 +101,10 @@ impl AgentCallError {
         }
     }
 
+    pub fn is_invalid_argument(&self) -> bool {
+        matches!(self, AgentCallError::Status { code: tonic::Code::InvalidArgument, .. })
+    }
+
     pub fn is_unreachable(&self) -> bool {
         matches!(self, AgentCallError::Unreachable { .. })
     }

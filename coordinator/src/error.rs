@@ -47,7 +47,9 @@ impl CoordinatorError {
             CoordinatorError::Move(m) => m.is_usage(),
             CoordinatorError::Usage(_) => true,
             CoordinatorError::Journal(_) => false,
-            CoordinatorError::Agent(_) | CoordinatorError::Output(_) => false,
+            // The agent refused what was asked as invalid: bad input too.
+            CoordinatorError::Agent(a) => a.is_invalid_argument(),
+            CoordinatorError::Output(_) => false,
         }
     }
 }

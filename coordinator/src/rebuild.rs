@@ -51,6 +51,12 @@ pub enum RebuildError {
         expected: String,
         found: String,
     },
+    #[error(
+        "cannot tell which server belongs to cluster {cluster}: it has no single running primary, the node \
+         to rebuild has no data, and the inventory pins no system_identifier; add \
+         system_identifier = \"...\" to the cluster in the inventory"
+    )]
+    UnknownIdentity { cluster: String },
     #[error("{node}'s address {host:?} does not resolve to an IP address for its pg_hba.conf line")]
     Address { node: String, host: String },
     #[error(transparent)]
@@ -102,13 +108,14 @@ impl RebuildError {
             RebuildError::InvalidArgument(_)
             | RebuildError::InvalidMapping { .. }
             | RebuildError::InvalidUpstream { .. } => true,
+            RebuildError::Agent(a) => a.is_invalid_argument(),
             RebuildError::TargetIsPrimary { .. }
             | RebuildError::NoUpstream { .. }
             | RebuildError::Unreachable { .. }
             | RebuildError::SystemIdentifierMismatch { .. }
+            | RebuildError::UnknownIdentity { .. }
             | RebuildError::Address { .. }
             | RebuildError::Password(_)
-            | RebuildError::Agent(_)
             | RebuildError::JobFailed { .. }
             | RebuildError::StreamEnded { .. }
             | RebuildError::NotConfirmed { .. } => false,
@@ -256,7 +263,10 @@ pub async fn preflight<'a>(
             reason: up.down_reason.clone().unwrap_or_else(|| "server is down".into()),
         });
     }
-    // The cluster's identity: pinned in the inventory, else its primary's.
+    // The cluster's identity: pinned in the inventory, else its running
+    // primary's, else the node's own (a node being rebuilt that has data is
+    // a copy of its cluster). Never the upstream's own word: that would let
+    // a foreign server pass (DESIGN.md invariant 3).
     let primary_sysid = creport
         .primary
         .as_deref()
@@ -266,8 +276,10 @@ pub async fn preflight<'a>(
         .system_identifier
         .clone()
         .or(primary_sysid)
-        .or_else(|| up.system_identifier.clone())
-        .unwrap_or_default();
+        .or_else(|| target.system_identifier.clone())
+        .ok_or_else(|| RebuildError::UnknownIdentity {
+            cluster: cluster.name.to_string(),
+        })?;
     let found = up.system_identifier.clone().unwrap_or_default();
     if found != expected {
         return Err(RebuildError::SystemIdentifierMismatch {
@@ -418,6 +430,19 @@ pub async fn execute(
     let started = Instant::now();
     let op = format!("op-{}", std::process::id());
     let mut up = client::connect(p.upstream, d).await?;
+    // The node validates the request (tablespace targets inside its allowed
+    // roots, names) against a dry run first: a request it would refuse must
+    // not leave a role or a pg_hba.conf line behind on the upstream.
+    let facts = up
+        .prepare_upstream(prepare_request(p, true, &op))
+        .await
+        .map_err(|s| AgentCallError::from_status(p.upstream, s))?
+        .into_inner();
+    let mut target = client::connect(p.node, d).await?;
+    target
+        .start_rebuild(start_request(p, &facts, req, true, &op))
+        .await
+        .map_err(|s| AgentCallError::from_status(p.node, s))?;
     let prep = up
         .prepare_upstream(prepare_request(p, false, &op))
         .await
@@ -442,7 +467,6 @@ pub async fn execute(
             }
         ),
     );
-    let mut target = client::connect(p.node, d).await?;
     let job_id = target
         .start_rebuild(start_request(p, &prep, req, false, &op))
         .await
