@@ -171,6 +171,15 @@ const REWIND_GRANTS: [&str; 4] = [
 ];
 
 async fn grant_rewind(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> Result<(), UpstreamError> {
+    // Right after a promotion the control file still names the old timeline
+    // until the (spread) end-of-recovery checkpoint finishes, and pg_rewind
+    // would answer "no rewind required" (pg_rewind docs, Notes).
+    out.steps.push(
+        Step::new("checkpoint", "checkpoint so pg_control names the current timeline").sql("CHECKPOINT"),
+    );
+    if !req.dry_run {
+        pg.query("CHECKPOINT", &[]).await?;
+    }
     for f in REWIND_GRANTS {
         let sql = format!("GRANT EXECUTE ON FUNCTION {f} TO {}", req.role.quoted());
         out.steps.push(Step::new("rewind-grants", format!("let {} run pg_rewind's file functions", req.role)).sql(sql.clone()));

@@ -563,7 +563,7 @@ async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Re
             dry_run: a.dry_run,
         };
         let prepared = rebuild::preflight(inventory, &req, d).await?;
-        let _op = if a.dry_run {
+        let op = if a.dry_run {
             None
         } else {
             Some(crate::journal::Operation::begin(
@@ -604,7 +604,11 @@ async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Re
             }
             return Ok(Outcome::Done);
         }
-        rebuild::execute(&prepared, &req, d, display).await?
+        let report = rebuild::execute(&prepared, &req, d, display).await?;
+        if let Some(op) = op {
+            op.end("succeeded");
+        }
+        report
     };
     if a.json {
         // One line: --json is a stream of JSON lines.

@@ -178,44 +178,22 @@ impl Run<'_> {
         )
     }
 
-    /// Waits until the new primary shows every standby streaming.
+    /// Waits until every standby streams steadily from the new primary.
     async fn wait_streaming(&mut self, new_primary: &Node, standbys: &[&Node]) -> Result<String, MoveError> {
         let t = self.start("verify", new_primary.name.as_str(), "wait until every standby streams from the new primary")?;
-        let deadline = Instant::now() + STREAM_DEADLINE;
-        loop {
-            let info = call(new_primary, self.d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;
-            let missing: Vec<&str> = standbys
-                .iter()
-                .filter(|s| {
-                    !info
-                        .standbys
-                        .iter()
-                        .any(|w| w.application_name == s.name.as_str() && w.state == "streaming")
-                })
-                .map(|s| s.name.as_str())
-                .collect();
-            if missing.is_empty() {
-                let states = info
-                    .standbys
-                    .iter()
-                    .map(|w| format!("{} {} ({})", w.application_name, w.state, w.sync_state))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+        match crate::verify::streaming(new_primary, standbys, self.d, STREAM_DEADLINE).await {
+            Ok(states) => {
                 self.done("verify", new_primary.name.as_str(), t, states.clone())?;
-                return Ok(states);
+                Ok(states)
             }
-            if Instant::now() >= deadline {
-                return Err(MoveError::Step {
-                    step: "verify",
-                    detail: format!(
-                        "{} not streaming from {} after {}s; the new primary is up, rerun `pgfleet rejoin` for them",
-                        missing.join(", "),
-                        new_primary.name,
-                        STREAM_DEADLINE.as_secs()
-                    ),
-                });
-            }
-            tokio::time::sleep(POLL * 5).await;
+            Err(why) => Err(MoveError::Step {
+                step: "verify",
+                detail: format!(
+                    "{why} after {}s; the new primary {} is up: run `pgfleet rejoin` for the node named",
+                    STREAM_DEADLINE.as_secs(),
+                    new_primary.name
+                ),
+            }),
         }
     }
 }

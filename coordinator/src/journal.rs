@@ -32,8 +32,9 @@ pub struct Operation {
     pub kind: &'static str,
     cluster: String,
     journal: PathBuf,
-    _lock: Flock<File>,
+    lock: Flock<File>,
     started: Instant,
+    ended: bool,
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
@@ -79,8 +80,9 @@ impl Operation {
             kind,
             cluster: cluster.to_owned(),
             journal: state_dir.join(format!("{cluster}.journal")),
-            _lock: lock,
+            lock,
             started: Instant::now(),
+            ended: false,
         };
         op.record("begin", "started", what)?;
         Ok(op)
@@ -110,8 +112,27 @@ impl Operation {
         self.started.elapsed()
     }
 
-    pub fn end(self, outcome: &str) {
+    pub fn end(mut self, outcome: &str) {
+        self.finish(outcome);
+    }
+
+    fn finish(&mut self, outcome: &str) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
         let _ = self.record("end", outcome, "");
+        // The lock file names the running operation only while it runs.
+        let _ = self.lock.set_len(0);
+    }
+}
+
+/// An operation dropped without `end` returned early with an error: the
+/// journal says so. (A crash writes nothing: its last line is a step
+/// start, which is how an interrupted operation reads.)
+impl Drop for Operation {
+    fn drop(&mut self) {
+        self.finish("failed");
     }
 }
 

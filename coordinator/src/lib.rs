@@ -17,4 +17,5 @@ pub mod slots;
 pub mod status_render;
 pub mod sync;
 pub mod table;
+pub mod verify;
 pub mod wal;

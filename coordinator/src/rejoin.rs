@@ -105,7 +105,10 @@ pub async fn rejoin(
             "plan (dry run, nothing changed): fence {name} (stop, standby.signal){}, create slot {} on {primary_name}, \
              point it at {primary_name} and start it as a standby",
             if diverged {
-                format!(", pg_rewind it from {primary_name} (its timeline {:?} is behind {p_timeline})", me.timeline)
+                format!(
+                    ", pg_rewind it from {primary_name} (its timeline {} is behind {p_timeline})",
+                    me.timeline.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
+                )
             } else {
                 String::new()
             },
@@ -223,24 +226,18 @@ pub async fn rejoin(
         let r = call(n, d, async |c| c.configure_standby(creq).await).await?;
         step("follow", t, format!("started as a standby; primary_conninfo = {}", r.primary_conninfo));
         let t = Instant::now();
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let info = call(primary, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;
-            if info.standbys.iter().any(|w| w.application_name == name && w.state == "streaming") {
-                step("verify", t, format!("{name} streams from {primary_name}"));
-                break;
-            }
-            if Instant::now() >= deadline {
+        match crate::verify::streaming(primary, &[n], d, std::time::Duration::from_secs(60)).await {
+            Ok(states) => step("verify", t, states),
+            Err(why) => {
                 op.end("failed");
                 return Err(MoveError::Step {
                     step: "verify",
                     detail: format!(
-                        "{name} runs as a standby but does not stream from {primary_name} after 60s; \
-                         its server log says why (a diverged timeline needs pg_rewind or --rebuild-if-needed)"
+                        "{why} after 60s; {name} runs as a standby but does not follow {primary_name}: \
+                         its server log says why (a diverged timeline needs pg_rewind, or --rebuild-if-needed)"
                     ),
                 });
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
     op.end("succeeded");
