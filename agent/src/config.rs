@@ -220,10 +220,6 @@ fn default_pg_ctlcluster() -> PathBuf {
     "/usr/bin/pg_ctlcluster".into()
 }
 
-/// Set only by the test harness while its hosts still run plaintext agents
-/// on namespace addresses; never in packaged units.
-pub const INSECURE_ANYWHERE: &str = "PGFLEET_TEST_INSECURE_ANYWHERE";
-
 /// Durations written as humantime strings ("3s", "1m 30s").
 mod humantime_serde_compat {
     use std::time::Duration;
@@ -272,7 +268,7 @@ impl AgentConfig {
                         .into(),
                 ));
             }
-            (None, true) if !self.listen.ip().is_loopback() && std::env::var_os(INSECURE_ANYWHERE).is_none() => {
+            (None, true) if !self.listen.ip().is_loopback() => {
                 return Err(invalid(format!(
                     "`insecure = true` serves plaintext without caller identities; it is only allowed on a \
                      loopback address, not {}. Configure [tls] instead",

@@ -42,9 +42,37 @@ impl Host {
         SocketAddr::from((self.addr(), AGENT_PORT))
     }
 
-    /// The agent's endpoint as the inventory names it: `http://198.18.N.X:7420`.
+    /// The agent's endpoint as the inventory names it: `https://198.18.N.X:7420`
+    /// (mutual TLS with the fleet CA).
     pub fn agent_endpoint(&self) -> String {
-        format!("http://{}", self.agent_addr())
+        format!("https://{}", self.agent_addr())
+    }
+
+    /// The fleet CA's directory (the fleet creates it).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir().parent().map(|p| p.join("pki")).unwrap_or_default()
+    }
+
+    /// A TLS channel to this host's agent as the fleet's `test-admin`.
+    pub async fn agent_channel(&self) -> Result<tonic::transport::Channel> {
+        self.agent_channel_as("test-admin").await
+    }
+
+    /// A TLS channel to this host's agent with the fleet certificate `name`
+    /// (`test-admin`, `test-reader`).
+    pub async fn agent_channel_as(&self, name: &str) -> Result<tonic::transport::Channel> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let pki = self.pki_dir();
+        let read = |f: String| std::fs::read(pki.join(&f)).with_context(|| format!("reading {f}"));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.crt".into())?))
+            .identity(Identity::from_pem(read(format!("{name}.crt"))?, read(format!("{name}.key"))?));
+        Ok(Endpoint::from_shared(self.agent_endpoint())?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .tls_config(tls)?
+            .connect()
+            .await?)
     }
 
     /// The agent configuration for this host: pg_ctl backend with the same
@@ -56,9 +84,14 @@ impl Host {
     /// [`agent_config`](Self::agent_config) with `options` applied.
     pub fn agent_config_with(&self, options: &AgentOptions) -> String {
         let path = |p: std::path::PathBuf| toml_str(&p.display().to_string());
+        let pki = self.pki_dir();
         let mut text = format!(
             "listen = {listen}\n\
-             insecure = true\n\
+             audit_log = {audit}\n\
+             [tls]\n\
+             ca = {ca}\n\
+             cert = {cert}\n\
+             key = {key}\n\
              [postgres]\n\
              bin_dir = {bin}\n\
              data_dir = {data}\n\
@@ -69,6 +102,10 @@ impl Host {
              log_file = {log}\n\
              options = {options}\n",
             listen = toml_str(&self.agent_addr().to_string()),
+            audit = path(self.dir().join("audit.jsonl")),
+            ca = path(pki.join("ca.crt")),
+            cert = path(pki.join(format!("{}.crt", self.node_name()))),
+            key = path(pki.join(format!("{}.key", self.node_name()))),
             bin = options
                 .bin_dir
                 .clone()

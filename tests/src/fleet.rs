@@ -104,7 +104,56 @@ impl TestFleet {
             let host = Host::create(n, i, &fleet.dir)?;
             fleet.hosts.push(host);
         }
+        fleet.create_pki()?;
         Ok(fleet)
+    }
+
+    /// The fleet's CA and certificates, made by the real `pgfleet certs`:
+    /// `node{i}` (agent, with the host's address), `test-admin` and
+    /// `test-reader`, in [`pki_dir`](Self::pki_dir). Agents' keys belong to
+    /// postgres.
+    fn create_pki(&self) -> Result<()> {
+        let pki = self.pki_dir();
+        let certs = |args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new(bin_path("pgfleet")?)
+                .arg("certs")
+                .args(args)
+                .output()
+                .context("running pgfleet certs")?;
+            if !out.status.success() {
+                bail!("pgfleet certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        let dir = pki.to_str().context("pki path")?;
+        certs(&["init", dir])?;
+        certs(&["issue", "--dir", dir, "--role", "admin", "test-admin"])?;
+        certs(&["issue", "--dir", dir, "--role", "reader", "test-reader"])?;
+        let pg = process::pg_user()?;
+        for h in &self.hosts {
+            let name = h.node_name();
+            certs(&["issue", "--dir", dir, "--role", "agent", &name, "--san", &h.addr().to_string()])?;
+            for f in [format!("{name}.crt"), format!("{name}.key")] {
+                nix::unistd::chown(&pki.join(f), Some(pg.uid), Some(pg.gid))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fleet CA's directory: `<fleet dir>/pki`.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    /// The inventory's `[tls]` table: the fleet CA and the test admin.
+    pub fn inventory_tls_toml(&self) -> String {
+        let pki = self.pki_dir();
+        format!(
+            "[tls]\nca = {}\ncert = {}\nkey = {}\n",
+            toml_str(&pki.join("ca.crt").display().to_string()),
+            toml_str(&pki.join("test-admin.crt").display().to_string()),
+            toml_str(&pki.join("test-admin.key").display().to_string()),
+        )
     }
 
     /// The network number N: the fleet lives in 198.18.N.0/24.
@@ -250,8 +299,9 @@ impl TestFleet {
             ));
         }
         let mut text = format!(
-            "state_dir = {}\n\n[[clusters]]\nname = {}\nreplication_password_file = {}\n",
+            "state_dir = {}\n\n{}\n[[clusters]]\nname = {}\nreplication_password_file = {}\n",
             toml_str(&self.state_dir().display().to_string()),
+            self.inventory_tls_toml(),
             toml_str(cluster),
             toml_str(&self.replication_password_file().display().to_string()),
         );

@@ -152,10 +152,6 @@ impl Host {
         // Panics keep their backtraces, but anyhow errors (an agent's fatal
         // start-up error) stay one readable paragraph in agent.log.
         cmd.env("RUST_LIB_BACKTRACE", "0");
-        // Plaintext agents on namespace addresses, until the harness issues
-        // TLS certificates to every host (the agent refuses plaintext off
-        // loopback otherwise).
-        cmd.env("PGFLEET_TEST_INSECURE_ANYWHERE", "1");
         process::enter_netns_as(&mut cmd, &self.netns, pg_user()?)?;
         Ok(cmd)
     }

@@ -532,7 +532,7 @@ async fn drop_slot_rpc_answers_invalid_argument_not_found_and_failed_preconditio
     let fleet = primary_and_replica().await;
     let (p, r) = (fleet.host(0), fleet.host(1));
     let sender = walsender_pid(p, r).await;
-    let mut agent = AgentClient::connect(p.agent_endpoint()).await.unwrap();
+    let mut agent = AgentClient::new(p.agent_channel().await.unwrap());
     let drop = |name: &str, force: bool| DropSlotRequest {
         slot_name: name.to_owned(),
         force,

@@ -440,7 +440,8 @@ async fn status_cluster_filter_and_unknown_cluster() {
     // Cluster "other" has only a node nobody answers for: leaving it out
     // must make the run complete.
     let text = format!(
-        "[[clusters]]\nname = \"main\"\n{}\n[[clusters]]\nname = \"other\"\n{}",
+        "{}\n[[clusters]]\nname = \"main\"\n{}\n[[clusters]]\nname = \"other\"\n{}",
+        fleet.inventory_tls_toml(),
         host_node_toml(fleet.host(0)),
         node_toml(
             "ghost",

@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgfleet_proto::agent::v1 as pb;
 use pgfleet_proto::agent::v1::agent_client::AgentClient;
@@ -32,22 +32,14 @@ struct Pki {
 }
 
 impl Pki {
-    fn new(base: &Path, agent_ip: &str) -> Pki {
-        let dir = base.join("pki");
-        let other = base.join("other-pki");
-        let d = dir.to_str().unwrap();
+    /// The fleet's own CA (node0, test-admin, test-reader: made by the
+    /// harness with `pgfleet certs`), plus a foreign CA with an admin.
+    fn new(fleet: &TestFleet) -> Pki {
+        let dir = fleet.pki_dir();
+        let other = fleet.dir().join("other-pki");
         let o = other.to_str().unwrap();
-        pgfleet(&["certs", "init", d]);
-        pgfleet(&["certs", "issue", "--dir", d, "--role", "agent", "node0", "--san", agent_ip]);
-        pgfleet(&["certs", "issue", "--dir", d, "--role", "admin", "alice"]);
-        pgfleet(&["certs", "issue", "--dir", d, "--role", "reader", "monitor"]);
         pgfleet(&["certs", "init", o]);
         pgfleet(&["certs", "issue", "--dir", o, "--role", "admin", "mallory"]);
-        // The agent runs as postgres: its certificate and key are its own.
-        for f in ["node0.crt", "node0.key", "ca.crt"] {
-            chown_postgres(&dir.join(f));
-        }
-        chown_postgres(&dir);
         Pki { dir, other }
     }
 
@@ -68,16 +60,19 @@ impl Pki {
     }
 }
 
-fn tls_agent_config(host: &pgfleet_tests::Host, pki: &Path, audit: &Path, key: &Path) -> String {
-    let plain = host.agent_config();
-    let tls = format!(
-        "audit_log = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        audit.display(),
-        pki.join("ca.crt").display(),
-        pki.join("node0.crt").display(),
-        key.display()
-    );
-    plain.replacen("insecure = true\n", &tls, 1)
+/// The host's agent configuration with another private key.
+fn with_key(host: &pgfleet_tests::Host, key: &Path) -> String {
+    let usual = host.pki_dir().join(format!("{}.key", host.node_name()));
+    host.agent_config()
+        .replace(&format!("key = \"{}\"", usual.display()), &format!("key = \"{}\"", key.display()))
+}
+
+/// The host's agent configuration serving plaintext (no [tls]).
+fn plaintext(host: &pgfleet_tests::Host) -> String {
+    let text = host.agent_config();
+    let tls_start = text.find("[tls]\n").unwrap();
+    let tls_end = text.find("[postgres]\n").unwrap();
+    format!("insecure = true\n{}{}", &text[..tls_start], &text[tls_end..])
 }
 
 async fn channel(url: &str, tls: ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
@@ -102,13 +97,6 @@ async fn get_status(url: &str, tls: ClientTlsConfig) -> Result<pb::NodeStatus, C
         .map_err(|s| s.code())
 }
 
-fn wait_port(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "agent did not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
@@ -118,21 +106,15 @@ async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
     host.start_postgres().unwrap();
     host.query_one_string("SELECT pg_create_physical_replication_slot('keepme')").await.unwrap();
 
-    let pki = Pki::new(fleet.dir(), &host.addr().to_string());
+    let pki = Pki::new(&fleet);
     let audit = host.dir().join("audit.jsonl");
-    let cfg = host.dir().join("agent-tls.toml");
-    std::fs::write(&cfg, tls_agent_config(host, &pki.dir, &audit, &pki.dir.join("node0.key"))).unwrap();
-    chown_postgres(&cfg);
-    let mut agent = host
-        .spawn(&[bin_path("pgfleet-agent").unwrap().to_str().unwrap(), "--config", cfg.to_str().unwrap()])
-        .unwrap();
-    wait_port(host.agent_addr());
+    host.start_agent().unwrap();
     let url = format!("https://{}", host.agent_addr());
 
     // An admin may look and change.
-    let st = get_status(&url, pki.client(pki.identity("alice"))).await.unwrap();
+    let st = get_status(&url, pki.client(pki.identity("test-admin"))).await.unwrap();
     assert!(st.server_up);
-    let admin = channel(&url, pki.client(pki.identity("alice"))).await.unwrap();
+    let admin = channel(&url, pki.client(pki.identity("test-admin"))).await.unwrap();
     let e = AgentClient::new(admin)
         .drop_slot(pb::DropSlotRequest { slot_name: "nosuch".into(), force: false })
         .await
@@ -140,14 +122,14 @@ async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
     assert_eq!(e.code(), Code::NotFound, "an admin passes authorization: {e:?}");
 
     // A reader may look, not change.
-    assert!(get_status(&url, pki.client(pki.identity("monitor"))).await.is_ok());
-    let reader = channel(&url, pki.client(pki.identity("monitor"))).await.unwrap();
+    assert!(get_status(&url, pki.client(pki.identity("test-reader"))).await.is_ok());
+    let reader = channel(&url, pki.client(pki.identity("test-reader"))).await.unwrap();
     let e = AgentClient::new(reader.clone())
         .drop_slot(pb::DropSlotRequest { slot_name: "keepme".into(), force: true })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().contains("monitor") && e.message().contains("DropSlot"), "{e:?}");
+    assert!(e.message().contains("test-reader") && e.message().contains("DropSlot"), "{e:?}");
     let e = AgentClient::new(reader)
         .start_rebuild(pb::StartRebuildRequest {
             upstream_host: "198.18.0.9".into(),
@@ -193,8 +175,8 @@ async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
     // Audit: the refusal and the admin's call, no secret.
     let text = std::fs::read_to_string(&audit).unwrap();
     let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(lines.iter().any(|l| l["caller"] == "monitor" && l["rpc"] == "DropSlot" && l["outcome"] == "PermissionDenied"), "{text}");
-    assert!(lines.iter().any(|l| l["caller"] == "alice" && l["rpc"] == "DropSlot" && l["outcome"] == "NotFound"), "{text}");
+    assert!(lines.iter().any(|l| l["caller"] == "test-reader" && l["rpc"] == "DropSlot" && l["outcome"] == "PermissionDenied"), "{text}");
+    assert!(lines.iter().any(|l| l["caller"] == "test-admin" && l["rpc"] == "DropSlot" && l["outcome"] == "NotFound"), "{text}");
     assert!(!text.contains("pw-never-used"), "{text}");
 
     // The CLI speaks TLS with the inventory's identity.
@@ -206,8 +188,8 @@ async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
              [[clusters.nodes]]\nname = \"node0\"\nagent = \"{url}\"\nhost = \"{}\"\n",
             fleet.dir().join("state").display(),
             pki.dir.join("ca.crt").display(),
-            pki.dir.join("alice.crt").display(),
-            pki.dir.join("alice.key").display(),
+            pki.dir.join("test-admin.crt").display(),
+            pki.dir.join("test-admin.key").display(),
             host.addr()
         ),
     )
@@ -222,16 +204,14 @@ async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
     // ... and a reader identity cannot drop a slot through it (exit 1).
     let out = Command::new(bin_path("pgfleet").unwrap())
         .args(["--inventory", inv.to_str().unwrap()])
-        .args(["--tls-cert", pki.dir.join("monitor.crt").to_str().unwrap()])
-        .args(["--tls-key", pki.dir.join("monitor.key").to_str().unwrap()])
+        .args(["--tls-cert", pki.dir.join("test-reader.crt").to_str().unwrap()])
+        .args(["--tls-key", pki.dir.join("test-reader.key").to_str().unwrap()])
         .args(["slots", "drop", "node0", "keepme"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("may not call DropSlot"));
 
-    let _ = agent.kill();
-    let _ = agent.wait();
 }
 
 /// An admin certificate of the fleet CA whose validity ended yesterday.
@@ -255,7 +235,7 @@ fn expired_admin(pki: &Path) -> (Vec<u8>, Vec<u8>) {
 async fn agent_refuses_unsafe_key_and_plaintext_off_loopback() {
     let fleet = TestFleet::new(1).unwrap();
     let host = fleet.host(0);
-    let pki = Pki::new(fleet.dir(), &host.addr().to_string());
+    let pki = Pki::new(&fleet);
 
     // A private key others may read: the agent does not start.
     let loose = pki.dir.join("loose.key");
@@ -263,7 +243,7 @@ async fn agent_refuses_unsafe_key_and_plaintext_off_loopback() {
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
     chown_postgres(&loose);
     let cfg = host.dir().join("agent-loose.toml");
-    std::fs::write(&cfg, tls_agent_config(host, &pki.dir, &host.dir().join("a.jsonl"), &loose)).unwrap();
+    std::fs::write(&cfg, with_key(host, &loose)).unwrap();
     chown_postgres(&cfg);
     let agent = bin_path("pgfleet-agent").unwrap();
     let err = host
@@ -274,7 +254,7 @@ async fn agent_refuses_unsafe_key_and_plaintext_off_loopback() {
 
     // Plaintext on a non-loopback address: refused, naming the fix.
     let plain = host.dir().join("agent-plain.toml");
-    std::fs::write(&plain, host.agent_config()).unwrap();
+    std::fs::write(&plain, plaintext(host)).unwrap();
     let out = Command::new(&agent)
         .env_clear()
         .args(["--config", plain.to_str().unwrap(), "--check-config"])
@@ -284,7 +264,7 @@ async fn agent_refuses_unsafe_key_and_plaintext_off_loopback() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("only allowed on a loopback address") && stderr.contains("[tls]"), "{stderr}");
     // On loopback it is allowed.
-    std::fs::write(&plain, host.agent_config().replace(&host.agent_addr().to_string(), "127.0.0.1:7499")).unwrap();
+    std::fs::write(&plain, plaintext(host).replace(&host.agent_addr().to_string(), "127.0.0.1:7499")).unwrap();
     let out = Command::new(&agent)
         .env_clear()
         .args(["--config", plain.to_str().unwrap(), "--check-config"])

@@ -7,7 +7,6 @@ use common::*;
 use pgfleet_tests::TestFleet;
 use serde_json::Value;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -135,13 +134,7 @@ async fn agent_serves_health_and_reflection() {
     let fleet = TestFleet::new(1).unwrap();
     start_primary(&fleet, 0);
     start_agents(&fleet);
-    let endpoint = fleet.host(0).agent_endpoint();
-
-    let channel = Channel::from_shared(endpoint)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = fleet.host(0).agent_channel().await.unwrap();
 
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "pgfleet.agent.v1.Agent"] {

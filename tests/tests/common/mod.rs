@@ -39,7 +39,7 @@ pub async fn primary_and_replica() -> TestFleet {
 
 /// An agent endpoint in the fleet's subnet that no host has: nobody answers.
 pub fn ghost_endpoint(fleet: &TestFleet) -> String {
-    format!("http://198.18.{}.250:7420", fleet.n())
+    format!("https://198.18.{}.250:7420", fleet.n())
 }
 
 /// Writes `text` as the fleet's inventory (what `fleet.pgfleet` uses).
