@@ -84,7 +84,7 @@ impl Operation {
             started: Instant::now(),
             ended: false,
         };
-        op.record("begin", "started", what)?;
+        op.record("begin", "started", &format!("{what}; caller {}", caller()))?;
         Ok(op)
     }
 
@@ -133,6 +133,21 @@ impl Operation {
 impl Drop for Operation {
     fn drop(&mut self) {
         self.finish("failed");
+    }
+}
+
+/// Who runs this operation: the OS user, and the client certificate the
+/// agents see.
+fn caller() -> String {
+    let uid = nix::unistd::getuid();
+    let user = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid {uid}"));
+    match crate::client::client_certificate() {
+        Some(cert) => format!("{user} with certificate {cert}"),
+        None => user,
     }
 }
 

@@ -225,4 +225,26 @@ mod tests {
         let r = s.replacing("b", "a");
         assert_eq!((r.names.len(), r.num_sync), (1, 1));
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,60}") {
+            let _ = SyncSpec::parse(&s);
+        }
+
+        #[test]
+        fn what_pgfleet_writes_parses_back(
+            names in proptest::collection::btree_set("[a-z0-9][a-z0-9_-]{0,20}", 1..5),
+            any in any::<bool>(),
+            k in 1u32..5,
+        ) {
+            let nodes: Vec<NodeName> = names.iter().map(|n| NodeName::parse(n).unwrap()).collect();
+            let k = k.min(nodes.len() as u32);
+            let method = if any { SyncMethod::Any } else { SyncMethod::First };
+            let spec = SyncSpec::from_nodes(method, k, &nodes).unwrap();
+            prop_assert_eq!(SyncSpec::parse(&spec.to_string()).unwrap(), spec);
+        }
+    }
 }
