@@ -239,3 +239,34 @@ async fn every_journaled_operation_records_its_end() {
         "operations journaled without an end (id, what): {unended:?}"
     );
 }
+
+/// Application names reach synchronous_standby_names and primary_conninfo:
+/// anything but a node name of the inventory is refused before any agent
+/// is called (here there is none to call).
+#[test]
+fn injection_in_standby_names_is_refused_before_any_call() {
+    let dir = std::env::temp_dir().join(format!("pgfleet-sync-inj-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inv = dir.join("inventory.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "state_dir = \"{}\"\n[[clusters]]\nname = \"main\"\n[[clusters.nodes]]\nname = \"node0\"\n\
+             agent = \"https://127.0.0.1:1\"\nhost = \"127.0.0.1\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    for bad in ["x\"); drop table t; --", "node0\", \"*", "Node0", "a b"] {
+        let out = std::process::Command::new(pgfleet_tests::bin_path("pgfleet").unwrap())
+            .args(["--inventory", inv.to_str().unwrap(), "sync", "set", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains("invalid"), "{bad:?}: {stderr}");
+        // Refused before the cluster lock was even taken.
+        assert!(!dir.join("state").join("main.journal").exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
