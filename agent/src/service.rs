@@ -345,4 +345,43 @@ mod tests {
         assert_eq!(argv, "is-active\n--\npostgresql@15-main\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    fn config(service: &str) -> AgentConfig {
+        AgentConfig::parse(
+            &format!(
+                "listen = \"127.0.0.1:1\"\ninsecure = true\n[postgres]\nbin_dir = \"/usr/lib/postgresql/15/bin\"\n\
+                 data_dir = \"/nonexistent\"\n[service]\n{service}"
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn systemd_backend_stops_and_starts_the_configured_unit() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("pgfleet-systemctl-act-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let argv_file = dir.join("argv");
+        let stub = dir.join("systemctl");
+        std::fs::write(&stub, format!("#!/bin/sh\necho \"$*\" >> {}\nexit 0\n", argv_file.display())).unwrap();
+        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = config(&format!(
+            "backend = \"systemd\"\nunit = \"postgresql@15-main\"\nsystemctl = \"{}\"\n",
+            stub.display()
+        ));
+        perform(&cfg, Action::Stop).await.unwrap();
+        perform(&cfg, Action::Start).await.unwrap();
+        let argv = std::fs::read_to_string(&argv_file).unwrap();
+        assert_eq!(argv, "stop -- postgresql@15-main\nstart -- postgresql@15-main\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pg_ctlcluster_backend_stops_fast_and_starts_the_configured_cluster() {
+        let cfg = config("backend = \"pg_ctlcluster\"\nversion = \"15\"\ncluster = \"main\"\n");
+        let argv = |a| action_command(&cfg, a, Duration::from_secs(60)).argv();
+        assert_eq!(argv(Action::Stop), ["/usr/bin/pg_ctlcluster", "15", "main", "stop", "-m", "fast"]);
+        assert_eq!(argv(Action::Start), ["/usr/bin/pg_ctlcluster", "15", "main", "start"]);
+    }
 }

@@ -34,6 +34,10 @@ pub struct AgentOptions {
     /// Further lines of the `[rebuild]` section, as TOML, e.g.
     /// `free_space_margin_percent = 20` or `ready_timeout = "30s"`.
     pub rebuild_lines: Vec<String>,
+    /// The body of the `[service]` table instead of the pg_ctl backend with
+    /// [`Host::pg_ctl_options`], e.g. `backend = "pg_ctlcluster"` with its
+    /// `version` and `cluster` lines.
+    pub service_toml: Option<String>,
 }
 
 impl Host {
@@ -98,9 +102,7 @@ impl Host {
              socket_dir = {sock}\n\
              port = {PG_PORT}\n\
              [service]\n\
-             backend = \"pg_ctl\"\n\
-             log_file = {log}\n\
-             options = {options}\n",
+             {service}",
             listen = toml_str(&self.agent_addr().to_string()),
             audit = path(self.dir().join("audit.jsonl")),
             ca = path(pki.join("ca.crt")),
@@ -112,9 +114,15 @@ impl Host {
                 .map_or_else(|| toml_str(PG_BIN_DIR), path),
             data = path(options.data_dir.clone().unwrap_or_else(|| self.data_dir())),
             sock = path(self.socket_dir()),
-            log = path(self.postgres_log()),
-            options = toml_str(&self.pg_ctl_options()),
+            service = options.service_toml.clone().unwrap_or_else(|| format!(
+                "backend = \"pg_ctl\"\nlog_file = {log}\noptions = {options}\n",
+                log = path(self.postgres_log()),
+                options = toml_str(&self.pg_ctl_options()),
+            )),
         );
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
         let mut rebuild = Vec::new();
         if !options.allowed_roots.is_empty() {
             let roots: Vec<String> = options
