@@ -84,7 +84,7 @@ cleanup() {
     dpkg -P pgfleet-agent pgfleet >/dev/null 2>&1
   fi
   if [ $rc -ne 0 ]; then
-    for f in "$tmp"/*.log; do
+    for f in "$tmp"/*.log "$tmp"/pgdata-parent/*.log; do
       [ -f "$f" ] && { echo "--- $f" >&2; tail -n 40 "$f" >&2; }
     done
     echo "install test FAILED (exit $rc)" >&2
@@ -96,7 +96,7 @@ trap cleanup EXIT
 
 # --- lintian ----------------------------------------------------------------
 step "lintian"
-lintian --info "$agent_deb" "$cli_deb" 2>&1 | grep -v '^running with root privileges' | tee "$tmp/lintian.out" >&2 || true
+lintian --display-info "$agent_deb" "$cli_deb" 2>&1 | grep -v '^running with root privileges' | tee "$tmp/lintian.out" >&2 || true
 if grep -q '^E:' "$tmp/lintian.out"; then
   fail "lintian reports errors"
 fi
@@ -206,7 +206,10 @@ cat >"$tmp/bus.conf" <<EOF
   <type>system</type>
   <listen>unix:path=$tmp/bus</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default"><allow user="*"/><allow own="*"/><allow send_destination="*"/></policy>
+  <policy context="default">
+    <allow user="*"/><allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/>
+  </policy>
 </busconfig>
 EOF
 dbus-daemon --config-file="$tmp/bus.conf" --nofork --nopidfile >"$tmp/dbus.log" 2>&1 &
@@ -215,7 +218,7 @@ for _ in $(seq 50); do [ -S "$tmp/bus" ] && break; sleep 0.1; done
 export DBUS_SYSTEM_BUS_ADDRESS=unix:path=$tmp/bus
 /usr/lib/polkit-1/polkitd --no-debug >"$tmp/polkitd.log" 2>&1 &
 pids+=($!)
-runuser -u postgres -- sleep 300 &
+runuser -u postgres -- sleep 300 2>/dev/null &
 subject_runuser=$!
 pids+=($subject_runuser)
 subject=""
@@ -226,11 +229,11 @@ for _ in $(seq 50); do
 done
 [ -n "$subject" ] || fail "no process of postgres to ask polkit about"
 may() {  # may VERB UNIT: does polkit let postgres do it?
-  pkcheck --action-id org.freedesktop.systemd1.manage-units --process "$subject" \
+  timeout 10 pkcheck --action-id org.freedesktop.systemd1.manage-units --process "$subject" \
     --detail unit "$2" --detail verb "$1" >/dev/null 2>&1
 }
 ok=""
-for _ in $(seq 50); do may start postgresql@15-main.service && { ok=yes; break; }; sleep 0.2; done
+for _ in $(seq 25); do may start postgresql@15-main.service && { ok=yes; break; }; sleep 0.2; done
 [ -n "$ok" ] || fail "polkit does not let postgres start postgresql@15-main.service"
 may stop postgresql@15-main.service || fail "polkit does not let postgres stop postgresql@15-main.service"
 may restart postgresql-15.service || fail "polkit does not let postgres restart postgresql-15.service (PGDG)"
@@ -245,8 +248,9 @@ bin=/usr/lib/postgresql/15/bin
 pgport=54329   # names the socket in our own socket directory; no TCP
 install -d -o postgres -g postgres -m 700 "$tmp/run" "$tmp/pgdata-parent"
 data=$tmp/pgdata-parent/data
+pglog=$tmp/pgdata-parent/postgres.log   # postgres writes it
 runuser -u postgres -- "$bin/initdb" --no-sync -D "$data" -U postgres --auth-local=peer --auth-host=reject >"$tmp/initdb.log"
-runuser -u postgres -- "$bin/pg_ctl" -D "$data" -l "$tmp/postgres.log" -w \
+runuser -u postgres -- "$bin/pg_ctl" -D "$data" -l "$pglog" -w \
   -o "-c listen_addresses='' -c unix_socket_directories='$tmp/run' -c port=$pgport" start >/dev/null
 pg_started=yes
 
@@ -278,7 +282,7 @@ sed -e "s|^listen = .*|listen = \"127.0.0.1:$agent_port\"|" \
     -e "s|^socket_dir = .*|socket_dir = \"$tmp/run\"|" \
     -e "s|^port = .*|port = $pgport|" \
     -e "s|^backend = \"systemd\"|backend = \"pg_ctl\"|" \
-    -e "s|^unit = .*|log_file = \"$tmp/postgres.log\"|" \
+    -e "s|^unit = .*|log_file = \"$pglog\"|" \
     /etc/pgfleet/agent.toml >"$tmp/agent.toml"
 diff /etc/pgfleet/agent.toml "$tmp/agent.toml" >&2 || true
 [ "$(diff /etc/pgfleet/agent.toml "$tmp/agent.toml" | grep -c '^>')" -eq 10 ] || fail "not every line to change was found in the installed agent.toml"
@@ -287,10 +291,12 @@ chown postgres:postgres "$tmp/audit.log"
 chmod 644 "$tmp/agent.toml"
 
 step "pgfleet-agent as postgres, with NOTIFY_SOCKET"
-runuser -u postgres -- socat -u "UNIX-RECV:$tmp/notify.sock" STDOUT >"$tmp/notify.out" 2>"$tmp/socat.log" &
+# Like systemd's, a datagram socket the agent's user may send to.
+install -d -o postgres -g postgres -m 700 "$tmp/notify"
+runuser -u postgres -- socat -u "UNIX-RECV:$tmp/notify/notify.sock" STDOUT >"$tmp/notify.out" 2>"$tmp/socat.log" &
 pids+=($!)
-for _ in $(seq 50); do [ -S "$tmp/notify.sock" ] && break; sleep 0.1; done
-runuser -u postgres -- env NOTIFY_SOCKET="$tmp/notify.sock" \
+for _ in $(seq 50); do [ -S "$tmp/notify/notify.sock" ] && break; sleep 0.1; done
+runuser -u postgres -- env NOTIFY_SOCKET="$tmp/notify/notify.sock" \
   /usr/bin/pgfleet-agent --config "$tmp/agent.toml" >"$tmp/agent.log" 2>&1 &
 agent_pid=$!
 pids+=($agent_pid)
@@ -360,8 +366,9 @@ grep -q '^# local change by install-test$' /etc/pgfleet/agent.toml || fail "dpkg
 echo "removed; /etc/pgfleet/agent.toml and $data untouched" >&2
 
 step "dpkg -P: config gone, data stays"
-dpkg -P pgfleet-agent pgfleet
+dpkg -P pgfleet-agent   # pgfleet has no conffiles: dpkg -r removed it all
 installed=""
+dpkg-query -W pgfleet-agent pgfleet 2>/dev/null | grep -q . && fail "a package is still known to dpkg after purge"
 [ -e /etc/pgfleet/agent.toml ] && fail "dpkg -P left /etc/pgfleet/agent.toml"
 [ "$(fingerprint)" = "$before" ] || fail "the data directory changed on dpkg -P"
 [ -f "$data/PG_VERSION" ] || fail "the data directory is gone"

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use pgfleet_agent::config::AgentConfig;
 use pgfleet_agent::cli::Args;
+use pgfleet_agent::config::AgentConfig;
 use pgfleet_agent::{AgentState, notify, server};
 use tracing::info;
 

@@ -105,7 +105,8 @@ mod tests {
     fn sends_to_an_abstract_socket() {
         use std::os::linux::net::SocketAddrExt;
         let name = format!("pgfleet-notify-test-{}", std::process::id());
-        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+            .unwrap();
         notify_socket(OsStr::new(&format!("@{name}")), "READY=1").unwrap();
         assert_eq!(receive(&rx), "READY=1");
     }

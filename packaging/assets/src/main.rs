@@ -82,14 +82,20 @@ SIGTERM and SIGINT stop the agent: it stops accepting calls and exits.
 /// One page for the command and one for every subcommand, named like git's
 /// (`pgfleet-sync-set.1`), each listing its own options; `extra` is added to
 /// the top page.
-fn write_man_pages(cmd: &clap::Command, section: &str, dir: &Path, extra: &str) -> anyhow::Result<()> {
+fn write_man_pages(
+    cmd: &clap::Command,
+    section: &str,
+    dir: &Path,
+    extra: &str,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut cmd = cmd.clone();
     // Subcommands inherit the name path (`pgfleet sync set`) only once built.
     cmd.build();
     write_page(&cmd, cmd.get_name(), section, dir)?;
     let top = dir.join(format!("{}.{section}", cmd.get_name()));
-    let mut page = std::fs::read_to_string(&top).with_context(|| format!("reading {}", top.display()))?;
+    let mut page =
+        std::fs::read_to_string(&top).with_context(|| format!("reading {}", top.display()))?;
     page.push_str(extra);
     std::fs::write(&top, page).with_context(|| format!("writing {}", top.display()))
 }
@@ -115,7 +121,8 @@ fn write_completions(mut cmd: clap::Command, dir: &Path) -> anyhow::Result<()> {
     let name = cmd.get_name().to_owned();
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         let shell_dir = dir.join(shell.to_string());
-        std::fs::create_dir_all(&shell_dir).with_context(|| format!("creating {}", shell_dir.display()))?;
+        std::fs::create_dir_all(&shell_dir)
+            .with_context(|| format!("creating {}", shell_dir.display()))?;
         clap_complete::generate_to(shell, &mut cmd, &name, &shell_dir)
             .with_context(|| format!("{shell} completion of {name}"))?;
     }
