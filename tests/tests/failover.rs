@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{exec, json, one, pgfleet, rows, wait_replayed};
+use common::{exec, json, one, pgfleet, rows, senders, wait_replayed};
 use nix::fcntl::{Flock, FlockArg};
 use pgfleet_proto::Lsn;
 use pgfleet_tests::{CliOutput, Host, TestFleet};
@@ -118,22 +118,6 @@ async fn timeline(primary: &Host) -> u64 {
     .await
     .parse()
     .unwrap()
-}
-
-/// `(application_name, state, sync_state)` of every WAL sender on `host`.
-async fn senders(host: &Host) -> Vec<(String, String, String)> {
-    rows(
-        host,
-        "select application_name, state, sync_state from pg_stat_replication \
-         order by application_name",
-    )
-    .await
-    .into_iter()
-    .map(|r| {
-        let v = |i: usize| r[i].clone().unwrap_or_default();
-        (v(0), v(1), v(2))
-    })
-    .collect()
 }
 
 /// Waits (up to 60 s) until `standby` streams from `primary`, seen from

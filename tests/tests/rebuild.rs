@@ -8,6 +8,8 @@
 // inside test functions).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::rows;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -33,23 +35,6 @@ fn pgfleet(fleet: &TestFleet, args: &[&str]) -> CliOutput {
     let out = fleet.pgfleet(args).unwrap();
     eprintln!("$ pgfleet {}\n{out}", args.join(" "));
     out
-}
-
-/// The rows of `sql` on `host`, every value in PostgreSQL's text form.
-async fn rows(host: &Host, sql: &str) -> Vec<Vec<Option<String>>> {
-    let client = host.connect().await.unwrap();
-    client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql:?} on {}: {e}", host.netns()))
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
-            }
-            _ => None,
-        })
-        .collect()
 }
 
 async fn exec(host: &Host, sql: &str) {

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{json, one, pgfleet, rows};
+use common::{json, one, pgfleet, senders};
 use pgfleet_tests::{Host, TestFleet};
 use serde_json::Value;
 
@@ -23,22 +23,6 @@ async fn primary_and_two_rebuilt_standbys() -> TestFleet {
         assert_eq!(out.code(), Some(0), "{out}");
     }
     fleet
-}
-
-/// `(application_name, state, sync_state)` of every WAL sender on `host`.
-async fn sync_states(host: &Host) -> Vec<(String, String, String)> {
-    rows(
-        host,
-        "select application_name, state, sync_state from pg_stat_replication \
-         order by application_name",
-    )
-    .await
-    .into_iter()
-    .map(|r| {
-        let v = |i: usize| r[i].clone().unwrap_or_default();
-        (v(0), v(1), v(2))
-    })
-    .collect()
 }
 
 fn streaming(rows: &[(&str, &str)]) -> Vec<(String, String, String)> {
@@ -67,7 +51,7 @@ fn reported_states(report: &Value) -> Vec<(String, String, String)> {
 async fn primary_view(primary: &Host) -> (String, Vec<(String, String, String)>) {
     (
         one(primary, "show synchronous_standby_names").await,
-        sync_states(primary).await,
+        senders(primary).await,
     )
 }
 

@@ -166,3 +166,19 @@ pub async fn wait_replayed(primary: &Host, replica: &Host) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `(application_name, state, sync_state)` of every WAL sender on `host`.
+pub async fn senders(host: &Host) -> Vec<(String, String, String)> {
+    rows(
+        host,
+        "select application_name, state, sync_state from pg_stat_replication \
+         order by application_name",
+    )
+    .await
+    .into_iter()
+    .map(|r| {
+        let v = |i: usize| r[i].clone().unwrap_or_default();
+        (v(0), v(1), v(2))
+    })
+    .collect()
+}
