@@ -1,129 +1,13 @@
 //! Who is calling, whether they may, and the audit trail of changes
-//! (DESIGN.md invariant 10).
-//!
-//! With mutual TLS the caller is the verified client certificate: its common
-//! name is the identity, its organizational unit the role (reader, admin).
-//! rustls has already checked the chain against the fleet CA and the
-//! validity period before a request reaches us. Plaintext is only allowed on
-//! loopback, and then the caller is the local admin.
+//! (DESIGN.md invariant 10): the shared implementation in pgfleet-proto, with
+//! the agent's table of which RPC needs which access.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::sync::Mutex;
+use pgfleet_proto::identity::agent_method_access;
+use tonic::Status;
 
-use pgfleet_proto::identity::{Access, CertRole, agent_method_access};
-use serde_json::json;
-use tonic::{Request, Status};
-use tracing::warn;
-use x509_parser::prelude::{FromDer, X509Certificate};
+pub use pgfleet_proto::auth::{Audit, Caller, caller_of};
 
-/// The authenticated caller of one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub name: String,
-    pub role: CertRole,
-}
-
-impl std::fmt::Display for Caller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.name, self.role)
-    }
-}
-
-/// Reads the caller from the request's verified client certificate.
-pub fn caller_of<T>(req: &Request<T>, tls: bool) -> Result<Caller, Status> {
-    if !tls {
-        return Ok(Caller {
-            name: "local".into(),
-            role: CertRole::Admin,
-        });
-    }
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("no client certificate: present one issued by the fleet CA"))?;
-    let der = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("no client certificate: present one issued by the fleet CA"))?;
-    let (_, cert) = X509Certificate::from_der(der.as_ref())
-        .map_err(|_| Status::unauthenticated("the client certificate cannot be parsed"))?;
-    let subject = cert.subject();
-    let name = subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .unwrap_or("unnamed")
-        .to_owned();
-    let role = subject
-        .iter_organizational_unit()
-        .filter_map(|ou| ou.as_str().ok())
-        .find_map(CertRole::parse)
-        .ok_or_else(|| {
-            Status::permission_denied(format!(
-                "certificate {name:?} carries no pgfleet role (OU admin or reader); issue one with `pgfleet certs issue`"
-            ))
-        })?;
-    Ok(Caller { name, role })
-}
-
-/// Whether `caller` may call `method`; PERMISSION_DENIED naming both
-/// otherwise (and logged).
+/// Whether `caller` may call the agent RPC `method`.
 pub fn authorize(caller: &Caller, method: &'static str) -> Result<(), Status> {
-    let access = agent_method_access(method).unwrap_or(Access::Change);
-    if caller.role.may(access) {
-        return Ok(());
-    }
-    warn!(caller = %caller, method, "permission denied");
-    Err(Status::permission_denied(format!(
-        "{caller} may not call {method}: {}",
-        match access {
-            Access::Change => "it changes the node and needs an admin certificate",
-            Access::Read => "agent certificates are for serving, not calling",
-        }
-    )))
-}
-
-/// One JSON line per changing call, appended and flushed; no secret ever
-/// reaches it (targets are names and addresses).
-#[derive(Debug)]
-pub struct Audit {
-    file: Option<Mutex<std::fs::File>>,
-    path: Option<PathBuf>,
-}
-
-impl Audit {
-    pub fn open(path: Option<&std::path::Path>) -> std::io::Result<Self> {
-        let Some(p) = path else {
-            return Ok(Audit { file: None, path: None });
-        };
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(p)?;
-        Ok(Audit {
-            file: Some(Mutex::new(f)),
-            path: Some(p.to_owned()),
-        })
-    }
-
-    pub fn record(&self, caller: &Caller, method: &str, target: &str, outcome: Result<(), &Status>) {
-        let Some(file) = &self.file else { return };
-        let line = json!({
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "caller": caller.name,
-            "role": caller.role.as_str(),
-            "rpc": method,
-            "target": target,
-            "outcome": match outcome { Ok(()) => "ok".to_owned(), Err(s) => format!("{:?}", s.code()) },
-            "error": outcome.err().map(|s| s.message().to_owned()),
-        });
-        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = writeln!(f, "{line}") {
-            warn!(error = %e, path = ?self.path, "cannot write the audit log");
-        }
-    }
+    pgfleet_proto::auth::authorize(caller, method, agent_method_access(method))
 }

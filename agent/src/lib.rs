@@ -27,7 +27,7 @@ pub mod exec;
 pub mod grpc;
 pub mod hba;
 pub mod jobs;
-pub mod notify;
+pub use pgfleet_proto::notify;
 pub mod passfile;
 pub mod pg;
 pub mod plan;

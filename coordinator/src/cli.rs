@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use pgfleet_proto::SlotName;
 use serde::Serialize;
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
 use crate::fleet_status;
 use crate::inventory::Inventory;
+use crate::ops::render::OperationView;
+use crate::ops::{OpCtx, OpRequest, Rendered, SyncRequest};
 use crate::rebuild::{self, Display};
 use crate::{slots, status_render, wal};
 
@@ -42,6 +43,14 @@ pub struct Cli {
     /// Its key (0600).
     #[arg(long, global = true, env = "PGFLEET_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Send every command to this `pgfleet serve` (https://HOST:PORT)
+    /// instead of running it in this process; the output is the same.
+    #[arg(long, global = true, env = "PGFLEET_COORDINATOR", value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// The fleet CA the coordinator's certificate must chain to (default:
+    /// the inventory's [tls] ca).
+    #[arg(long, global = true, env = "PGFLEET_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, global = true, env = "PGFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -74,6 +83,68 @@ pub enum Command {
     Rejoin(RejoinArgs),
     /// The fleet CA and certificates for agents, admins and readers.
     Certs(CertsArgs),
+    /// Operations journaled on this coordinator: list, show, watch, cancel,
+    /// resume or abort one.
+    Ops(OpsArgs),
+    /// Serve the coordinator API (gRPC, mutual TLS) for other systems and
+    /// `pgfleet --coordinator`.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The service's configuration.
+    #[arg(long, env = "PGFLEET_COORDINATOR_CONFIG", default_value = "/etc/pgfleet/coordinator.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct OpsArgs {
+    #[command(subcommand)]
+    pub action: OpsAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpsAction {
+    /// Newest first: id, cluster, state (running, succeeded, failed,
+    /// cancelled, interrupted, aborted), caller.
+    List {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One operation with every journal line.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow an operation running in `pgfleet serve` (needs --coordinator).
+    Watch {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        no_progress_bar: bool,
+    },
+    /// Stop an operation where that is safe (needs --coordinator).
+    Cancel { id: String },
+    /// Finish an interrupted operation.
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End an interrupted operation without finishing it; says how the
+    /// cluster was left.
+    Abort {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -197,7 +268,15 @@ pub struct RejoinArgs {
 #[derive(Debug, Args)]
 pub struct RebuildArgs {
     /// Node to rebuild.
-    pub node: String,
+    #[arg(required_unless_present = "all_replicas")]
+    pub node: Option<String>,
+    /// Rebuild every replica of --cluster, one at a time, never leaving
+    /// fewer synchronous standbys than synchronous_standby_names needs.
+    #[arg(long, conflicts_with_all = ["node", "from", "slot", "tablespace_mapping", "attach"])]
+    pub all_replicas: bool,
+    /// The cluster, with --all-replicas (optional when the inventory has one).
+    #[arg(long, requires = "all_replicas")]
+    pub cluster: Option<String>,
     /// Copy from this node instead of the cluster's current primary.
     #[arg(long, value_name = "NODE")]
     pub from: Option<String>,
@@ -290,7 +369,7 @@ pub enum Outcome {
 }
 
 impl Cli {
-    fn deadlines(&self) -> Deadlines {
+    pub fn deadlines(&self) -> Deadlines {
         Deadlines {
             connect: self.connect_timeout,
             call: self.timeout,
@@ -298,23 +377,130 @@ impl Cli {
     }
 }
 
-fn print_json<T: Serialize>(v: &T) -> Result<(), CoordinatorError> {
+pub fn print_json<T: Serialize>(v: &T) -> Result<(), CoordinatorError> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v).map_err(std::io::Error::from)?;
     writeln!(out)?;
     Ok(())
 }
 
-fn print_text(s: &str) -> Result<(), CoordinatorError> {
+pub fn print_text(s: &str) -> Result<(), CoordinatorError> {
     let mut out = std::io::stdout().lock();
     out.write_all(s.as_bytes())?;
     Ok(())
 }
 
+/// How events are shown for a command with these flags.
+pub fn display(json: bool, no_progress_bar: bool) -> Display {
+    use std::io::IsTerminal;
+    if json {
+        Display::Json
+    } else if !no_progress_bar && std::io::stderr().is_terminal() {
+        Display::Bar
+    } else {
+        Display::Plain
+    }
+}
+
+/// The operation a command asks for, and whether it wants JSON.
+pub fn op_request(command: &Command) -> Option<(OpRequest, bool, Display)> {
+    Some(match command {
+        Command::Rebuild(a) if a.attach.is_none() => {
+            let req = if a.all_replicas {
+                OpRequest::RebuildAll {
+                    cluster: a.cluster.clone().unwrap_or_default(),
+                    spread_checkpoint: a.checkpoint == "spread",
+                    dry_run: a.dry_run,
+                }
+            } else {
+                OpRequest::Rebuild {
+                    node: a.node.clone().unwrap_or_default(),
+                    from: a.from.clone(),
+                    slot: a.slot.clone(),
+                    tablespace_mappings: a.tablespace_mapping.clone(),
+                    spread_checkpoint: a.checkpoint == "spread",
+                    dry_run: a.dry_run,
+                }
+            };
+            (req, a.json, display(a.json, a.no_progress_bar))
+        }
+        Command::Sync(SyncArgs {
+            action: SyncAction::Set { cluster, method, num, off, nodes, json },
+        }) => (
+            OpRequest::Sync {
+                cluster: cluster.clone().unwrap_or_default(),
+                spec: (!off).then(|| SyncRequest {
+                    method: method.clone(),
+                    num: *num,
+                    standbys: nodes.clone(),
+                }),
+            },
+            *json,
+            display(*json, true),
+        ),
+        Command::Switchover(a) => (
+            OpRequest::Switchover {
+                cluster: a.cluster.clone().unwrap_or_default(),
+                to: a.to.clone(),
+                dry_run: a.dry_run,
+            },
+            a.json,
+            display(a.json, true),
+        ),
+        Command::Failover(a) => (
+            OpRequest::Failover {
+                cluster: a.cluster.clone().unwrap_or_default(),
+                to: a.to.clone(),
+                fenced: a.fenced,
+                accept_data_loss: a.accept_data_loss,
+                dry_run: a.dry_run,
+            },
+            a.json,
+            display(a.json, true),
+        ),
+        Command::Rejoin(a) => (
+            OpRequest::Rejoin {
+                node: a.node.clone(),
+                rebuild_if_needed: a.rebuild_if_needed,
+                dry_run: a.dry_run,
+            },
+            a.json,
+            display(a.json, true),
+        ),
+        Command::Slots(SlotsArgs {
+            action: Some(SlotsAction::Drop { node, slot, force, dry_run, json }),
+            ..
+        }) => (
+            OpRequest::DropSlot {
+                node: node.clone(),
+                slot: slot.clone(),
+                force: *force,
+                dry_run: *dry_run,
+            },
+            *json,
+            display(*json, true),
+        ),
+        _ => return None,
+    })
+}
+
+/// Prints an operation's result the way its command does.
+pub fn print_rendered(r: &Rendered, json: bool) -> Result<(), CoordinatorError> {
+    print_text(if json { &r.json } else { &r.text })
+}
+
 pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
     let d = cli.deadlines();
-    if let Command::Certs(c) = &cli.command {
-        return run_certs(c);
+    match &cli.command {
+        Command::Certs(c) => return run_certs(c),
+        Command::Serve(s) => {
+            crate::serve::run(&s.config, d).await?;
+            return Ok(Outcome::Done);
+        }
+        _ => {}
+    }
+    if let Some(url) = cli.coordinator.clone() {
+        return crate::remote::run(&cli, &url).await;
     }
     let inventory = Inventory::load(&cli.inventory)?;
     if let Some(mut tls) = inventory.tls.clone() {
@@ -324,8 +510,12 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
         }
         crate::client::init_tls(&tls).map_err(|e| CoordinatorError::Usage(e.to_string()))?;
     }
+    if let Some((req, json, display)) = op_request(&cli.command) {
+        let r = run_local(&inventory, req, d, display).await?;
+        print_rendered(&r, json)?;
+        return Ok(Outcome::Done);
+    }
     match &cli.command {
-        Command::Certs(_) => Ok(Outcome::Done),
         Command::Status(a) => {
             let clusters = inventory.select(a.cluster.as_deref())?;
             let report = fleet_status::gather(&clusters, d).await;
@@ -334,129 +524,40 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             } else {
                 print_text(&status_render::render(&report))?;
             }
-            Ok(if report.all_reachable {
-                Outcome::Done
-            } else {
-                Outcome::Partial
-            })
+            Ok(reachable(report.all_reachable))
         }
-        Command::Slots(a) => match &a.action {
-            None => {
-                let clusters = inventory.select(a.cluster.as_deref())?;
-                let report = slots::list(&clusters, a.inactive, d).await;
-                if a.json {
-                    print_json(&report)?;
-                } else {
-                    print_text(&slots::render(&report))?;
-                }
-                Ok(if report.all_reachable {
-                    Outcome::Done
-                } else {
-                    Outcome::Partial
-                })
-            }
-            Some(SlotsAction::Drop {
-                node,
-                slot,
-                force,
-                dry_run,
-                json,
-            }) => {
-                if *dry_run {
-                    let slot = SlotName::parse(slot)?;
-                    let (_, n) = inventory.node(node)?;
-                    let steps = slots::drop_plan(n, &slot, *force);
-                    if *json {
-                        print_json(&serde_json::json!({ "dry_run": true, "steps": steps }))?;
-                    } else {
-                        let mut s = format!("plan (dry run, nothing changed): drop slot {slot} on {node}\n");
-                        for (i, step) in steps.iter().enumerate() {
-                            s += &format!("  {}. {step}\n", i + 1);
-                        }
-                        print_text(&s)?;
-                    }
-                    return Ok(Outcome::Done);
-                }
-                let r = slots::drop(&inventory, node, slot, *force, d).await?;
-                if *json {
-                    print_json(&r)?;
-                } else {
-                    let mut s = format!("dropped replication slot {} on {}", r.slot, r.node);
-                    if let Some(b) = r.released_wal_bytes {
-                        s += &format!(" ({} of WAL no longer retained)", fleet_status::bytes(b));
-                    }
-                    if r.terminated_sender {
-                        s += "; its WAL sender was terminated";
-                    }
-                    s.push('\n');
-                    print_text(&s)?;
-                }
-                Ok(Outcome::Done)
-            }
-        },
-        Command::Rebuild(a) => run_rebuild(&inventory, a, d).await,
-        Command::Sync(a) => run_sync(&inventory, a, d).await,
-        Command::Switchover(a) => {
-            let cluster = one_cluster(&inventory, a.cluster.as_deref())?;
-            let plan = crate::failover::switchover_preflight(&inventory, &cluster, a.to.as_deref(), d).await?;
-            if a.dry_run {
-                let lines = crate::failover::switchover_plan_lines(&plan);
-                if a.json {
-                    print_json(&serde_json::json!({ "dry_run": true, "warnings": plan.warnings, "steps": lines }))?;
-                } else {
-                    let mut s = crate::failover::render_plan(
-                        &format!("switch over {} from {} to {}", plan.cluster.name, plan.old.name, plan.new.name),
-                        &lines,
-                    );
-                    for w in &plan.warnings {
-                        s += &format!("warning: {w}\n");
-                    }
-                    print_text(&s)?;
-                }
-                return Ok(Outcome::Done);
-            }
-            for w in &plan.warnings {
-                eprintln!("warning: {w}");
-            }
-            let r = crate::failover::switchover(&inventory, plan, d).await?;
-            if a.json { print_json(&r)?; } else { print_text(&crate::failover::render(&r))?; }
-            Ok(Outcome::Done)
-        }
-        Command::Failover(a) => {
-            let cluster = one_cluster(&inventory, a.cluster.as_deref())?;
-            let req = crate::failover::FailoverRequest {
-                cluster,
-                to: a.to.clone(),
-                fenced: a.fenced,
-                accept_data_loss: a.accept_data_loss,
-                dry_run: a.dry_run,
-            };
-            match crate::failover::failover(&inventory, &req, d).await? {
-                Ok(r) => {
-                    if a.json { print_json(&r)?; } else { print_text(&crate::failover::render(&r))?; }
-                }
-                Err(lines) => {
-                    if a.json {
-                        print_json(&serde_json::json!({ "dry_run": true, "steps": lines }))?;
-                    } else {
-                        print_text(&crate::failover::render_plan(&format!("fail over {}", req.cluster), &lines))?;
-                    }
-                }
-            }
-            Ok(Outcome::Done)
-        }
-        Command::Rejoin(a) => {
-            let r = crate::rejoin::rejoin(&inventory, &a.node, a.rebuild_if_needed, a.dry_run, d).await?;
+        Command::Slots(a) => {
+            let clusters = inventory.select(a.cluster.as_deref())?;
+            let report = slots::list(&clusters, a.inactive, d).await;
             if a.json {
-                print_json(&r)?;
-            } else if let Some(p) = &r.plan {
-                print_text(&format!("{p}\n"))?;
+                print_json(&report)?;
             } else {
-                print_text(&format!(
-                    "{} rejoined as a standby of {} ({}) in {:.2}s\n",
-                    r.node, r.primary, r.method, r.seconds
-                ))?;
+                print_text(&slots::render(&report))?;
             }
+            Ok(reachable(report.all_reachable))
+        }
+        Command::Sync(SyncArgs {
+            action: SyncAction::Show { cluster, json },
+        }) => {
+            let c = crate::ops::one_cluster(&inventory, cluster.as_deref())?;
+            let report = crate::sync::show(&inventory, &c, d).await?;
+            if *json {
+                print_json(&report)?;
+            } else {
+                print_text(&crate::sync::render(&report))?;
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Rebuild(a) => {
+            // --attach: only watches a job, changes nothing.
+            let (job, node) = (a.attach.clone().unwrap_or_default(), a.node.clone().unwrap_or_default());
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let ctx = OpCtx::new(format!("attach-{job}"), None, Some(tx), Default::default());
+            let view = tokio::spawn(render_events(rx, display(a.json, a.no_progress_bar)));
+            let result = rebuild::attach(&inventory, &node, &job, a.from.as_deref(), a.slot.as_deref(), d, &ctx).await;
+            drop(ctx);
+            let _ = view.await;
+            print_rendered(&crate::ops::rebuild_rendered(&result?), a.json)?;
             Ok(Outcome::Done)
         }
         Command::Wal(a) => {
@@ -468,7 +569,88 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             }
             Ok(Outcome::Done)
         }
+        Command::Ops(o) => run_ops_local(&inventory, &o.action, d).await,
+        _ => Ok(Outcome::Done),
     }
+}
+
+fn reachable(all: bool) -> Outcome {
+    if all { Outcome::Done } else { Outcome::Partial }
+}
+
+/// Shows events until the operation's sender is gone.
+pub async fn render_events(mut rx: tokio::sync::mpsc::UnboundedReceiver<pgfleet_proto::coordinator::v1::OperationEvent>, display: Display) {
+    let mut view = OperationView::new(display);
+    while let Some(ev) = rx.recv().await {
+        view.show(&ev);
+    }
+    view.finish();
+}
+
+/// Runs an operation in this process: the same begin, execute and finish
+/// `pgfleet serve` runs, its events shown as they come.
+pub async fn run_local(inventory: &Inventory, mut req: OpRequest, d: Deadlines, display: Display) -> Result<Rendered, CoordinatorError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ctx, _, _) = crate::ops::begin(inventory, &mut req, &crate::journal::local_caller(), Some(tx), Default::default())?;
+    let view = tokio::spawn(render_events(rx, display));
+    let result = crate::ops::execute(inventory, &req, d, &ctx).await;
+    crate::ops::finish(ctx, &result, false);
+    let _ = view.await;
+    result
+}
+
+async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) -> Result<Outcome, CoordinatorError> {
+    match action {
+        OpsAction::List { cluster, limit, json } => {
+            let mut ops = crate::ops::store::load(&inventory.state_dir)?;
+            ops.retain(|o| cluster.as_ref().is_none_or(|c| &o.cluster == c));
+            ops.reverse();
+            ops.truncate(*limit as usize);
+            if *json {
+                print_json(&ops)?;
+            } else {
+                print_text(&crate::ops::store::render_list(&ops))?;
+            }
+        }
+        OpsAction::Show { id, json } => {
+            let o = crate::ops::store::find(&inventory.state_dir, id)?
+                .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inventory.state_dir.display())))?;
+            if *json {
+                print_json(&o)?;
+            } else {
+                print_text(&crate::ops::store::render_one(&o))?;
+            }
+        }
+        OpsAction::Watch { .. } | OpsAction::Cancel { .. } => {
+            return Err(CoordinatorError::Usage(
+                "watch and cancel act on operations running in `pgfleet serve`: pass --coordinator URL \
+                 (an operation run by the CLI shows its progress where it runs)"
+                    .into(),
+            ));
+        }
+        OpsAction::Resume { id, json } | OpsAction::Abort { id, json } => {
+            let abort = matches!(action, OpsAction::Abort { .. });
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let (ctx, rec, req) = crate::ops::resume::begin(
+                inventory,
+                id,
+                if abort { "abort" } else { "resume" },
+                &crate::journal::local_caller(),
+                Some(tx),
+                Default::default(),
+            )?;
+            let view = tokio::spawn(render_events(rx, display(*json, false)));
+            let result = if abort {
+                crate::ops::resume::abort(inventory, &rec, &req, d, &ctx).await
+            } else {
+                crate::ops::resume::resume(inventory, &rec, &req, d, &ctx).await
+            };
+            crate::ops::finish(ctx, &result, abort);
+            let _ = view.await;
+            print_rendered(&result?, *json)?;
+        }
+    }
+    Ok(Outcome::Done)
 }
 
 fn run_certs(c: &CertsArgs) -> Result<Outcome, CoordinatorError> {
@@ -491,141 +673,6 @@ fn run_certs(c: &CertsArgs) -> Result<Outcome, CoordinatorError> {
     .map_err(|e| CoordinatorError::Usage(e.to_string()))?;
     for f in files {
         println!("{}", f.display());
-    }
-    Ok(Outcome::Done)
-}
-
-/// `--cluster`, or the inventory's only cluster.
-fn one_cluster(inventory: &Inventory, cluster: Option<&str>) -> Result<String, CoordinatorError> {
-    match cluster {
-        Some(c) => Ok(inventory.select(Some(c))?[0].name.to_string()),
-        None if inventory.clusters.len() == 1 => Ok(inventory.clusters[0].name.to_string()),
-        None => Err(CoordinatorError::Usage(format!(
-            "the inventory has {} clusters; say which with --cluster ({})",
-            inventory.clusters.len(),
-            inventory.clusters.iter().map(|c| c.name.to_string()).collect::<Vec<_>>().join(", ")
-        ))),
-    }
-}
-
-async fn run_sync(inventory: &Inventory, a: &SyncArgs, d: Deadlines) -> Result<Outcome, CoordinatorError> {
-    let (report, json) = match &a.action {
-        SyncAction::Show { cluster, json } => {
-            let c = one_cluster(inventory, cluster.as_deref())?;
-            (crate::sync::show(inventory, &c, d).await?, *json)
-        }
-        SyncAction::Set { cluster, method, num, off, nodes, json } => {
-            let c = one_cluster(inventory, cluster.as_deref())?;
-            let spec = if *off {
-                None
-            } else {
-                if nodes.is_empty() {
-                    return Err(CoordinatorError::Usage(
-                        "name the synchronous standbys (sync set NODE...), or pass --off".into(),
-                    ));
-                }
-                let m = if method == "any" {
-                    pgfleet_proto::sync::SyncMethod::Any
-                } else {
-                    pgfleet_proto::sync::SyncMethod::First
-                };
-                Some((m, *num, nodes.clone()))
-            };
-            (crate::sync::set(inventory, &c, spec, d).await?, *json)
-        }
-    };
-    if json {
-        print_json(&report)?;
-    } else {
-        print_text(&crate::sync::render(&report))?;
-    }
-    Ok(Outcome::Done)
-}
-
-async fn run_rebuild(inventory: &Inventory, a: &RebuildArgs, d: Deadlines) -> Result<Outcome, CoordinatorError> {
-    use std::io::IsTerminal;
-    let display = if a.json {
-        Display::Json
-    } else if !a.no_progress_bar && std::io::stderr().is_terminal() {
-        Display::Bar
-    } else {
-        Display::Plain
-    };
-    let report = if let Some(job) = &a.attach {
-        rebuild::attach(inventory, &a.node, job, a.from.as_deref(), a.slot.as_deref(), d, display).await?
-    } else {
-        let req = rebuild::RebuildRequest {
-            node: a.node.clone(),
-            from: a.from.clone(),
-            slot: a.slot.clone(),
-            tablespace_mappings: a.tablespace_mapping.clone(),
-            spread_checkpoint: a.checkpoint == "spread",
-            dry_run: a.dry_run,
-        };
-        let prepared = rebuild::preflight(inventory, &req, d).await?;
-        let op = if a.dry_run {
-            None
-        } else {
-            Some(crate::journal::Operation::begin(
-                &inventory.state_dir,
-                prepared.cluster.name.as_str(),
-                "rebuild",
-                &format!("{} from {}", prepared.node.name, prepared.upstream.name),
-            )?)
-        };
-        if a.dry_run {
-            let steps = rebuild::plan(&prepared, &req, d).await?;
-            if a.json {
-                let v: Vec<_> = steps
-                    .iter()
-                    .map(|(host, s)| {
-                        serde_json::json!({
-                            "host": host, "step": s.name, "description": s.description,
-                            "argv": s.argv, "sql": s.sql,
-                        })
-                    })
-                    .collect();
-                print_json(&serde_json::json!({ "dry_run": true, "steps": v }))?;
-            } else {
-                let mut s = format!(
-                    "plan (dry run, nothing changed): rebuild {} from {}\n",
-                    prepared.node.name, prepared.upstream.name
-                );
-                for (i, (host, step)) in steps.iter().enumerate() {
-                    s += &format!("  {:>2}. [{host}] {}: {}\n", i + 1, step.name, step.description);
-                    if !step.argv.is_empty() {
-                        s += &format!("        $ {}\n", pgfleet_proto::shell_words(&step.argv));
-                    }
-                    if let Some(sql) = &step.sql {
-                        s += &format!("        SQL: {sql}\n");
-                    }
-                }
-                print_text(&s)?;
-            }
-            return Ok(Outcome::Done);
-        }
-        let report = rebuild::execute(&prepared, &req, d, display).await?;
-        if let Some(op) = op {
-            op.end("succeeded");
-        }
-        report
-    };
-    if a.json {
-        // One line: --json is a stream of JSON lines.
-        println!("{}", serde_json::json!({ "result": report }));
-    } else {
-        let lag = report.lag_bytes.map(fleet_status::bytes).unwrap_or_else(|| "-".into());
-        let mut s = format!(
-            "rebuilt {} from {} in {:.1}s: {} ({}), lag {lag}, slot {}\n",
-            report.node, report.upstream, report.seconds, report.state, report.sync_state, report.slot
-        );
-        if let Some(m) = &report.moved_aside_to {
-            s += &format!("previous data directory kept at {m}\n");
-        }
-        if let Some(l) = &report.log_file {
-            s += &format!("pg_basebackup log: {l}\n");
-        }
-        print_text(&s)?;
     }
     Ok(Outcome::Done)
 }

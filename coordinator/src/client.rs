@@ -135,8 +135,33 @@ impl Default for Deadlines {
     }
 }
 
-/// Opens a channel to a node's agent.
+/// Channels kept per agent endpoint by a long-running coordinator (`pgfleet
+/// serve`); a CLI run opens its own and exits.
+static CHANNELS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Channel>>> = OnceLock::new();
+
+pub fn enable_channel_cache() {
+    let _ = CHANNELS.set(Default::default());
+}
+
+/// Opens a channel to a node's agent (or reuses the kept one; tonic
+/// reconnects a kept channel whose agent restarted).
 pub async fn connect(node: &Node, d: Deadlines) -> Result<AgentClient<Channel>, AgentCallError> {
+    if let Some(cache) = CHANNELS.get() {
+        let kept = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&node.agent).cloned();
+        if let Some(ch) = kept {
+            return Ok(AgentClient::new(ch));
+        }
+        let ch = connect_new(node, d).await?;
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.agent.clone(), ch.clone());
+        return Ok(AgentClient::new(ch));
+    }
+    Ok(AgentClient::new(connect_new(node, d).await?))
+}
+
+async fn connect_new(node: &Node, d: Deadlines) -> Result<Channel, AgentCallError> {
     let unreachable = |reason: String| AgentCallError::Unreachable {
         node: node.name.to_string(),
         endpoint: node.agent.clone(),
@@ -167,7 +192,7 @@ pub async fn connect(node: &Node, d: Deadlines) -> Result<AgentClient<Channel>, 
             )));
         }
     };
-    Ok(AgentClient::new(channel))
+    Ok(channel)
 }
 
 /// An error and its sources on one line: tonic's "transport error" alone

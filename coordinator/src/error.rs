@@ -28,6 +28,10 @@ pub enum CoordinatorError {
     Move(#[from] MoveError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error(transparent)]
+    Cancelled(#[from] crate::ops::Cancelled),
+    #[error("{message}")]
+    Remote { message: String, exit_code: u32 },
     #[error("{0}")]
     Usage(String),
     #[error("writing output: {0}")]
@@ -49,7 +53,19 @@ impl CoordinatorError {
             CoordinatorError::Journal(_) => false,
             // The agent refused what was asked as invalid: bad input too.
             CoordinatorError::Agent(a) => a.is_invalid_argument(),
-            CoordinatorError::Output(_) => false,
+            CoordinatorError::Output(_) | CoordinatorError::Cancelled(_) => false,
+            CoordinatorError::Remote { exit_code, .. } => *exit_code == 2,
         }
+    }
+
+    /// Stopped by CancelOperation at a safe point.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            CoordinatorError::Cancelled(_)
+                | CoordinatorError::Rebuild(crate::rebuild::RebuildError::Cancelled(_))
+                | CoordinatorError::Move(crate::failover::MoveError::Cancelled(_))
+                | CoordinatorError::Sync(crate::sync::SyncError::Cancelled(_))
+        )
     }
 }

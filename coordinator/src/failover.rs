@@ -23,7 +23,8 @@ use serde::Serialize;
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::fleet_status::{self, ClusterReport, NodeReport, Role, bytes};
 use crate::inventory::{Cluster, Inventory, Node, PasswordError};
-use crate::journal::{self, JournalError, Operation};
+use crate::journal::{self, JournalError};
+use crate::ops::{Cancelled, OpCtx};
 
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(30);
 const STREAM_DEADLINE: Duration = Duration::from_secs(60);
@@ -54,6 +55,8 @@ pub enum MoveError {
     Password(#[from] PasswordError),
     #[error("{step}: {detail}")]
     Step { step: &'static str, detail: String },
+    #[error(transparent)]
+    Cancelled(#[from] Cancelled),
 }
 
 impl MoveError {
@@ -119,7 +122,7 @@ async fn call<T>(
 }
 
 struct Run<'a> {
-    op: Operation,
+    op: &'a OpCtx,
     cluster: &'a Cluster,
     d: Deadlines,
     steps: Vec<StepTiming>,
@@ -128,15 +131,11 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn start(&self, step: &'static str, host: &str, what: &str) -> Result<Instant, MoveError> {
-        self.op.record(step, "start", &format!("{host}: {what}"))?;
-        eprintln!("[{host}] {step}: {what}");
-        Ok(Instant::now())
+        Ok(self.op.start(host, step, what)?)
     }
 
     fn done(&mut self, step: &'static str, host: &str, t: Instant, detail: String) -> Result<(), MoveError> {
-        let seconds = t.elapsed().as_secs_f64();
-        self.op.record(step, "done", &detail)?;
-        eprintln!("[{host}] {step} done in {seconds:.3}s: {detail}");
+        let seconds = self.op.done(host, step, t, &detail)?;
         self.steps.push(StepTiming {
             step: step.to_owned(),
             host: host.to_owned(),
@@ -155,14 +154,14 @@ impl Run<'_> {
             slot_name: slot.to_string(),
             application_name: standby.name.to_string(),
             reset_synchronous_standby_names: reset_sync,
-            operation_id: self.op.id.clone(),
+            operation_id: self.op.id().to_owned(),
         }
     }
 
     /// A slot on the new primary and the standby pointed at it.
     async fn follow(&mut self, new_primary: &Node, standby: &Node, slot: &SlotName, reset_sync: bool) -> Result<(), MoveError> {
         let t = self.start("follow", standby.name.as_str(), &format!("stream from {} through slot {slot}", new_primary.name))?;
-        let op_id = self.op.id.clone();
+        let op_id = self.op.id().to_owned();
         let slot_req = pb::CreateSlotRequest {
             slot_name: slot.to_string(),
             operation_id: op_id,
@@ -380,18 +379,21 @@ pub fn switchover_plan_lines(p: &SwitchoverPlan<'_>) -> Vec<PlanLine> {
     v
 }
 
-pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlines) -> Result<MoveReport, MoveError> {
+pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlines, op: &OpCtx) -> Result<MoveReport, MoveError> {
     let started = Instant::now();
     let c = p.cluster;
-    let op = Operation::begin(&inventory.state_dir, c.name.as_str(), "switchover", &format!("{} -> {}", p.old.name, p.new.name))?;
     let password = c.replication_password()?;
+    op.point_of_no_return(&format!(
+        "switchover of {} from {} to {} is changing the cluster; stopping midway could leave it without a primary",
+        c.name, p.old.name, p.new.name
+    ))?;
     let mut run = Run { op, cluster: c, d, steps: Vec::new(), password };
     let (old, new) = (p.old, p.new);
     let new_sync = p.sync.replacing(new.name.as_str(), old.name.as_str());
 
     if p.sync.is_synchronous() {
         let t = run.start("sync-config", new.name.as_str(), &new_sync.to_string())?;
-        let req = sync_request(&new_sync, &run.op.id);
+        let req = sync_request(&new_sync, run.op.id());
         call(new, d, async |c| c.set_synchronous_standbys(req).await).await?;
         run.done("sync-config", new.name.as_str(), t, format!("synchronous_standby_names = '{new_sync}'"))?;
     }
@@ -399,7 +401,7 @@ pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlin
     // Writes stop here.
     let unavailable_from = Instant::now();
     let t = run.start("fence", old.name.as_str(), "fast shutdown, standby.signal")?;
-    let op_id = run.op.id.clone();
+    let op_id = run.op.id().to_owned();
     let fenced = call(old, d, async |c| c.fence(pb::FenceRequest { operation_id: op_id, immediate: false }).await).await?;
     let checkpoint = fenced
         .checkpoint_lsn
@@ -423,7 +425,7 @@ pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlin
         if Instant::now() >= deadline {
             // Give the cluster its primary back: it is the only copy of
             // what the candidate did not get.
-            let op_id = run.op.id.clone();
+            let op_id = run.op.id().to_owned();
             let undo = call(old, d, async |c| c.unfence(pb::UnfenceRequest { operation_id: op_id }).await).await;
             run.op.record("catch-up", "failed", "rolled back")?;
             return Err(MoveError::Step {
@@ -446,7 +448,7 @@ pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlin
     run.done("catch-up", new.name.as_str(), t, format!("replayed up to {replayed}"))?;
 
     let t = run.start("promote", new.name.as_str(), "pg_promote(true)")?;
-    let op_id = run.op.id.clone();
+    let op_id = run.op.id().to_owned();
     let promoted = call(new, d, async |c| c.promote(pb::PromoteRequest { operation_id: op_id }).await).await?;
     run.done("promote", new.name.as_str(), t, format!("primary on timeline {}", promoted.timeline))?;
     let mut unavailable = unavailable_from.elapsed();
@@ -478,10 +480,8 @@ pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlin
     followers.extend(p.others.iter().copied());
     run.wait_streaming(new, &followers).await?;
     let Run { op, steps, .. } = run;
-    let id = op.id.clone();
-    op.end("succeeded");
     Ok(MoveReport {
-        operation: id,
+        operation: op.id().to_owned(),
         cluster: c.name.to_string(),
         old_primary: old.name.to_string(),
         new_primary: new.name.to_string(),
@@ -693,7 +693,7 @@ fn choose<'a>(
     })
 }
 
-pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines) -> Result<Result<MoveReport, Vec<PlanLine>>, MoveError> {
+pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines, op: &OpCtx) -> Result<Result<MoveReport, Vec<PlanLine>>, MoveError> {
     let started = Instant::now();
     let c = inventory
         .select(Some(&req.cluster))
@@ -741,8 +741,11 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
         return Ok(Err(v));
     }
 
-    let op = Operation::begin(&inventory.state_dir, c.name.as_str(), "failover", &format!("{} -> {}", old.name, new.name))?;
     let password = c.replication_password()?;
+    op.point_of_no_return(&format!(
+        "failover of {} to {} is fencing and promoting; stopping midway could leave the cluster without a primary",
+        c.name, new.name
+    ))?;
     let mut run = Run { op, cluster: c, d, steps: Vec::new(), password };
     if let Some(loss) = &ch.accepted_loss {
         run.op.record("choose", "data-loss-accepted", loss)?;
@@ -752,11 +755,11 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
     // Fence before promoting: never two writable primaries.
     if ch.old_reachable {
         let t = run.start("fence", old.name.as_str(), "stop PostgreSQL if it runs, standby.signal")?;
-        let op_id = run.op.id.clone();
+        let op_id = run.op.id().to_owned();
         let f = call(old, d, async |c| c.fence(pb::FenceRequest { operation_id: op_id, immediate: true }).await).await?;
         run.done("fence", old.name.as_str(), t, format!("fenced ({})", f.cluster_state.unwrap_or_default()))?;
     } else {
-        run.op.record("fence", "skipped", "--fenced: the operator made sure the old primary is down")?;
+        run.op.skipped(old.name.as_str(), "fence", "--fenced: the operator made sure the old primary is down")?;
     }
     let mut warnings = Vec::new();
     if let Some(loss) = &ch.accepted_loss {
@@ -766,12 +769,12 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
         warnings.push(format!("no synchronous standby is left for {}: it runs asynchronously until `pgfleet sync set`", new.name));
     }
     let t = run.start("sync-config", new.name.as_str(), &new_sync.to_string())?;
-    let r = sync_request(&new_sync, &run.op.id);
+    let r = sync_request(&new_sync, run.op.id());
     call(new, d, async |c| c.set_synchronous_standbys(r).await).await?;
     run.done("sync-config", new.name.as_str(), t, format!("synchronous_standby_names = '{new_sync}'"))?;
 
     let t = run.start("promote", new.name.as_str(), "pg_promote(true)")?;
-    let op_id = run.op.id.clone();
+    let op_id = run.op.id().to_owned();
     let promoted = call(new, d, async |c| c.promote(pb::PromoteRequest { operation_id: op_id }).await).await?;
     run.done("promote", new.name.as_str(), t, format!("primary on timeline {}", promoted.timeline))?;
     for r in &ch.standbys {
@@ -784,10 +787,8 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
     }
     warnings.push(format!("{} stays fenced; bring it back with: pgfleet rejoin {}", old.name, old.name));
     let Run { op, steps, .. } = run;
-    let id = op.id.clone();
-    op.end("succeeded");
     Ok(Ok(MoveReport {
-        operation: id,
+        operation: op.id().to_owned(),
         cluster: c.name.to_string(),
         old_primary: old.name.to_string(),
         new_primary: new.name.to_string(),

@@ -43,8 +43,33 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Journ
 }
 
 impl Operation {
-    /// Takes the cluster's lock or says who holds it.
-    pub fn begin(state_dir: &Path, cluster: &str, kind: &'static str, what: &str) -> Result<Self, JournalError> {
+    /// Takes the cluster's lock or says who holds it, and journals the
+    /// request before anything acts on it.
+    pub fn begin(
+        state_dir: &Path,
+        cluster: &str,
+        kind: &'static str,
+        what: &str,
+        caller: &str,
+        request: &serde_json::Value,
+    ) -> Result<Self, JournalError> {
+        let id = new_id(kind);
+        let op = Self::lock(state_dir, cluster, kind, &id, what)?;
+        op.write(json!({
+            "step": "begin", "event": "started", "detail": what, "caller": caller, "request": request,
+        }))?;
+        Ok(op)
+    }
+
+    /// Takes the cluster's lock again for an interrupted operation (resume
+    /// or abort): its further lines carry the same id.
+    pub fn reopen(state_dir: &Path, cluster: &str, kind: &'static str, id: &str, action: &str, caller: &str) -> Result<Self, JournalError> {
+        let op = Self::lock(state_dir, cluster, kind, id, action)?;
+        op.write(json!({ "step": action, "event": "start", "detail": format!("caller {caller}"), "caller": caller }))?;
+        Ok(op)
+    }
+
+    fn lock(state_dir: &Path, cluster: &str, kind: &'static str, id: &str, what: &str) -> Result<Self, JournalError> {
         std::fs::create_dir_all(state_dir).map_err(io("creating", state_dir))?;
         let lock_path = state_dir.join(format!("{cluster}.lock"));
         let file = OpenOptions::new()
@@ -65,40 +90,35 @@ impl Operation {
                 });
             }
         };
-        let id = format!(
-            "{kind}-{}-{}",
-            humantime::format_rfc3339_seconds(SystemTime::now())
-                .to_string()
-                .replace(['-', ':'], ""),
-            std::process::id()
-        );
         let _ = lock.set_len(0);
         let _ = lock.rewind();
         let _ = writeln!(lock, "{id} ({what}), pid {}", std::process::id());
-        let op = Operation {
-            id,
+        Ok(Operation {
+            id: id.to_owned(),
             kind,
             cluster: cluster.to_owned(),
             journal: state_dir.join(format!("{cluster}.journal")),
             lock,
             started: Instant::now(),
             ended: false,
-        };
-        op.record("begin", "started", &format!("{what}; caller {}", caller()))?;
-        Ok(op)
+        })
     }
 
     /// Appends one journal line; written (and fsynced) before the step acts.
     pub fn record(&self, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
-        let line = json!({
+        self.write(json!({ "step": step, "event": event, "detail": detail }))
+    }
+
+    fn write(&self, fields: serde_json::Value) -> Result<(), JournalError> {
+        let mut line = json!({
             "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             "op": self.id,
             "kind": self.kind,
             "cluster": self.cluster,
-            "step": step,
-            "event": event,
-            "detail": detail,
         });
+        if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), fields) {
+            l.extend(f);
+        }
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
@@ -112,16 +132,18 @@ impl Operation {
         self.started.elapsed()
     }
 
-    pub fn end(mut self, outcome: &str) {
-        self.finish(outcome);
+    /// The last line: `outcome` is "succeeded", "failed", "cancelled",
+    /// "aborted"; `detail` the error or what was left behind.
+    pub fn end(mut self, outcome: &str, detail: &str) {
+        self.finish(outcome, detail);
     }
 
-    fn finish(&mut self, outcome: &str) {
+    fn finish(&mut self, outcome: &str, detail: &str) {
         if self.ended {
             return;
         }
         self.ended = true;
-        let _ = self.record("end", outcome, "");
+        let _ = self.record("end", outcome, detail);
         // The lock file names the running operation only while it runs.
         let _ = self.lock.set_len(0);
     }
@@ -132,13 +154,27 @@ impl Operation {
 /// start, which is how an interrupted operation reads.)
 impl Drop for Operation {
     fn drop(&mut self) {
-        self.finish("failed");
+        self.finish("failed", "");
     }
 }
 
-/// Who runs this operation: the OS user, and the client certificate the
+/// `{kind}-{UTC time}-{pid}-{n}`: unique across this process's operations
+/// and readable in a journal.
+pub fn new_id(kind: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    format!(
+        "{kind}-{}-{}-{}",
+        humantime::format_rfc3339_seconds(SystemTime::now())
+            .to_string()
+            .replace(['-', ':'], ""),
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// Who runs a local operation: the OS user, and the client certificate the
 /// agents see.
-fn caller() -> String {
+pub fn local_caller() -> String {
     let uid = nix::unistd::getuid();
     let user = nix::unistd::User::from_uid(uid)
         .ok()
@@ -173,20 +209,56 @@ mod tests {
     #[test]
     fn second_operation_on_a_cluster_is_refused_and_journal_records() {
         let dir = std::env::temp_dir().join(format!("pgfleet-journal-{}", std::process::id()));
-        let op = Operation::begin(&dir, "main", "switchover", "to node1").unwrap();
-        let e = Operation::begin(&dir, "main", "rebuild", "node2").unwrap_err().to_string();
+        let req = serde_json::json!({ "kind": "switchover" });
+        let op = Operation::begin(&dir, "main", "switchover", "to node1", "tester", &req).unwrap();
+        let e = Operation::begin(&dir, "main", "rebuild", "node2", "tester", &req).unwrap_err().to_string();
         assert!(e.contains("another operation is running on cluster main") && e.contains("switchover"), "{e}");
         // Another cluster is independent.
-        let other = Operation::begin(&dir, "other", "rebuild", "x").unwrap();
+        let other = Operation::begin(&dir, "other", "rebuild", "x", "tester", &req).unwrap();
         op.record("promote", "done", "timeline 2").unwrap();
-        op.end("succeeded");
-        other.end("succeeded");
-        let again = Operation::begin(&dir, "main", "rebuild", "node2");
-        assert!(again.is_ok());
+        // While it holds the lock, the journal reads it as running.
+        let ops = crate::ops::store::load(&dir).unwrap();
+        let me = ops.iter().find(|o| o.id == op.id).unwrap();
+        assert_eq!(me.state, "running");
+        assert_eq!(me.caller, "tester");
+        assert_eq!(me.request.as_ref().unwrap()["kind"], "switchover");
+        op.end("succeeded", "");
+        other.end("failed", "boom");
+        let again = Operation::begin(&dir, "main", "rebuild", "node2", "tester", &req).unwrap();
+        let id = again.id.clone();
+        // A process that dies leaves no end line and no lock: interrupted.
+        std::mem::forget(again);
         let text = std::fs::read_to_string(dir.join("main.journal")).unwrap();
         assert!(text.lines().count() >= 3 && text.contains("\"step\":\"promote\""), "{text}");
+        let ops = crate::ops::store::load(&dir).unwrap();
+        let states: Vec<_> = ops.iter().map(|o| (o.cluster.as_str(), o.state)).collect();
+        assert!(states.contains(&("main", "succeeded")) && states.contains(&("other", "failed")), "{states:?}");
+        // Forgotten, its lock fd is still open in this process: running.
+        assert_eq!(crate::ops::store::find(&dir, &id).unwrap().unwrap().state, "running");
         remember_sync(&dir, "main", "FIRST 1 (\"a\")").unwrap();
         assert_eq!(recall_sync(&dir, "main").unwrap(), "FIRST 1 (\"a\")");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_operation_without_end_or_lock_is_interrupted() {
+        let dir = std::env::temp_dir().join(format!("pgfleet-journal-int-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("c.journal"),
+            concat!(
+                r#"{"time":"t1","op":"rebuild-1","kind":"rebuild","cluster":"c","step":"begin","event":"started","detail":"node2","caller":"x","request":{"kind":"rebuild"}}"#,
+                "\n",
+                r#"{"time":"t2","op":"rebuild-1","kind":"rebuild","cluster":"c","step":"job","event":"started","detail":"node2 j1"}"#,
+                "\n",
+                r#"{"time":"t3","op":"rebuild-1","kind":"rebui"#,
+            ),
+        )
+        .unwrap();
+        let ops = crate::ops::store::load(&dir).unwrap();
+        assert_eq!(ops.len(), 1);
+        assert_eq!(ops[0].state, "interrupted");
+        assert_eq!(ops[0].journal.len(), 2, "a torn last line is skipped");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,6 +2,10 @@
 //! over gRPC, and presents the result to people (tables) and programs
 //! (JSON). The CLI and `pgfleet serve` share this library.
 
+// CoordinatorError carries the rebuild's failure (stderr tail, paths) by
+// value: it is built once per failed command, never in a hot path.
+#![allow(clippy::result_large_err)]
+
 pub mod certs;
 pub mod cli;
 pub mod client;
@@ -10,9 +14,12 @@ pub mod failover;
 pub mod fleet_status;
 pub mod inventory;
 pub mod journal;
+pub mod ops;
 pub mod progress;
 pub mod rebuild;
 pub mod rejoin;
+pub mod remote;
+pub mod serve;
 pub mod slots;
 pub mod status_render;
 pub mod sync;

@@ -35,6 +35,11 @@ impl JobView {
         }
     }
 
+    /// The progress bar while one is drawn, to print lines above it.
+    pub fn active_bar(&self) -> Option<&ProgressBar> {
+        self.bar.as_ref().filter(|b| !b.is_finished())
+    }
+
     fn bar(&mut self) -> &ProgressBar {
         self.bar.get_or_insert_with(|| {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());

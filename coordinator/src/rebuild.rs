@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::fleet_status::{self, Role};
 use crate::inventory::{Cluster, Inventory, Node, PasswordError};
+use crate::ops::OpCtx;
 
 /// How long the upstream may take to show the new standby streaming.
 const VERIFY_DEADLINE: Duration = Duration::from_secs(60);
@@ -79,6 +80,10 @@ pub enum RebuildError {
         log_file: Option<String>,
         slot_note: String,
     },
+    #[error(transparent)]
+    Cancelled(#[from] crate::ops::Cancelled),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
     #[error("the event stream of job {job} on {node} ended before the job did; re-attach with: pgfleet rebuild {node} --attach {job}")]
     StreamEnded { node: String, job: String },
     #[error(
@@ -118,6 +123,8 @@ impl RebuildError {
             | RebuildError::Password(_)
             | RebuildError::JobFailed { .. }
             | RebuildError::StreamEnded { .. }
+            | RebuildError::Cancelled(_)
+            | RebuildError::Journal(_)
             | RebuildError::NotConfirmed { .. } => false,
         }
     }
@@ -425,10 +432,11 @@ pub async fn execute(
     p: &Prepared<'_>,
     req: &RebuildRequest,
     d: Deadlines,
-    display: Display,
+    ctx: &OpCtx,
 ) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
-    let op = format!("op-{}", std::process::id());
+    let op = ctx.id().to_owned();
+    ctx.checkpoint()?;
     let mut up = client::connect(p.upstream, d).await?;
     // The node validates the request (tablespace targets inside its allowed
     // roots, names) against a dry run first: a request it would refuse must
@@ -443,14 +451,14 @@ pub async fn execute(
         .start_rebuild(start_request(p, &facts, req, true, &op))
         .await
         .map_err(|s| AgentCallError::from_status(p.node, s))?;
+    ctx.checkpoint()?;
     let prep = up
         .prepare_upstream(prepare_request(p, false, &op))
         .await
         .map_err(|s| AgentCallError::from_status(p.upstream, s))?
         .into_inner();
-    emit_note(
-        display,
-        &p.upstream.name.to_string(),
+    ctx.note(
+        p.upstream.name.as_str(),
         &format!(
             "upstream ready: role {} {}, {}{}",
             p.cluster.replication_role,
@@ -467,21 +475,29 @@ pub async fn execute(
             }
         ),
     );
+    // A cancel before this line leaves the node untouched (the role and
+    // pg_hba.conf line on the upstream are what any rebuild needs); after
+    // it, the node's data directory moves and the copy must finish.
+    ctx.point_of_no_return(&format!(
+        "the rebuild of {} has started on its agent: its data directory is being moved aside and replaced; \
+         stopping now would leave it without data. Let it finish, or rebuild it again afterwards",
+        p.node.name
+    ))?;
     let job_id = target
         .start_rebuild(start_request(p, &prep, req, false, &op))
         .await
         .map_err(|s| AgentCallError::from_status(p.node, s))?
         .into_inner()
         .job_id;
-    emit_note(
-        display,
-        &p.node.name.to_string(),
+    ctx.record("job", "started", &format!("{} {job_id}", p.node.name))?;
+    ctx.note(
+        p.node.name.as_str(),
         &format!(
             "job {job_id} started (re-attach with: pgfleet rebuild {} --attach {job_id})",
             p.node.name
         ),
     );
-    follow(p.cluster, p.node, p.upstream, &p.slot, &job_id, target, d, display, started).await
+    follow(p.node, p.upstream, &p.slot, &job_id, target, d, ctx, started).await
 }
 
 /// Re-attaches to a running or finished job on `node`.
@@ -492,7 +508,7 @@ pub async fn attach(
     from: Option<&str>,
     slot: Option<&str>,
     d: Deadlines,
-    display: Display,
+    ctx: &OpCtx,
 ) -> Result<RebuildReport, RebuildError> {
     let (cluster, n) = inventory.node(node).map_err(|e| RebuildError::InvalidUpstream {
         from: node.to_owned(),
@@ -521,19 +537,18 @@ pub async fn attach(
         reason: e.to_string(),
     })?;
     let target = client::connect(n, d).await?;
-    follow(cluster, n, upstream, &slot, job_id, target, d, display, Instant::now()).await
+    follow(n, upstream, &slot, job_id, target, d, ctx, Instant::now()).await
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn follow(
-    _cluster: &Cluster,
     node: &Node,
     upstream: &Node,
     slot: &SlotName,
     job_id: &str,
     mut target: AgentClient<Channel>,
     d: Deadlines,
-    display: Display,
+    ctx: &OpCtx,
     started: Instant,
 ) -> Result<RebuildReport, RebuildError> {
     // The call deadline would cut a long copy short: the stream has none.
@@ -546,20 +561,22 @@ async fn follow(
         .await
         .map_err(|s| AgentCallError::from_status(node, s))?
         .into_inner();
-    let mut view = crate::progress::JobView::new(node.name.as_str(), display);
     let mut finished = None;
     while let Some(item) = stream.next().await {
         let ev = match item {
             Ok(ev) => ev,
             Err(_) => break,
         };
-        view.show(&ev);
-        if let Some(Event::Finished(f)) = ev.event {
-            finished = Some(f);
+        let fin = match &ev.event {
+            Some(Event::Finished(f)) => Some(f.clone()),
+            _ => None,
+        };
+        ctx.job_event(node.name.as_str(), ev);
+        if fin.is_some() {
+            finished = fin;
             break;
         }
     }
-    view.finish();
     let Some(f) = finished else {
         return Err(RebuildError::StreamEnded {
             node: node.name.to_string(),
@@ -663,15 +680,5 @@ async fn confirm(
             });
         }
         tokio::time::sleep(VERIFY_POLL).await;
-    }
-}
-
-fn emit_note(display: Display, node: &str, line: &str) {
-    match display {
-        Display::Json => {
-            let v = serde_json::json!({ "node": node, "note": line });
-            println!("{v}");
-        }
-        Display::Bar | Display::Plain => eprintln!("[{node}] {line}"),
     }
 }

@@ -13,7 +13,7 @@ use crate::client::{self, Deadlines};
 use crate::failover::{MoveError, StepTiming};
 use crate::fleet_status::{self, Role};
 use crate::inventory::{Inventory, Node};
-use crate::journal::Operation;
+use crate::ops::OpCtx;
 use crate::rebuild;
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +42,7 @@ pub async fn rejoin(
     rebuild_if_needed: bool,
     dry_run: bool,
     d: Deadlines,
+    op: &OpCtx,
 ) -> Result<RejoinReport, MoveError> {
     let started = Instant::now();
     let (c, n) = inventory
@@ -123,18 +124,16 @@ pub async fn rejoin(
         )));
     }
 
-    let op = Operation::begin(&inventory.state_dir, c.name.as_str(), "rejoin", name)?;
     let password = c.replication_password()?;
+    op.point_of_no_return(&format!("rejoin of {name} is fencing it and pointing it at {primary_name}"))?;
     let mut steps = Vec::new();
     let mut step = |s: &str, t: Instant, detail: String| {
-        let _ = op.record(s, "done", &detail);
-        eprintln!("[{name}] {s} done in {:.3}s: {detail}", t.elapsed().as_secs_f64());
-        steps.push(StepTiming { step: s.to_owned(), host: name.to_owned(), seconds: t.elapsed().as_secs_f64(), detail });
+        let seconds = op.done(name, s, t, &detail).unwrap_or_else(|_| t.elapsed().as_secs_f64());
+        steps.push(StepTiming { step: s.to_owned(), host: name.to_owned(), seconds, detail });
     };
 
-    let t = Instant::now();
-    op.record("fence", "start", name)?;
-    let op_id = op.id.clone();
+    let t = op.start(name, "fence", "stop PostgreSQL, standby.signal")?;
+    let op_id = op.id().to_owned();
     let f = call(n, d, async |c| c.fence(pb::FenceRequest { operation_id: op_id, immediate: false }).await).await?;
     step("fence", t, format!("stopped; {}", f.cluster_state.clone().unwrap_or_default()));
     let my_timeline = f.timeline.or(me.timeline).unwrap_or(0);
@@ -143,7 +142,6 @@ pub async fn rejoin(
     if my_timeline < p_timeline {
         if !(f.wal_log_hints || f.data_checksums) {
             if !rebuild_if_needed {
-                op.end("refused");
                 return Err(MoveError::Refused(format!(
                     "{name} is on timeline {my_timeline}, behind {primary_name}'s {p_timeline}, and may have diverged; \
                      pg_rewind needs wal_log_hints=on or data checksums and it has neither. \
@@ -152,15 +150,14 @@ pub async fn rejoin(
             }
             method = "rebuild";
         } else {
-            let t = Instant::now();
-            op.record("rewind", "start", &format!("from {primary_name}"))?;
+            let t = op.start(name, "rewind", &format!("pg_rewind from {primary_name}"))?;
             let prep = pb::PrepareUpstreamRequest {
                 replication_role: c.replication_role.to_string(),
                 replication_password: password.clone(),
                 replica_address: n.host.clone(),
                 slot_name: n.name.default_slot().to_string(),
                 dry_run: false,
-                operation_id: op.id.clone(),
+                operation_id: op.id().to_owned(),
                 for_rewind: true,
             };
             call(primary, d, async |c| c.prepare_upstream(prep).await).await?;
@@ -169,7 +166,7 @@ pub async fn rejoin(
                 upstream_port: u32::from(primary.port),
                 replication_role: c.replication_role.to_string(),
                 replication_password: password.clone(),
-                operation_id: op.id.clone(),
+                operation_id: op.id().to_owned(),
             };
             match call(n, d, async |c| c.rewind(rw).await).await {
                 Ok(r) => {
@@ -177,20 +174,16 @@ pub async fn rejoin(
                     method = "rewind";
                 }
                 Err(e) if rebuild_if_needed => {
-                    let _ = op.record("rewind", "failed", &e.to_string());
-                    eprintln!("[{name}] pg_rewind failed ({e}); rebuilding as allowed");
+                    op.failed(name, "rewind", &format!("pg_rewind failed ({e}); rebuilding as allowed"));
                     method = "rebuild";
                 }
-                Err(e) => {
-                    op.end("failed");
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
     }
 
     if method == "rebuild" {
-        op.record("rebuild", "start", &format!("from {primary_name}"))?;
+        let t = op.start(name, "rebuild", &format!("from {primary_name}"))?;
         let req = rebuild::RebuildRequest {
             node: name.to_owned(),
             from: Some(primary_name.clone()),
@@ -199,19 +192,17 @@ pub async fn rejoin(
             spread_checkpoint: false,
             dry_run: false,
         };
-        let t = Instant::now();
         let prepared = rebuild::preflight(inventory, &req, d)
             .await
             .map_err(|e| MoveError::Step { step: "rebuild", detail: e.to_string() })?;
-        let r = rebuild::execute(&prepared, &req, d, rebuild::Display::Plain)
+        let r = rebuild::execute(&prepared, &req, d, op)
             .await
             .map_err(|e| MoveError::Step { step: "rebuild", detail: e.to_string() })?;
         step("rebuild", t, format!("rebuilt; previous data kept at {}", r.moved_aside_to.unwrap_or_default()));
     } else {
-        let t = Instant::now();
-        op.record("follow", "start", &primary_name)?;
+        let t = op.start(name, "follow", &format!("slot on {primary_name}, primary_conninfo, start as a standby"))?;
         let slot = n.name.default_slot();
-        let sreq = pb::CreateSlotRequest { slot_name: slot.to_string(), operation_id: op.id.clone() };
+        let sreq = pb::CreateSlotRequest { slot_name: slot.to_string(), operation_id: op.id().to_owned() };
         call(primary, d, async |c| c.create_slot(sreq).await).await?;
         let creq = pb::ConfigureStandbyRequest {
             upstream_host: primary.host.clone(),
@@ -221,15 +212,14 @@ pub async fn rejoin(
             slot_name: slot.to_string(),
             application_name: name.to_owned(),
             reset_synchronous_standby_names: true,
-            operation_id: op.id.clone(),
+            operation_id: op.id().to_owned(),
         };
         let r = call(n, d, async |c| c.configure_standby(creq).await).await?;
         step("follow", t, format!("started as a standby; primary_conninfo = {}", r.primary_conninfo));
-        let t = Instant::now();
+        let t = op.start(name, "verify", &format!("wait until {name} streams from {primary_name}"))?;
         match crate::verify::streaming(primary, &[n], d, std::time::Duration::from_secs(60)).await {
             Ok(states) => step("verify", t, states),
             Err(why) => {
-                op.end("failed");
                 return Err(MoveError::Step {
                     step: "verify",
                     detail: format!(
@@ -240,7 +230,6 @@ pub async fn rejoin(
             }
         }
     }
-    op.end("succeeded");
     Ok(RejoinReport {
         node: name.to_owned(),
         primary: primary_name,

@@ -14,7 +14,8 @@ use serde::Serialize;
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::fleet_status::{self, ClusterReport, Role};
 use crate::inventory::{Cluster, Inventory, Node, PasswordError};
-use crate::journal::{self, JournalError, Operation};
+use crate::journal::{self, JournalError};
+use crate::ops::{Cancelled, OpCtx};
 use crate::table::Table;
 
 const SYNC_WAIT: Duration = Duration::from_secs(30);
@@ -32,6 +33,8 @@ pub enum SyncError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Password(#[from] PasswordError),
+    #[error(transparent)]
+    Cancelled(#[from] Cancelled),
     #[error(
         "synchronous_standby_names is set to {value:?} on {primary}, but within {}s pg_stat_replication shows: {seen}",
         SYNC_WAIT.as_secs()
@@ -160,6 +163,7 @@ pub async fn set(
     cluster: &str,
     spec: Option<(SyncMethod, u32, Vec<String>)>,
     d: Deadlines,
+    op: &OpCtx,
 ) -> Result<SyncReport, SyncError> {
     let invalid = |what, reason: String| SyncError::Invalid { what, reason };
     let c = inventory
@@ -187,7 +191,6 @@ pub async fn set(
             SyncSpec::from_nodes(method, num, &nodes).map_err(|e| invalid("synchronous standbys", e.to_string()))?
         }
     };
-    let op = Operation::begin(&inventory.state_dir, c.name.as_str(), "sync", &format!("set {spec}"))?;
     let report = fleet_status::gather(&[c], d).await;
     let cr = &report.clusters[0];
     let primary = primary_of(c, cr)?;
@@ -216,7 +219,8 @@ pub async fn set(
             .as_ref()
             .and_then(|w| w.slot_name.clone())
             .unwrap_or_else(|| node.name.default_slot().to_string());
-        op.record("application-name", "start", name)?;
+        op.point_of_no_return("synchronous replication is being reconfigured")?;
+        let t = op.start(name, "application-name", &format!("reconnect {name} with application_name={name}"))?;
         let mut client = client::connect(node, d).await?;
         client
             .configure_standby(pb::ConfigureStandbyRequest {
@@ -227,13 +231,14 @@ pub async fn set(
                 slot_name: slot,
                 application_name: name.clone(),
                 reset_synchronous_standby_names: false,
-                operation_id: op.id.clone(),
+                operation_id: op.id().to_owned(),
             })
             .await
             .map_err(|s| AgentCallError::from_status(node, s))?;
-        op.record("application-name", "done", name)?;
+        op.done(name, "application-name", t, "reconnected")?;
     }
-    op.record("synchronous_standby_names", "start", &spec.to_string())?;
+    op.point_of_no_return("synchronous replication is being reconfigured")?;
+    let t = op.start(primary.name.as_str(), "synchronous_standby_names", &format!("ALTER SYSTEM SET synchronous_standby_names = '{spec}'; reload"))?;
     let mut pc = client::connect(primary, d).await?;
     pc.set_synchronous_standbys(pb::SetSynchronousStandbysRequest {
         config: Some(pb::SyncConfig {
@@ -244,11 +249,11 @@ pub async fn set(
             num_sync: spec.num_sync,
             names: spec.names.clone(),
         }),
-        operation_id: op.id.clone(),
+        operation_id: op.id().to_owned(),
     })
     .await
     .map_err(|s| AgentCallError::from_status(primary, s))?;
-    op.record("synchronous_standby_names", "done", &spec.to_string())?;
+    op.done(primary.name.as_str(), "synchronous_standby_names", t, &spec.to_string())?;
     journal::remember_sync(&inventory.state_dir, c.name.as_str(), &spec.to_string())?;
 
     let deadline = Instant::now() + SYNC_WAIT;
@@ -256,7 +261,6 @@ pub async fn set(
         let info = replication(primary, d).await?;
         let rows = standbys(&info);
         if reached(&spec, &rows) {
-            op.end("succeeded");
             return Ok(SyncReport {
                 cluster: c.name.to_string(),
                 primary: primary.name.to_string(),
@@ -271,7 +275,6 @@ pub async fn set(
                 .map(|r| format!("{} {} {}", r.application_name, r.state, r.sync_state))
                 .collect::<Vec<_>>()
                 .join(", ");
-            op.end("failed");
             return Err(SyncError::NotReached {
                 primary: primary.name.to_string(),
                 value: spec.to_string(),

@@ -5,9 +5,12 @@
 //! types once, at the RPC edge (`SlotName::parse`), and only the types travel
 //! further: the agent's domain code never sees a raw slot name.
 
+pub mod auth;
 pub mod identity;
+pub mod notify;
 mod redact;
 pub mod sync;
+pub mod tls;
 pub mod types;
 
 pub use types::{ClusterName, Lsn, NodeName, ParseError, RoleName, SlotName};

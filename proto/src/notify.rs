@@ -17,13 +17,13 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 /// The variable systemd sets for `Type=notify` services.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
-/// Tells the service manager the agent is ready: the listener is bound.
+/// Tells the service manager the service is ready: its listener is bound.
 /// Returns whether a manager was told.
 pub fn ready() -> io::Result<bool> {
     notify("READY=1")
 }
 
-/// Tells the service manager the agent is shutting down.
+/// Tells the service manager the service is shutting down.
 pub fn stopping() -> io::Result<bool> {
     notify("STOPPING=1")
 }

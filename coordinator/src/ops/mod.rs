@@ -1,0 +1,433 @@
+//! Operations: what changes the fleet (rebuild, sync, switchover, failover,
+//! rejoin, drop slot), as one request type run by one function, whether the
+//! `pgfleet` CLI runs it in-process or `pgfleet serve` runs it for a remote
+//! caller. Both stream the same events and end with the same text and JSON,
+//! so both print the same thing.
+//!
+//! Life of an operation: `begin` validates the names, takes the cluster's
+//! lock and journals the request (DESIGN.md invariant 7); `execute` runs it,
+//! journaling each step before it acts; `finish` writes the outcome.
+
+pub mod ctx;
+pub mod render;
+pub mod resume;
+pub mod rolling;
+pub mod store;
+
+use std::sync::Arc;
+
+use pgfleet_proto::SlotName;
+use pgfleet_proto::coordinator::v1 as pb;
+use pgfleet_proto::coordinator::v1::OperationState;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+pub use ctx::{CancelState, Cancelled, OpCtx};
+
+use crate::client::Deadlines;
+use crate::error::CoordinatorError;
+use crate::fleet_status;
+use crate::inventory::Inventory;
+use crate::journal::Operation;
+use crate::{failover, rebuild, rejoin, slots};
+
+/// What an operator or a system asked for. Journaled as JSON at the start
+/// of the operation, so an interrupted one can be resumed from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum OpRequest {
+    Rebuild {
+        node: String,
+        from: Option<String>,
+        slot: Option<String>,
+        tablespace_mappings: Vec<String>,
+        spread_checkpoint: bool,
+        dry_run: bool,
+    },
+    /// Every replica of a cluster, one at a time.
+    RebuildAll {
+        cluster: String,
+        spread_checkpoint: bool,
+        dry_run: bool,
+    },
+    Sync {
+        cluster: String,
+        /// None: asynchronous.
+        spec: Option<SyncRequest>,
+    },
+    Switchover {
+        cluster: String,
+        to: Option<String>,
+        dry_run: bool,
+    },
+    Failover {
+        cluster: String,
+        to: Option<String>,
+        fenced: bool,
+        accept_data_loss: bool,
+        dry_run: bool,
+    },
+    Rejoin {
+        node: String,
+        rebuild_if_needed: bool,
+        dry_run: bool,
+    },
+    DropSlot {
+        node: String,
+        slot: String,
+        force: bool,
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// "first" or "any".
+    pub method: String,
+    pub num: u32,
+    pub standbys: Vec<String>,
+}
+
+/// What the CLI prints when an operation succeeded: text for people, the
+/// `--json` document for programs.
+#[derive(Debug, Clone, Default)]
+pub struct Rendered {
+    pub text: String,
+    pub json: String,
+}
+
+impl Rendered {
+    fn pretty<T: Serialize>(text: String, v: &T) -> Self {
+        Rendered {
+            text,
+            json: serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
+        }
+    }
+}
+
+impl OpRequest {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OpRequest::Rebuild { .. } | OpRequest::RebuildAll { .. } => "rebuild",
+            OpRequest::Sync { .. } => "sync",
+            OpRequest::Switchover { .. } => "switchover",
+            OpRequest::Failover { .. } => "failover",
+            OpRequest::Rejoin { .. } => "rejoin",
+            OpRequest::DropSlot { .. } => "drop-slot",
+        }
+    }
+
+    pub fn dry_run(&self) -> bool {
+        match self {
+            OpRequest::Rebuild { dry_run, .. }
+            | OpRequest::RebuildAll { dry_run, .. }
+            | OpRequest::Switchover { dry_run, .. }
+            | OpRequest::Failover { dry_run, .. }
+            | OpRequest::Rejoin { dry_run, .. }
+            | OpRequest::DropSlot { dry_run, .. } => *dry_run,
+            OpRequest::Sync { .. } => false,
+        }
+    }
+
+    /// Checks the names against the inventory before anything else, fills
+    /// in the cluster when the inventory has only one, and returns the
+    /// cluster and a summary for people.
+    pub fn resolve(&mut self, inv: &Inventory) -> Result<(String, String), CoordinatorError> {
+        Ok(match self {
+            OpRequest::Rebuild { node, from, slot, .. } => {
+                let (c, _) = inv.node(node)?;
+                if let Some(s) = slot {
+                    SlotName::parse(s)?;
+                }
+                let from = from.as_deref().map(|f| format!(" from {f}")).unwrap_or_default();
+                (c.name.to_string(), format!("{node}{from}"))
+            }
+            OpRequest::RebuildAll { cluster, .. } => {
+                *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
+                (cluster.clone(), "every replica, one at a time".into())
+            }
+            OpRequest::Sync { cluster, spec } => {
+                *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
+                let what = match spec {
+                    None => "asynchronous".to_owned(),
+                    Some(s) => format!("{} {} ({})", s.method.to_uppercase(), s.num, s.standbys.join(", ")),
+                };
+                (cluster.clone(), format!("set {what}"))
+            }
+            OpRequest::Switchover { cluster, to, .. } | OpRequest::Failover { cluster, to, .. } => {
+                *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
+                (cluster.clone(), to.as_deref().map(|t| format!("to {t}")).unwrap_or_else(|| "to the best candidate".into()))
+            }
+            OpRequest::Rejoin { node, .. } => {
+                let (c, _) = inv.node(node)?;
+                (c.name.to_string(), node.clone())
+            }
+            OpRequest::DropSlot { node, slot, .. } => {
+                SlotName::parse(slot)?;
+                let (c, _) = inv.node(node)?;
+                (c.name.to_string(), format!("slot {slot} on {node}"))
+            }
+        })
+    }
+}
+
+/// `--cluster`, or the inventory's only cluster.
+pub fn one_cluster(inventory: &Inventory, cluster: Option<&str>) -> Result<String, CoordinatorError> {
+    match cluster {
+        Some(c) => Ok(inventory.select(Some(c))?[0].name.to_string()),
+        None if inventory.clusters.len() == 1 => Ok(inventory.clusters[0].name.to_string()),
+        None => Err(CoordinatorError::Usage(format!(
+            "the inventory has {} clusters; say which with --cluster ({})",
+            inventory.clusters.len(),
+            inventory.clusters.iter().map(|c| c.name.to_string()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// Validates `req`, then (unless it is a dry run) takes its cluster's lock
+/// and journals it. A second operation on a locked cluster fails here,
+/// before anything is shown as started.
+pub fn begin(
+    inv: &Inventory,
+    req: &mut OpRequest,
+    caller: &str,
+    tx: Option<UnboundedSender<pb::OperationEvent>>,
+    cancel: Arc<CancelState>,
+) -> Result<(OpCtx, String, String), CoordinatorError> {
+    let (cluster, summary) = req.resolve(inv)?;
+    if req.dry_run() {
+        let id = crate::journal::new_id(&format!("dry-run-{}", req.kind()));
+        return Ok((OpCtx::new(id, None, tx, cancel), cluster, summary));
+    }
+    let request = serde_json::to_value(&*req).unwrap_or_default();
+    let op = Operation::begin(&inv.state_dir, &cluster, req.kind(), &summary, caller, &request)?;
+    Ok((OpCtx::new(op.id.clone(), Some(op), tx, cancel), cluster, summary))
+}
+
+/// Journals the outcome and turns it into the final event. `aborted`: the
+/// operation was ended by `ops abort`, and its text says how it was left.
+pub fn finish(mut ctx: OpCtx, result: &Result<Rendered, CoordinatorError>, aborted: bool) -> pb::OperationFinished {
+    let (state, outcome, detail) = match result {
+        Ok(r) if aborted => (OperationState::Aborted, "aborted", r.text.trim().to_owned()),
+        Ok(_) => (OperationState::Succeeded, "succeeded", String::new()),
+        Err(CoordinatorError::Cancelled(_)) => (OperationState::Cancelled, "cancelled", String::new()),
+        Err(e) if e.is_cancelled() => (OperationState::Cancelled, "cancelled", e.to_string()),
+        Err(e) => (OperationState::Failed, "failed", e.to_string()),
+    };
+    if let Some(j) = ctx.take_journal() {
+        j.end(outcome, &detail);
+    }
+    let fin = match result {
+        Ok(r) => pb::OperationFinished {
+            state: state as i32,
+            text: r.text.clone(),
+            json: r.json.clone(),
+            error: None,
+            exit_code: 0,
+        },
+        Err(e) => pb::OperationFinished {
+            state: state as i32,
+            text: String::new(),
+            json: String::new(),
+            error: Some(e.to_string()),
+            exit_code: if e.is_usage() { 2 } else { 1 },
+        },
+    };
+    ctx.emit(pb::operation_event::Event::Finished(fin.clone()));
+    fin
+}
+
+/// Runs a begun operation to its end.
+pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<Rendered, CoordinatorError> {
+    ctx.checkpoint()?;
+    match req {
+        OpRequest::Rebuild {
+            node,
+            from,
+            slot,
+            tablespace_mappings,
+            spread_checkpoint,
+            dry_run,
+        } => {
+            let r = rebuild::RebuildRequest {
+                node: node.clone(),
+                from: from.clone(),
+                slot: slot.clone(),
+                tablespace_mappings: tablespace_mappings.clone(),
+                spread_checkpoint: *spread_checkpoint,
+                dry_run: *dry_run,
+            };
+            let prepared = rebuild::preflight(inv, &r, d).await?;
+            if *dry_run {
+                return Ok(rebuild_plan(&prepared, &rebuild::plan(&prepared, &r, d).await?));
+            }
+            let report = rebuild::execute(&prepared, &r, d, ctx).await?;
+            Ok(rebuild_rendered(&report))
+        }
+        OpRequest::RebuildAll {
+            cluster,
+            spread_checkpoint,
+            dry_run,
+        } => rolling::rebuild_all(inv, cluster, *spread_checkpoint, *dry_run, d, ctx).await,
+        OpRequest::Sync { cluster, spec } => {
+            let spec = match spec {
+                None => None,
+                Some(s) => {
+                    if s.standbys.is_empty() {
+                        return Err(CoordinatorError::Usage(
+                            "name the synchronous standbys (sync set NODE...), or pass --off".into(),
+                        ));
+                    }
+                    let m = match s.method.as_str() {
+                        "first" => pgfleet_proto::sync::SyncMethod::First,
+                        "any" => pgfleet_proto::sync::SyncMethod::Any,
+                        other => {
+                            return Err(CoordinatorError::Usage(format!(
+                                "unknown synchronous method {other:?}: use first or any"
+                            )));
+                        }
+                    };
+                    Some((m, s.num, s.standbys.clone()))
+                }
+            };
+            let report = crate::sync::set(inv, cluster, spec, d, ctx).await?;
+            Ok(Rendered::pretty(crate::sync::render(&report), &report))
+        }
+        OpRequest::Switchover { cluster, to, dry_run } => {
+            let plan = failover::switchover_preflight(inv, cluster, to.as_deref(), d).await?;
+            if *dry_run {
+                let lines = failover::switchover_plan_lines(&plan);
+                let mut s = failover::render_plan(
+                    &format!("switch over {} from {} to {}", plan.cluster.name, plan.old.name, plan.new.name),
+                    &lines,
+                );
+                for w in &plan.warnings {
+                    s += &format!("warning: {w}\n");
+                }
+                return Ok(Rendered::pretty(
+                    s,
+                    &serde_json::json!({ "dry_run": true, "warnings": plan.warnings, "steps": lines }),
+                ));
+            }
+            for w in &plan.warnings {
+                ctx.warning(w);
+            }
+            let r = failover::switchover(inv, plan, d, ctx).await?;
+            Ok(Rendered::pretty(failover::render(&r), &r))
+        }
+        OpRequest::Failover {
+            cluster,
+            to,
+            fenced,
+            accept_data_loss,
+            dry_run,
+        } => {
+            let req = failover::FailoverRequest {
+                cluster: cluster.clone(),
+                to: to.clone(),
+                fenced: *fenced,
+                accept_data_loss: *accept_data_loss,
+                dry_run: *dry_run,
+            };
+            match failover::failover(inv, &req, d, ctx).await? {
+                Ok(r) => Ok(Rendered::pretty(failover::render(&r), &r)),
+                Err(lines) => Ok(Rendered::pretty(
+                    failover::render_plan(&format!("fail over {cluster}"), &lines),
+                    &serde_json::json!({ "dry_run": true, "steps": lines }),
+                )),
+            }
+        }
+        OpRequest::Rejoin {
+            node,
+            rebuild_if_needed,
+            dry_run,
+        } => {
+            let r = rejoin::rejoin(inv, node, *rebuild_if_needed, *dry_run, d, ctx).await?;
+            let text = match &r.plan {
+                Some(p) => format!("{p}\n"),
+                None => format!("{} rejoined as a standby of {} ({}) in {:.2}s\n", r.node, r.primary, r.method, r.seconds),
+            };
+            Ok(Rendered::pretty(text, &r))
+        }
+        OpRequest::DropSlot {
+            node,
+            slot,
+            force,
+            dry_run,
+        } => {
+            if *dry_run {
+                let slot = SlotName::parse(slot)?;
+                let (_, n) = inv.node(node)?;
+                let steps = slots::drop_plan(n, &slot, *force);
+                let mut s = format!("plan (dry run, nothing changed): drop slot {slot} on {node}\n");
+                for (i, step) in steps.iter().enumerate() {
+                    s += &format!("  {}. {step}\n", i + 1);
+                }
+                return Ok(Rendered::pretty(s, &serde_json::json!({ "dry_run": true, "steps": steps })));
+            }
+            ctx.point_of_no_return("the slot is being dropped")?;
+            let t = ctx.start(node, "drop-slot", &format!("pg_drop_replication_slot('{slot}')"))?;
+            let r = slots::drop(inv, node, slot, *force, d).await?;
+            ctx.done(node, "drop-slot", t, "dropped")?;
+            let mut s = format!("dropped replication slot {} on {}", r.slot, r.node);
+            if let Some(b) = r.released_wal_bytes {
+                s += &format!(" ({} of WAL no longer retained)", fleet_status::bytes(b));
+            }
+            if r.terminated_sender {
+                s += "; its WAL sender was terminated";
+            }
+            s.push('\n');
+            Ok(Rendered::pretty(s, &r))
+        }
+    }
+}
+
+fn rebuild_plan(prepared: &rebuild::Prepared<'_>, steps: &[(String, pgfleet_proto::agent::v1::PlanStep)]) -> Rendered {
+    let v: Vec<_> = steps
+        .iter()
+        .map(|(host, s)| {
+            serde_json::json!({
+                "host": host, "step": s.name, "description": s.description,
+                "argv": s.argv, "sql": s.sql,
+            })
+        })
+        .collect();
+    let mut s = format!(
+        "plan (dry run, nothing changed): rebuild {} from {}\n",
+        prepared.node.name, prepared.upstream.name
+    );
+    for (i, (host, step)) in steps.iter().enumerate() {
+        s += &format!("  {:>2}. [{host}] {}: {}\n", i + 1, step.name, step.description);
+        if !step.argv.is_empty() {
+            s += &format!("        $ {}\n", pgfleet_proto::shell_words(&step.argv));
+        }
+        if let Some(sql) = &step.sql {
+            s += &format!("        SQL: {sql}\n");
+        }
+    }
+    Rendered::pretty(s, &serde_json::json!({ "dry_run": true, "steps": v }))
+}
+
+pub fn rebuild_text(report: &rebuild::RebuildReport) -> String {
+    let lag = report.lag_bytes.map(fleet_status::bytes).unwrap_or_else(|| "-".into());
+    let mut s = format!(
+        "rebuilt {} from {} in {:.1}s: {} ({}), lag {lag}, slot {}\n",
+        report.node, report.upstream, report.seconds, report.state, report.sync_state, report.slot
+    );
+    if let Some(m) = &report.moved_aside_to {
+        s += &format!("previous data directory kept at {m}\n");
+    }
+    if let Some(l) = &report.log_file {
+        s += &format!("pg_basebackup log: {l}\n");
+    }
+    s
+}
+
+/// A rebuild's --json output is a stream of JSON lines: its result is one
+/// line too.
+pub fn rebuild_rendered(report: &rebuild::RebuildReport) -> Rendered {
+    Rendered {
+        text: rebuild_text(report),
+        json: format!("{}\n", serde_json::json!({ "result": report })),
+    }
+}

@@ -1,0 +1,257 @@
+//! An operation interrupted by the coordinator's death (its journal has no
+//! end, its cluster lock is free): `pgfleet ops resume OP` finishes it,
+//! `pgfleet ops abort OP` ends it leaving the cluster in a stated, safe
+//! state. Both take the cluster lock again and journal under the same id.
+//!
+//! Resume follows what the journal says was done:
+//! - rebuild: the copy runs on the node's agent, which outlives us; re-attach
+//!   to its job and confirm streaming; if the agent no longer knows the job
+//!   or it failed, rebuild again (the data directory moved aside stays).
+//! - switchover and failover: converge: the chosen standby becomes the
+//!   primary if it is not yet (through failover, with its checks: the old
+//!   primary is fenced), then every other node that does not stream from it
+//!   is rejoined (a failover leaves the old primary fenced, as it would have).
+//! - sync, rejoin, drop slot, rolling rebuild: run again; each is idempotent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use pgfleet_proto::agent::v1 as apb;
+use pgfleet_proto::coordinator::v1 as pb;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::client::{self, Deadlines};
+use crate::error::CoordinatorError;
+use crate::fleet_status::{self, Role};
+use crate::inventory::Inventory;
+use crate::journal::Operation;
+use crate::ops::store::{self, OpRecord};
+use crate::ops::{CancelState, OpCtx, OpRequest, Rendered};
+use crate::rebuild::{self, RebuildError};
+
+/// Takes the lock of an interrupted operation's cluster again.
+pub fn begin(
+    inv: &Inventory,
+    id: &str,
+    action: &'static str,
+    caller: &str,
+    tx: Option<UnboundedSender<pb::OperationEvent>>,
+    cancel: Arc<CancelState>,
+) -> Result<(OpCtx, OpRecord, OpRequest), CoordinatorError> {
+    let rec = store::find(&inv.state_dir, id)?
+        .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inv.state_dir.display())))?;
+    if rec.state != "interrupted" {
+        return Err(CoordinatorError::Usage(format!(
+            "operation {id} is {}: only an interrupted operation can be {action}d",
+            rec.state
+        )));
+    }
+    let req: OpRequest = rec
+        .request
+        .clone()
+        .and_then(|r| serde_json::from_value(r).ok())
+        .ok_or_else(|| CoordinatorError::Usage(format!("operation {id}'s journal does not hold its request")))?;
+    let kind = req.kind();
+    let op = Operation::reopen(&inv.state_dir, &rec.cluster, kind, id, action, caller)?;
+    Ok((OpCtx::new(id.to_owned(), Some(op), tx, cancel), rec, req))
+}
+
+/// The node and job id of the last rebuild job the operation started.
+fn last_job(rec: &OpRecord) -> Option<(String, String)> {
+    rec.journal
+        .iter()
+        .rev()
+        .find(|e| e.step == "job" && e.event == "started")
+        .and_then(|e| e.detail.split_once(' '))
+        .map(|(n, j)| (n.to_owned(), j.to_owned()))
+}
+
+fn step_done(rec: &OpRecord, step: &str) -> bool {
+    rec.journal.iter().any(|e| e.step == step && e.event == "done")
+}
+
+pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<Rendered, CoordinatorError> {
+    match req {
+        OpRequest::Rebuild { node, from, slot, .. } => {
+            if let Some((job_node, job)) = last_job(rec).filter(|(n, _)| n == node) {
+                ctx.note(&job_node, &format!("re-attaching to job {job}"));
+                match rebuild::attach(inv, node, &job, from.as_deref(), slot.as_deref(), d, ctx).await {
+                    Ok(report) => return Ok(crate::ops::rebuild_rendered(&report)),
+                    Err(RebuildError::Agent(e)) if !e.is_unreachable() => {
+                        ctx.note(node, &format!("job {job} is gone ({}); rebuilding again", e.reason()));
+                    }
+                    Err(e @ RebuildError::JobFailed { .. }) => {
+                        ctx.note(node, &format!("job {job} failed ({e}); rebuilding again"));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            crate::ops::execute(inv, req, d, ctx).await
+        }
+        OpRequest::Switchover { cluster, to, .. } | OpRequest::Failover { cluster, to, .. } => {
+            converge(inv, rec, req, cluster, to.as_deref(), d, ctx).await
+        }
+        _ => crate::ops::execute(inv, req, d, ctx).await,
+    }
+}
+
+/// The target the interrupted move had chosen: `--to`, else the node its
+/// journal promoted or fenced for.
+fn move_target(rec: &OpRecord, to: Option<&str>) -> Option<String> {
+    if let Some(t) = to {
+        return Some(t.to_owned());
+    }
+    // Switchover's begin line reads "OLD -> NEW" in the lock; the steps name hosts.
+    rec.journal
+        .iter()
+        .find(|e| (e.step == "catch-up" || e.step == "promote" || e.step == "sync-config") && e.event == "start")
+        .and_then(|e| e.detail.split_once(':'))
+        .map(|(h, _)| h.to_owned())
+}
+
+async fn converge(
+    inv: &Inventory,
+    rec: &OpRecord,
+    req: &OpRequest,
+    cluster: &str,
+    to: Option<&str>,
+    d: Deadlines,
+    ctx: &OpCtx,
+) -> Result<Rendered, CoordinatorError> {
+    let c = inv.select(Some(cluster))?[0];
+    let status = fleet_status::gather(&[c], d).await;
+    let cr = &status.clusters[0];
+    let fenced_old = rec
+        .journal
+        .iter()
+        .find(|e| e.step == "fence" && e.event == "start")
+        .and_then(|e| e.detail.split_once(':'))
+        .map(|(h, _)| h.to_owned());
+    let Some(target) = move_target(rec, to) else {
+        // Nothing was changed before the interruption: run it again.
+        return crate::ops::execute(inv, req, d, ctx).await;
+    };
+    let mut text = String::new();
+    if cr.primary.as_deref() != Some(target.as_str()) {
+        if cr.primary.is_some() && !step_done(rec, "fence") {
+            // Interrupted before the fence: the cluster is as it was.
+            return crate::ops::execute(inv, req, d, ctx).await;
+        }
+        ctx.note(&target, &format!("{target} is not the primary yet: failing over to it (the old primary is fenced)"));
+        let fr = crate::failover::FailoverRequest {
+            cluster: cluster.to_owned(),
+            to: Some(target.clone()),
+            fenced: false,
+            accept_data_loss: false,
+            dry_run: false,
+        };
+        if let Ok(r) = crate::failover::failover(inv, &fr, d, ctx).await? {
+            text += &crate::failover::render(&r);
+        }
+    }
+    // Everyone but the new primary (and a failover's fenced old primary)
+    // streams from it.
+    let status = fleet_status::gather(&[c], d).await;
+    let cr = &status.clusters[0];
+    for n in &cr.nodes {
+        let keep_fenced = matches!(req, OpRequest::Failover { .. }) && fenced_old.as_deref() == Some(n.name.as_str());
+        let streaming = n.replication.as_ref().is_some_and(|v| v.state == "streaming");
+        if n.name == target || keep_fenced || streaming || n.role == Role::Primary {
+            continue;
+        }
+        let r = crate::rejoin::rejoin(inv, &n.name, false, false, d, ctx).await?;
+        text += &format!("{} rejoined as a standby of {} ({})\n", r.node, r.primary, r.method);
+    }
+    text += &format!("resumed {}: {target} is the primary of {cluster}\n", rec.id);
+    Ok(Rendered::pretty(text.clone(), &serde_json::json!({ "operation": rec.id, "primary": target, "text": text })))
+}
+
+/// Whether the agent's job is still running: its event history is replayed
+/// at once, so no Finished within a moment means it runs.
+async fn job_running(inv: &Inventory, node: &str, job: &str, d: Deadlines) -> Result<Option<apb::JobFinished>, CoordinatorError> {
+    let (_, n) = inv.node(node)?;
+    let mut c = client::connect(n, d).await?;
+    let mut stream = match c.watch_job(apb::WatchJobRequest { job_id: job.to_owned() }).await {
+        Ok(s) => s.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => return Ok(Some(apb::JobFinished::default())),
+        Err(s) => return Err(client::AgentCallError::from_status(n, s).into()),
+    };
+    let read = async {
+        while let Some(Ok(ev)) = stream.next().await {
+            if let Some(apb::job_event::Event::Finished(f)) = ev.event {
+                return Some(f);
+            }
+        }
+        Some(apb::JobFinished::default())
+    };
+    Ok(tokio::time::timeout(Duration::from_secs(2), read).await.unwrap_or(None))
+}
+
+/// Ends an interrupted operation without finishing it: undoes what leaves
+/// the cluster unsafe (a fenced primary with nobody promoted is started
+/// again; a failed rebuild's slot is dropped) and says what state it is in.
+pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<Rendered, CoordinatorError> {
+    let mut said = Vec::new();
+    match req {
+        OpRequest::Rebuild { node, from, slot, .. } => {
+            if let Some((_, job)) = last_job(rec) {
+                let Some(fin) = job_running(inv, node, &job, d).await? else {
+                    return Err(CoordinatorError::Usage(format!(
+                        "the copy still runs on {node}'s agent (job {job}): stopping it now would leave {node} without data. \
+                         Let it finish with `pgfleet ops resume {}`",
+                        rec.id
+                    )));
+                };
+                if fin.success {
+                    said.push(format!("job {job} on {node} had finished: {node} runs as a standby"));
+                } else {
+                    let (c, n) = inv.node(node)?;
+                    let upstream = from.clone().or_else(|| {
+                        c.nodes.iter().find(|k| k.name.as_str() != n.name.as_str()).map(|k| k.name.to_string())
+                    });
+                    let slot_name = slot.clone().unwrap_or_else(|| n.name.default_slot().to_string());
+                    if let Some(u) = upstream.and_then(|u| inv.node(&u).ok()) {
+                        let s = slot_name.clone();
+                        match client::call(u.1, d, async |c| c.drop_slot(apb::DropSlotRequest { slot_name: s, force: false }).await).await {
+                            Ok(_) => said.push(format!("slot {slot_name} dropped on {}", u.1.name)),
+                            Err(e) => said.push(format!("slot {slot_name} on {}: {}", u.1.name, e.reason())),
+                        }
+                    }
+                    said.push(format!(
+                        "{node} is not rebuilt{}: rebuild it again with `pgfleet rebuild {node}`",
+                        fin.moved_aside_to.map(|m| format!("; its previous data directory is kept at {m}")).unwrap_or_default()
+                    ));
+                }
+            } else {
+                said.push(format!("the rebuild of {node} had not started its copy: nothing on {node} changed"));
+            }
+        }
+        OpRequest::Switchover { cluster, .. } | OpRequest::Failover { cluster, .. } => {
+            let c = inv.select(Some(cluster))?[0];
+            let status = fleet_status::gather(&[c], d).await;
+            let cr = &status.clusters[0];
+            let fenced = rec
+                .journal
+                .iter()
+                .find(|e| e.step == "fence" && e.event == "start")
+                .and_then(|e| e.detail.split_once(':'))
+                .map(|(h, _)| h.to_owned());
+            match (&cr.primary, fenced) {
+                (None, Some(old)) if matches!(req, OpRequest::Switchover { .. }) && !step_done(rec, "promote") => {
+                    let (_, n) = inv.node(&old)?;
+                    let t = ctx.start(&old, "unfence", "start it again as the primary: nobody was promoted")?;
+                    let id = ctx.id().to_owned();
+                    client::call(n, d, async |c| c.unfence(apb::UnfenceRequest { operation_id: id }).await).await?;
+                    ctx.done(&old, "unfence", t, "running as the primary again")?;
+                    said.push(format!("nobody was promoted: {old} was started again as the primary; the cluster is as before the switchover"));
+                }
+                (None, _) => said.push(format!("cluster {cluster} has no running primary: run `pgfleet failover --cluster {cluster}`")),
+                (Some(p), _) => said.push(format!("{p} is the primary of {cluster}; `pgfleet status` shows which standbys stream from it, `pgfleet rejoin NODE` brings back the others")),
+            }
+        }
+        _ => said.push("nothing was undone: the operation is idempotent; `pgfleet status` shows the cluster".into()),
+    }
+    let text = format!("aborted {}: {}\n", rec.id, said.join("; "));
+    Ok(Rendered::pretty(text, &serde_json::json!({ "operation": rec.id, "aborted": true, "state": said })))
+}

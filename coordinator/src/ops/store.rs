@@ -1,0 +1,233 @@
+//! Reading the journal back: every operation of every cluster with its
+//! steps and outcome, and whether one without an end is still running (its
+//! cluster lock is held under its id) or was interrupted (the process that
+//! ran it is gone; the kernel released its lock).
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use pgfleet_proto::coordinator::v1 as pb;
+use pgfleet_proto::coordinator::v1::OperationState;
+use serde::Serialize;
+
+use crate::journal::JournalError;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub time: String,
+    pub step: String,
+    pub event: String,
+    pub detail: String,
+}
+
+/// One operation as its journal lines tell it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpRecord {
+    pub id: String,
+    pub kind: String,
+    pub cluster: String,
+    pub summary: String,
+    pub caller: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    /// The end line's event: succeeded, failed, cancelled, aborted.
+    pub outcome: Option<String>,
+    pub detail: Option<String>,
+    pub request: Option<serde_json::Value>,
+    pub journal: Vec<Entry>,
+    pub state: &'static str,
+}
+
+impl OpRecord {
+    pub fn state(&self) -> OperationState {
+        match self.state {
+            "running" => OperationState::Running,
+            "succeeded" => OperationState::Succeeded,
+            "cancelled" => OperationState::Cancelled,
+            "interrupted" => OperationState::Interrupted,
+            "aborted" => OperationState::Aborted,
+            _ => OperationState::Failed,
+        }
+    }
+
+    pub fn to_proto(&self) -> pb::Operation {
+        pb::Operation {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            cluster: self.cluster.clone(),
+            summary: self.summary.clone(),
+            state: self.state() as i32,
+            caller: self.caller.clone(),
+            started_at: self.started_at.clone(),
+            ended_at: self.ended_at.clone(),
+            detail: self.detail.clone().filter(|d| !d.is_empty()),
+            journal: self
+                .journal
+                .iter()
+                .map(|e| pb::JournalEntry {
+                    time: e.time.clone(),
+                    step: e.step.clone(),
+                    event: e.event.clone(),
+                    detail: e.detail.clone(),
+                })
+                .collect(),
+            request_json: self.request.as_ref().map(|r| r.to_string()).unwrap_or_default(),
+            dry_run: false,
+        }
+    }
+}
+
+fn s(v: &serde_json::Value, k: &str) -> String {
+    v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_owned()
+}
+
+/// Every journaled operation, oldest first.
+pub fn load(state_dir: &Path) -> Result<Vec<OpRecord>, JournalError> {
+    let mut ops: Vec<OpRecord> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let dir = match std::fs::read_dir(state_dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ops),
+        Err(source) => {
+            return Err(JournalError::Io {
+                action: "reading",
+                path: state_dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut files: Vec<_> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "journal"))
+        .collect();
+    files.sort();
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(|source| JournalError::Io {
+            action: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        // A line cut short by a crash is skipped, not fatal.
+        for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            let id = s(&v, "op");
+            let i = *index.entry(id.clone()).or_insert_with(|| {
+                ops.push(OpRecord {
+                    id: id.clone(),
+                    kind: s(&v, "kind"),
+                    cluster: s(&v, "cluster"),
+                    summary: String::new(),
+                    caller: String::new(),
+                    started_at: s(&v, "time"),
+                    ended_at: None,
+                    outcome: None,
+                    detail: None,
+                    request: None,
+                    journal: Vec::new(),
+                    state: "running",
+                });
+                ops.len() - 1
+            });
+            let op = &mut ops[i];
+            let (step, event) = (s(&v, "step"), s(&v, "event"));
+            if step == "begin" {
+                op.summary = s(&v, "detail");
+                op.caller = s(&v, "caller");
+                op.request = v.get("request").cloned();
+            }
+            if step == "end" {
+                op.ended_at = Some(s(&v, "time"));
+                op.outcome = Some(event.clone());
+                op.detail = Some(s(&v, "detail"));
+            } else if step == "resume" || step == "abort" {
+                // A resumed operation runs (or ran) again.
+                op.ended_at = None;
+                op.outcome = None;
+            }
+            op.journal.push(Entry {
+                time: s(&v, "time"),
+                step,
+                event,
+                detail: s(&v, "detail"),
+            });
+        }
+    }
+    for op in &mut ops {
+        op.state = match op.outcome.as_deref() {
+            Some("succeeded") => "succeeded",
+            Some("cancelled") => "cancelled",
+            Some("aborted") => "aborted",
+            Some(_) => "failed",
+            None if lock_holder(state_dir, &op.cluster).is_some_and(|h| h.starts_with(&format!("{} ", op.id))) => {
+                "running"
+            }
+            None => "interrupted",
+        };
+    }
+    Ok(ops)
+}
+
+pub fn find(state_dir: &Path, id: &str) -> Result<Option<OpRecord>, JournalError> {
+    Ok(load(state_dir)?.into_iter().find(|o| o.id == id))
+}
+
+/// What the cluster's lock file says while a live process holds the lock.
+/// Read from /proc/locks rather than by trying the lock, which would make a
+/// concurrent `begin` fail for nothing.
+pub fn lock_holder(state_dir: &Path, cluster: &str) -> Option<String> {
+    let path = state_dir.join(format!("{cluster}.lock"));
+    let meta = std::fs::metadata(&path).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let ino = format!(":{} ", meta.ino());
+    let held = locks
+        .lines()
+        .any(|l| l.contains("FLOCK") && format!("{l} ").contains(&ino));
+    if !held {
+        return None;
+    }
+    std::fs::read_to_string(&path).ok().map(|s| s.trim().to_owned())
+}
+
+pub fn render_list(ops: &[OpRecord]) -> String {
+    let mut t = crate::table::Table::new(&["OPERATION", "CLUSTER", "STATE", "STARTED", "SUMMARY", "CALLER"]);
+    for o in ops {
+        t.row(vec![
+            o.id.clone(),
+            o.cluster.clone(),
+            o.state.to_owned(),
+            o.started_at.clone(),
+            o.summary.clone(),
+            o.caller.clone(),
+        ]);
+    }
+    if t.is_empty() {
+        "no operations journaled\n".into()
+    } else {
+        t.render()
+    }
+}
+
+pub fn render_one(o: &OpRecord) -> String {
+    let mut s = format!(
+        "{} ({}) on cluster {}: {}\n  {}\n  started {} by {}\n",
+        o.id, o.kind, o.cluster, o.state, o.summary, o.started_at, o.caller
+    );
+    if let Some(e) = &o.ended_at {
+        s += &format!("  ended {e}");
+        if let Some(d) = o.detail.as_ref().filter(|d| !d.is_empty()) {
+            s += &format!(": {d}");
+        }
+        s.push('\n');
+    }
+    for e in &o.journal {
+        s += &format!("  {} {:<26} {:<10} {}\n", e.time, e.step, e.event, e.detail);
+    }
+    if o.state == "interrupted" {
+        s += &format!(
+            "interrupted: finish it with `pgfleet ops resume {}` or stop it with `pgfleet ops abort {}`\n",
+            o.id, o.id
+        );
+    }
+    s
+}

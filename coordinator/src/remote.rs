@@ -1,0 +1,261 @@
+//! `pgfleet --coordinator URL ...`: every command sent to `pgfleet serve`,
+//! which runs the same library; what comes back (events, text, JSON) is
+//! shown exactly as the in-process command shows it.
+
+use std::path::PathBuf;
+
+use futures::StreamExt;
+use pgfleet_proto::coordinator::v1 as pb;
+use pgfleet_proto::coordinator::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::cli::{Cli, Command, OpsAction, Outcome, SlotsAction, SyncAction, display, op_request, print_text};
+use crate::error::CoordinatorError;
+use crate::ops::render::OperationView;
+use crate::rebuild::Display;
+
+fn usage(s: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Usage(s.into())
+}
+
+/// A status from the coordinator, as the in-process command would have
+/// failed: bad input exits 2, the rest 1.
+fn from_status(s: tonic::Status) -> CoordinatorError {
+    let exit_code = if s.code() == tonic::Code::InvalidArgument { 2 } else { 1 };
+    let message = if std::error::Error::source(&s).is_some() {
+        format!("the coordinator cannot be reached: {}", crate::client::error_chain(&s))
+    } else {
+        s.message().to_owned()
+    };
+    CoordinatorError::Remote { message, exit_code }
+}
+
+/// TLS towards the coordinator: --tls-ca/--tls-cert/--tls-key, else the
+/// inventory's [tls] when there is an inventory here.
+fn tls_files(cli: &Cli) -> Result<Option<(PathBuf, PathBuf, PathBuf)>, CoordinatorError> {
+    let inv_tls = crate::inventory::Inventory::load(&cli.inventory).ok().and_then(|i| i.tls);
+    let ca = cli.tls_ca.clone().or_else(|| inv_tls.as_ref().map(|t| t.ca.clone()));
+    let cert = cli.tls_cert.clone().or_else(|| inv_tls.as_ref().map(|t| t.cert.clone()));
+    let key = cli.tls_key.clone().or_else(|| inv_tls.as_ref().map(|t| t.key.clone()));
+    match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => Ok(Some((ca, cert, key))),
+        _ => Ok(None),
+    }
+}
+
+async fn connect(cli: &Cli, url: &str) -> Result<CoordinatorClient<Channel>, CoordinatorError> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| usage(format!("--coordinator {url:?} is not a URL: {e}")))?
+        .connect_timeout(cli.connect_timeout)
+        .tcp_nodelay(true);
+    if url.starts_with("https://") {
+        let (ca, cert, key) = tls_files(cli)?.ok_or_else(|| {
+            usage("an https:// coordinator needs --tls-ca, --tls-cert and --tls-key (or an inventory with [tls])")
+        })?;
+        let read = |p: &PathBuf, private: bool| {
+            pgfleet_proto::tls::read_pem(p, private).map_err(|e| usage(format!("TLS: {e}")))
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&ca, false)?))
+            .identity(Identity::from_pem(read(&cert, false)?, read(&key, true)?));
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| usage(format!("TLS setup: {}", crate::client::error_chain(&e))))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| CoordinatorError::Remote {
+        message: format!("the coordinator at {url} cannot be reached: {}", crate::client::error_chain(&e)),
+        exit_code: 1,
+    })?;
+    Ok(CoordinatorClient::new(channel))
+}
+
+fn report(r: pb::Report, json: bool) -> Result<Outcome, CoordinatorError> {
+    print_text(if json { &r.json } else { &r.text })?;
+    Ok(if r.all_reachable { Outcome::Done } else { Outcome::Partial })
+}
+
+/// Follows an operation to its end, showing its events; returns its result
+/// or its error with the in-process exit code.
+pub async fn watch(c: &mut CoordinatorClient<Channel>, id: &str, json: bool, display: Display) -> Result<Outcome, CoordinatorError> {
+    let mut stream = c
+        .watch_operation(pb::WatchOperationRequest { operation_id: id.to_owned(), from_seq: 0 })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    let mut view = OperationView::new(display);
+    let mut finished = None;
+    while let Some(item) = stream.next().await {
+        let ev = item.map_err(from_status)?;
+        view.show(&ev);
+        if let Some(pb::operation_event::Event::Finished(f)) = ev.event {
+            finished = Some(f);
+            break;
+        }
+    }
+    view.finish();
+    let f = finished.ok_or_else(|| CoordinatorError::Remote {
+        message: format!("the coordinator's event stream of {id} ended early; watch it again with: pgfleet ops watch {id}"),
+        exit_code: 1,
+    })?;
+    match f.error {
+        Some(message) => Err(CoordinatorError::Remote { message, exit_code: f.exit_code.max(1) }),
+        None => {
+            print_text(if json { &f.json } else { &f.text })?;
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+fn start_request(c: &mut CoordinatorClient<Channel>, req: crate::ops::OpRequest) -> impl std::future::Future<Output = Result<tonic::Response<pb::OperationRef>, tonic::Status>> + '_ {
+    use crate::ops::OpRequest as R;
+    async move {
+        match req {
+            R::Rebuild { node, from, slot, tablespace_mappings, spread_checkpoint, dry_run } => {
+                c.rebuild(pb::RebuildRequest { node, from, slot, tablespace_mappings, spread_checkpoint, dry_run, all_replicas_of: String::new() }).await
+            }
+            R::RebuildAll { cluster, spread_checkpoint, dry_run } => {
+                c.rebuild(pb::RebuildRequest {
+                    all_replicas_of: if cluster.is_empty() { "-".into() } else { cluster },
+                    spread_checkpoint,
+                    dry_run,
+                    ..Default::default()
+                })
+                .await
+            }
+            R::Sync { cluster, spec } => {
+                let (off, method, num, standbys) = match spec {
+                    None => (true, pb::SyncMethod::Unspecified, 0, Vec::new()),
+                    Some(s) => (
+                        false,
+                        if s.method == "any" { pb::SyncMethod::Any } else { pb::SyncMethod::First },
+                        s.num,
+                        s.standbys,
+                    ),
+                };
+                c.set_sync(pb::SetSyncRequest { cluster, standbys, method: method as i32, num_sync: num, off }).await
+            }
+            R::Switchover { cluster, to, dry_run } => c.switchover(pb::SwitchoverRequest { cluster, to, dry_run }).await,
+            R::Failover { cluster, to, fenced, accept_data_loss, dry_run } => {
+                c.failover(pb::FailoverRequest { cluster, to, fenced, accept_data_loss, dry_run }).await
+            }
+            R::Rejoin { node, rebuild_if_needed, dry_run } => c.rejoin(pb::RejoinRequest { node, rebuild_if_needed, dry_run }).await,
+            R::DropSlot { node, slot, force, dry_run } => c.drop_slot(pb::DropSlotRequest { node, slot, force, dry_run }).await,
+        }
+    }
+}
+
+pub async fn run(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
+    let mut c = connect(cli, url).await?;
+    if let Some((req, json, display)) = op_request(&cli.command) {
+        let id = start_request(&mut c, req).await.map_err(from_status)?.into_inner().operation_id;
+        if !json {
+            eprintln!("operation {id} (watch it again with: pgfleet --coordinator {url} ops watch {id})");
+        }
+        return watch(&mut c, &id, json, display).await;
+    }
+    match &cli.command {
+        Command::Status(a) => {
+            let r = c
+                .get_fleet_status(pb::GetFleetStatusRequest { cluster: a.cluster.clone().unwrap_or_default() })
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            print_text(if a.json { &r.json } else { &r.text })?;
+            Ok(if r.all_reachable { Outcome::Done } else { Outcome::Partial })
+        }
+        Command::Slots(a) if a.action.is_none() || matches!(a.action, Some(SlotsAction::Drop { .. })) => {
+            let r = c
+                .get_slots(pb::GetSlotsRequest { cluster: a.cluster.clone().unwrap_or_default(), inactive_only: a.inactive })
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            report(r, a.json)
+        }
+        Command::Wal(a) => {
+            let r = c.get_wal(pb::GetWalRequest { node: a.node.clone() }).await.map_err(from_status)?.into_inner();
+            report(r, a.json)
+        }
+        Command::Sync(s) => match &s.action {
+            SyncAction::Show { cluster, json } => {
+                let r = c
+                    .get_sync(pb::GetSyncRequest { cluster: cluster.clone().unwrap_or_default() })
+                    .await
+                    .map_err(from_status)?
+                    .into_inner();
+                report(r, *json)
+            }
+            SyncAction::Set { .. } => Ok(Outcome::Done),
+        },
+        Command::Rebuild(_) => Err(usage(
+            "--attach watches an agent's job directly; with --coordinator, watch the operation: pgfleet ops watch OP",
+        )),
+        Command::Ops(o) => match &o.action {
+            OpsAction::List { cluster, limit, json } => {
+                let r = c
+                    .list_operations(pb::ListOperationsRequest { cluster: cluster.clone().unwrap_or_default(), limit: *limit })
+                    .await
+                    .map_err(from_status)?
+                    .into_inner();
+                if *json {
+                    crate::cli::print_json(&r.operations.iter().map(op_json).collect::<Vec<_>>())?;
+                } else {
+                    let mut t = crate::table::Table::new(&["OPERATION", "CLUSTER", "STATE", "STARTED", "SUMMARY", "CALLER"]);
+                    for o in &r.operations {
+                        t.row(vec![o.id.clone(), o.cluster.clone(), state_name(o.state), o.started_at.clone(), o.summary.clone(), o.caller.clone()]);
+                    }
+                    print_text(&if t.is_empty() { "no operations journaled\n".into() } else { t.render() })?;
+                }
+                Ok(Outcome::Done)
+            }
+            OpsAction::Show { id, json } => {
+                let o = c.get_operation(pb::GetOperationRequest { operation_id: id.clone() }).await.map_err(from_status)?.into_inner();
+                if *json {
+                    crate::cli::print_json(&op_json(&o))?;
+                } else {
+                    let mut s = format!("{} ({}) on cluster {}: {}\n  {}\n  started {} by {}\n", o.id, o.kind, o.cluster, state_name(o.state), o.summary, o.started_at, o.caller);
+                    if let Some(e) = &o.ended_at {
+                        s += &format!("  ended {e}{}\n", o.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
+                    }
+                    for e in &o.journal {
+                        s += &format!("  {} {:<26} {:<10} {}\n", e.time, e.step, e.event, e.detail);
+                    }
+                    print_text(&s)?;
+                }
+                Ok(Outcome::Done)
+            }
+            OpsAction::Watch { id, json, no_progress_bar } => watch(&mut c, id, *json, display(*json, *no_progress_bar)).await,
+            OpsAction::Cancel { id } => {
+                let o = c.cancel_operation(pb::CancelOperationRequest { operation_id: id.clone() }).await.map_err(from_status)?.into_inner();
+                print_text(&format!("cancel of {} accepted: it stops at its next safe point ({})\n", o.id, state_name(o.state)))?;
+                Ok(Outcome::Done)
+            }
+            OpsAction::Resume { id, json } | OpsAction::Abort { id, json } => {
+                let r = if matches!(o.action, OpsAction::Abort { .. }) {
+                    c.abort_operation(pb::AbortOperationRequest { operation_id: id.clone() }).await
+                } else {
+                    c.resume_operation(pb::ResumeOperationRequest { operation_id: id.clone() }).await
+                };
+                let id = r.map_err(from_status)?.into_inner().operation_id;
+                watch(&mut c, &id, *json, display(*json, false)).await
+            }
+        },
+        Command::Certs(_) | Command::Serve(_) | Command::Switchover(_) | Command::Failover(_) | Command::Rejoin(_) | Command::Slots(_) => {
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+fn state_name(s: i32) -> String {
+    pb::OperationState::try_from(s)
+        .map(|s| s.as_str_name().trim_start_matches("OPERATION_STATE_").to_lowercase())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn op_json(o: &pb::Operation) -> serde_json::Value {
+    serde_json::json!({
+        "id": o.id, "kind": o.kind, "cluster": o.cluster, "summary": o.summary,
+        "state": state_name(o.state), "caller": o.caller, "started_at": o.started_at,
+        "ended_at": o.ended_at, "detail": o.detail,
+        "journal": o.journal.iter().map(|e| serde_json::json!({"time": e.time, "step": e.step, "event": e.event, "detail": e.detail})).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,132 @@
+//! `pgfleet serve`: the coordinator as a service. The same library the CLI
+//! runs in-process, behind gRPC (`pgfleet.coordinator.v1`) with mutual TLS,
+//! the standard health service and server reflection. Operations run in
+//! this process, journaled in the inventory's state_dir; their events are
+//! kept in memory so any number of clients can watch them, from the start.
+
+mod config;
+mod convert;
+mod registry;
+mod service;
+mod watch_fleet;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pgfleet_proto::coordinator::v1::coordinator_server::CoordinatorServer;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use config::{ConfigError, ServeConfig};
+
+use crate::client::Deadlines;
+use crate::error::CoordinatorError;
+use crate::inventory::Inventory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(#[from] pgfleet_proto::tls::TlsFileError),
+    #[error("TLS towards the agents: {0}")]
+    ClientTls(#[from] crate::client::TlsSetupError),
+    #[error("cannot open the audit log {path}: {source}")]
+    Audit { path: std::path::PathBuf, source: std::io::Error },
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Everything the service's handlers share.
+#[derive(Debug)]
+pub struct State {
+    pub inventory: Inventory,
+    pub deadlines: Deadlines,
+    pub tls: bool,
+    pub audit: pgfleet_proto::auth::Audit,
+    pub registry: registry::Registry,
+}
+
+pub async fn run(config_path: &Path, d: Deadlines) -> Result<(), CoordinatorError> {
+    serve(config_path, d).await.map_err(|e| match e {
+        ServeError::Config(c) => CoordinatorError::Usage(c.to_string()),
+        ServeError::Tls(t) => CoordinatorError::Usage(format!("TLS: {t}")),
+        ServeError::ClientTls(t) => CoordinatorError::Usage(format!("TLS towards the agents: {t}")),
+        other => CoordinatorError::Usage(other.to_string()),
+    })
+}
+
+async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
+    let config = ServeConfig::load(config_path)?;
+    let inventory = Inventory::load(&config.inventory).map_err(|e| ConfigError::Inventory(e.to_string()))?;
+    if let Some(tls) = &inventory.tls {
+        crate::client::init_tls(tls)?;
+    }
+    // One channel per agent, kept: a fleet status over a thousand agents
+    // must not pay a thousand TLS handshakes each time.
+    crate::client::enable_channel_cache();
+    let server_tls = match &config.tls {
+        Some(t) => Some(pgfleet_proto::tls::server_tls(&t.ca, &t.cert, &t.key)?),
+        None => None,
+    };
+    let audit = pgfleet_proto::auth::Audit::open(config.audit_log.as_deref()).map_err(|source| ServeError::Audit {
+        path: config.audit_log.clone().unwrap_or_default(),
+        source,
+    })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let state = Arc::new(State {
+        inventory,
+        deadlines: d,
+        tls: server_tls.is_some(),
+        audit,
+        registry: registry::Registry::default(),
+    });
+    let interrupted = crate::ops::store::load(&state.inventory.state_dir)
+        .map(|ops| ops.into_iter().filter(|o| o.state == "interrupted").map(|o| o.id).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for id in &interrupted {
+        tracing::warn!(operation = %id, "interrupted operation in the journal: resume or abort it (pgfleet ops resume|abort)");
+    }
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<service::CoordinatorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pgfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls)?;
+    }
+    info!(listen = %config.listen, tls = state.tls, "pgfleet serve: coordinator API serving");
+    let _ = pgfleet_proto::notify::ready();
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(CoordinatorServer::new(service::CoordinatorService::new(state)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown())
+        .await?;
+    let _ = pgfleet_proto::notify::stopping();
+    info!("pgfleet serve stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
