@@ -157,20 +157,11 @@ fn reached(spec: &SyncSpec, rows: &[StandbySync]) -> bool {
     }
 }
 
-/// Sets the cluster's synchronous standbys (`None`: asynchronous).
-pub async fn set(
-    inventory: &Inventory,
-    cluster: &str,
-    spec: Option<(SyncMethod, u32, Vec<String>)>,
-    d: Deadlines,
-    op: &OpCtx,
-) -> Result<SyncReport, SyncError> {
+/// The synchronous configuration asked for, every name checked against the
+/// cluster (they reach synchronous_standby_names and primary_conninfo).
+pub fn validate(c: &Cluster, spec: Option<(SyncMethod, u32, Vec<String>)>) -> Result<SyncSpec, SyncError> {
     let invalid = |what, reason: String| SyncError::Invalid { what, reason };
-    let c = inventory
-        .select(Some(cluster))
-        .map_err(|e| invalid("cluster", e.to_string()))?[0];
-    // Validate every name before the first call.
-    let spec = match spec {
+    Ok(match spec {
         None => SyncSpec::asynchronous(),
         Some((method, num, names)) => {
             let mut nodes = Vec::new();
@@ -190,7 +181,22 @@ pub async fn set(
             }
             SyncSpec::from_nodes(method, num, &nodes).map_err(|e| invalid("synchronous standbys", e.to_string()))?
         }
-    };
+    })
+}
+
+/// Sets the cluster's synchronous standbys (`None`: asynchronous).
+pub async fn set(
+    inventory: &Inventory,
+    cluster: &str,
+    spec: Option<(SyncMethod, u32, Vec<String>)>,
+    d: Deadlines,
+    op: &OpCtx,
+) -> Result<SyncReport, SyncError> {
+    let invalid = |what, reason: String| SyncError::Invalid { what, reason };
+    let c = inventory
+        .select(Some(cluster))
+        .map_err(|e| invalid("cluster", e.to_string()))?[0];
+    let spec = validate(c, spec)?;
     let report = fleet_status::gather(&[c], d).await;
     let cr = &report.clusters[0];
     let primary = primary_of(c, cr)?;

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod coordinator;
 pub mod fleet;
 pub mod host;
 pub mod net;
@@ -26,6 +27,7 @@ use anyhow::{Context, Result, bail};
 
 pub use agent::AgentOptions;
 pub use cli::CliChild;
+pub use coordinator::Coordinator;
 pub use fleet::{CliOutput, TestFleet};
 pub use host::Host;
 

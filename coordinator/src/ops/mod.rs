@@ -134,10 +134,16 @@ impl OpRequest {
     /// cluster and a summary for people.
     pub fn resolve(&mut self, inv: &Inventory) -> Result<(String, String), CoordinatorError> {
         Ok(match self {
-            OpRequest::Rebuild { node, from, slot, .. } => {
+            OpRequest::Rebuild { node, from, slot, tablespace_mappings, .. } => {
                 let (c, _) = inv.node(node)?;
                 if let Some(s) = slot {
                     SlotName::parse(s)?;
+                }
+                for m in tablespace_mappings.iter() {
+                    rebuild::parse_mapping(m)?;
+                }
+                if let Some(f) = from {
+                    inv.node(f)?;
                 }
                 let from = from.as_deref().map(|f| format!(" from {f}")).unwrap_or_default();
                 (c.name.to_string(), format!("{node}{from}"))
@@ -148,6 +154,8 @@ impl OpRequest {
             }
             OpRequest::Sync { cluster, spec } => {
                 *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
+                let c = inv.select(Some(cluster.as_str()))?[0];
+                crate::sync::validate(c, sync_spec(spec)?)?;
                 let what = match spec {
                     None => "asynchronous".to_owned(),
                     Some(s) => format!("{} {} ({})", s.method.to_uppercase(), s.num, s.standbys.join(", ")),
@@ -156,6 +164,12 @@ impl OpRequest {
             }
             OpRequest::Switchover { cluster, to, .. } | OpRequest::Failover { cluster, to, .. } => {
                 *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
+                if let Some(t) = to {
+                    let (tc, _) = inv.node(t)?;
+                    if tc.name.as_str() != cluster {
+                        return Err(CoordinatorError::Usage(format!("--to {t}: it is a node of cluster {}, not {cluster}", tc.name)));
+                    }
+                }
                 (cluster.clone(), to.as_deref().map(|t| format!("to {t}")).unwrap_or_else(|| "to the best candidate".into()))
             }
             OpRequest::Rejoin { node, .. } => {
@@ -169,6 +183,27 @@ impl OpRequest {
             }
         })
     }
+}
+
+type SyncTriple = (pgfleet_proto::sync::SyncMethod, u32, Vec<String>);
+
+fn sync_spec(spec: &Option<SyncRequest>) -> Result<Option<SyncTriple>, CoordinatorError> {
+    let Some(s) = spec else { return Ok(None) };
+    if s.standbys.is_empty() {
+        return Err(CoordinatorError::Usage(
+            "name the synchronous standbys (sync set NODE...), or pass --off".into(),
+        ));
+    }
+    let m = match s.method.as_str() {
+        "first" => pgfleet_proto::sync::SyncMethod::First,
+        "any" => pgfleet_proto::sync::SyncMethod::Any,
+        other => {
+            return Err(CoordinatorError::Usage(format!(
+                "unknown synchronous method {other:?}: use first or any"
+            )));
+        }
+    };
+    Ok(Some((m, s.num, s.standbys.clone())))
 }
 
 /// `--cluster`, or the inventory's only cluster.
@@ -270,27 +305,7 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             dry_run,
         } => rolling::rebuild_all(inv, cluster, *spread_checkpoint, *dry_run, d, ctx).await,
         OpRequest::Sync { cluster, spec } => {
-            let spec = match spec {
-                None => None,
-                Some(s) => {
-                    if s.standbys.is_empty() {
-                        return Err(CoordinatorError::Usage(
-                            "name the synchronous standbys (sync set NODE...), or pass --off".into(),
-                        ));
-                    }
-                    let m = match s.method.as_str() {
-                        "first" => pgfleet_proto::sync::SyncMethod::First,
-                        "any" => pgfleet_proto::sync::SyncMethod::Any,
-                        other => {
-                            return Err(CoordinatorError::Usage(format!(
-                                "unknown synchronous method {other:?}: use first or any"
-                            )));
-                        }
-                    };
-                    Some((m, s.num, s.standbys.clone()))
-                }
-            };
-            let report = crate::sync::set(inv, cluster, spec, d, ctx).await?;
+            let report = crate::sync::set(inv, cluster, sync_spec(spec)?, d, ctx).await?;
             Ok(Rendered::pretty(crate::sync::render(&report), &report))
         }
         OpRequest::Switchover { cluster, to, dry_run } => {

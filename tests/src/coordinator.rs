@@ -1,0 +1,136 @@
+//! `pgfleet serve` for a test fleet: a coordinator process in the root
+//! namespace on 127.0.0.1, serving mutual TLS with a certificate from the
+//! fleet's CA, acting on the fleet's inventory (and so its state_dir). It can
+//! be killed (SIGKILL, as a crash) and started again on the same address.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::process::die_with_parent;
+use crate::{TestFleet, bin_path};
+
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct Coordinator {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    addr: SocketAddr,
+    /// `https://127.0.0.1:PORT`
+    pub url: String,
+    pub audit_log: PathBuf,
+}
+
+fn toml_str(s: &std::path::Path) -> String {
+    format!("{:?}", s.display().to_string())
+}
+
+impl TestFleet {
+    /// Issues the coordinator's certificate, writes its coordinator.toml
+    /// (the fleet's inventory, written first if needed) and starts it.
+    pub fn start_coordinator(&self) -> Result<Coordinator> {
+        if !self.inventory_path().exists() {
+            self.write_inventory()?;
+        }
+        let pki = self.pki_dir();
+        if !pki.join("coordinator.crt").exists() {
+            let out = Command::new(bin_path("pgfleet")?)
+                .args(["certs", "issue", "--dir"])
+                .arg(&pki)
+                .args(["--role", "agent", "coordinator", "--san", "127.0.0.1"])
+                .output()
+                .context("running pgfleet certs issue")?;
+            if !out.status.success() {
+                bail!("pgfleet certs issue: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        // A port the kernel just handed out and took back: free for us.
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let dir = self.dir().join("coordinator");
+        fs::create_dir_all(&dir)?;
+        let audit_log = dir.join("audit.jsonl");
+        let config = dir.join("coordinator.toml");
+        fs::write(
+            &config,
+            format!(
+                "listen = \"{addr}\"\ninventory = {}\naudit_log = {}\n[tls]\nca = {}\ncert = {}\nkey = {}\n",
+                toml_str(&self.inventory_path()),
+                toml_str(&audit_log),
+                toml_str(&pki.join("ca.crt")),
+                toml_str(&pki.join("coordinator.crt")),
+                toml_str(&pki.join("coordinator.key")),
+            ),
+        )?;
+        let mut c = Coordinator {
+            child: None,
+            config,
+            log: dir.join("serve.log"),
+            addr,
+            url: format!("https://{addr}"),
+            audit_log,
+        };
+        c.start()?;
+        Ok(c)
+    }
+}
+
+impl Coordinator {
+    /// Starts `pgfleet serve` and waits until it accepts connections.
+    pub fn start(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(bin_path("pgfleet")?);
+        cmd.args(["serve", "--config"])
+            .arg(&self.config)
+            .env("PGFLEET_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().context("starting pgfleet serve")?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("pgfleet serve exited ({status}):\n{}", self.log_text());
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if started.elapsed() > READY_WITHIN {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("pgfleet serve did not listen on {} within {READY_WITHIN:?}:\n{}", self.addr, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: a crash, nothing written on the way out.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,189 @@
+//! `pgfleet serve`, end to end: every operation sent through the service by
+//! the real CLI (`--coordinator`), watched from a second client, refused on
+//! a locked cluster and for a reader; the coordinator SIGKILLed in the
+//! middle of a rebuild, restarted, the operation listed as interrupted and
+//! resumed to the end (DESIGN.md invariant 7).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::{exec, json, one, start_agents, start_primary};
+use pgfleet_tests::{CliOutput, Coordinator, TestFleet};
+use serde_json::Value;
+
+const CLI_WAIT: Duration = Duration::from_secs(120);
+
+fn remote(fleet: &TestFleet, c: &Coordinator, args: &[&str]) -> CliOutput {
+    let mut all = vec!["--coordinator", c.url.as_str()];
+    all.extend_from_slice(args);
+    let out = fleet.pgfleet(&all).unwrap();
+    eprintln!("$ pgfleet --coordinator {} {}\n{out}", c.url, args.join(" "));
+    out
+}
+
+/// ~30 MB in the primary, sent at 80 Mbit/s: a copy of a few seconds.
+async fn slow_primary(fleet: &TestFleet) {
+    let p = fleet.host(0);
+    exec(p, "create table filler as select g, repeat(md5(g::text), 30) as pad from generate_series(1, 30000) g").await;
+    p.limit_egress("80mbit").unwrap();
+}
+
+/// The operations `ops list --json` shows, newest first.
+fn ops(fleet: &TestFleet, c: &Coordinator) -> Vec<Value> {
+    let out = remote(fleet, c, &["ops", "list", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    json(&out).as_array().unwrap().clone()
+}
+
+fn wait_for_op(fleet: &TestFleet, c: &Coordinator, kind: &str, state: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        if let Some(op) = ops(fleet, c).into_iter().find(|o| o["kind"] == kind && o["state"] == state) {
+            return op;
+        }
+        assert!(started.elapsed() < CLI_WAIT, "no {state} {kind} operation");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_through_the_service_match_the_cli_and_are_watched_from_a_second_client() {
+    let fleet = TestFleet::new(3).unwrap();
+    start_primary(&fleet, 0);
+    fleet.make_replica_with_pg_basebackup(1, 0, "node1").await.unwrap();
+    start_agents(&fleet);
+    slow_primary(&fleet).await;
+    let c = fleet.start_coordinator().unwrap();
+
+    // Status through the service is the in-process status.
+    let local = fleet.pgfleet(&["status", "--json"]).unwrap();
+    let served = remote(&fleet, &c, &["status", "--json"]);
+    assert_eq!(served.code(), Some(0), "{served}");
+    for key in ["primary", "warnings"] {
+        assert_eq!(json(&served)["clusters"][0][key], json(&local)["clusters"][0][key], "{served}");
+    }
+    let table = remote(&fleet, &c, &["status"]);
+    assert!(table.stdout.contains("node0") && table.stdout.contains("primary"), "{table}");
+
+    // A rebuild started by one client, watched by a second one.
+    let mut args = vec!["--coordinator", c.url.as_str(), "rebuild", "node2", "--no-progress-bar"];
+    let first = fleet.pgfleet_spawn(&args).unwrap();
+    let op = wait_for_op(&fleet, &c, "rebuild", "running");
+    let id = op["id"].as_str().unwrap().to_owned();
+    assert!(op["caller"].as_str().unwrap().contains("test-admin"), "{op}");
+
+    // One operation per cluster: a second one is refused while it runs.
+    let busy = remote(&fleet, &c, &["sync", "set", "node1"]);
+    assert_eq!(busy.code(), Some(1), "{busy}");
+    assert!(busy.stderr.contains("another operation is running on cluster") && busy.stderr.contains(&id), "{busy}");
+
+    args = vec!["--coordinator", c.url.as_str(), "ops", "watch", &id, "--no-progress-bar"];
+    let second = fleet.pgfleet_spawn(&args).unwrap();
+    let (first, second) = (first.wait(CLI_WAIT).unwrap(), second.wait(CLI_WAIT).unwrap());
+    eprintln!("first client:\n{first}\nsecond client:\n{second}");
+    assert_eq!(first.code(), Some(0));
+    assert_eq!(second.code(), Some(0));
+    assert!(first.stdout.starts_with("rebuilt node2 from node0"), "{first}");
+    assert_eq!(first.stdout, second.stdout, "both clients print the same result");
+    // Both saw the steps, from the first one on.
+    for out in [&first, &second] {
+        assert!(out.stderr.contains("upstream ready") && out.stderr.contains("[node2] check-local:"), "{out}");
+    }
+    assert_eq!(one(fleet.host(2), "select pg_is_in_recovery()").await, "t");
+    fleet.host(0).clear_egress_limit().unwrap();
+
+    // Every other operation through the service.
+    let out = remote(&fleet, &c, &["sync", "set", "node1", "node2", "--num", "1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("synchronous_standby_names = 'FIRST 1 (\"node1\", \"node2\")'"), "{out}");
+    let out = remote(&fleet, &c, &["switchover", "--to", "node1", "--dry-run"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.starts_with("plan (dry run, nothing changed): switch over"), "{out}");
+    let out = remote(&fleet, &c, &["switchover", "--to", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("node1 is the primary"), "{out}");
+    assert_eq!(one(fleet.host(1), "select pg_is_in_recovery()").await, "f");
+    assert_eq!(one(fleet.host(0), "select pg_is_in_recovery()").await, "t");
+    let out = remote(&fleet, &c, &["rejoin", "node0"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("already-streaming") || out.stdout.contains("rejoined"), "{out}");
+    let out = remote(&fleet, &c, &["slots", "drop", "node1", "nosuchslot"]);
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("nosuchslot"), "{out}");
+    // A refusal comes back as it would in-process.
+    let out = remote(&fleet, &c, &["failover", "--dry-run"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("use `pgfleet switchover` for a planned move"), "{out}");
+    // Bad input: exit 2, as in-process.
+    let out = remote(&fleet, &c, &["rebuild", "nosuchnode"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("nosuchnode"), "{out}");
+
+    // A reader may look, not change.
+    let pki = fleet.pki_dir();
+    let (cert, key) = (pki.join("test-reader.crt"), pki.join("test-reader.key"));
+    let reader = |args: &[&str]| {
+        let mut all = vec![
+            "--coordinator", c.url.as_str(), "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        fleet.pgfleet(&all).unwrap()
+    };
+    let out = reader(&["status"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = reader(&["rebuild", "node2"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("test-reader") && out.stderr.contains("may not call Rebuild"), "{out}");
+
+    // The journal and the audit log name every operation and its caller.
+    let list = ops(&fleet, &c);
+    for kind in ["rebuild", "sync", "switchover"] {
+        assert!(list.iter().any(|o| o["kind"] == kind && o["state"] == "succeeded"), "{kind}: {list:?}");
+    }
+    let audit = std::fs::read_to_string(&c.audit_log).unwrap();
+    assert!(audit.lines().any(|l| l.contains("\"rpc\":\"Switchover\"") && l.contains("test-admin")), "{audit}");
+    assert!(audit.lines().any(|l| l.contains("\"rpc\":\"Rebuild\"") && l.contains("PermissionDenied")), "{audit}");
+    assert!(!audit.contains(&fleet.replication_password()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_mid_rebuild_lists_it_interrupted_and_resume_finishes_it() {
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    slow_primary(&fleet).await;
+    let mut c = fleet.start_coordinator().unwrap();
+
+    let args = vec!["--coordinator", c.url.as_str(), "rebuild", "node1", "--json"];
+    let mut cli = fleet.pgfleet_spawn(&args).unwrap();
+    let line = cli
+        .wait_for_line(CLI_WAIT, |l| l.contains("\"type\":\"progress\"") && !l.contains("\"done_bytes\":0"))
+        .unwrap();
+    eprintln!("killing the coordinator at {line}");
+    c.kill();
+    let out = cli.wait(CLI_WAIT).unwrap();
+    assert_ne!(out.code(), Some(0), "{out}");
+
+    c.start().unwrap();
+    let op = wait_for_op(&fleet, &c, "rebuild", "interrupted");
+    let id = op["id"].as_str().unwrap().to_owned();
+    assert!(op["journal"].as_array().unwrap().iter().any(|e| e["step"] == "job"), "{op}");
+    let shown = remote(&fleet, &c, &["ops", "show", &id]);
+    assert!(shown.stdout.contains("interrupted"), "{shown}");
+
+    fleet.host(0).clear_egress_limit().unwrap();
+    let out = remote(&fleet, &c, &["ops", "resume", &id]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.starts_with("rebuilt node1 from node0"), "{out}");
+    assert_eq!(one(fleet.host(1), "select pg_is_in_recovery()").await, "t");
+    assert_eq!(
+        one(fleet.host(1), "select count(*) from filler").await,
+        one(fleet.host(0), "select count(*) from filler").await
+    );
+    let op = ops(&fleet, &c).into_iter().find(|o| o["id"] == id.as_str()).unwrap();
+    assert_eq!(op["state"], "succeeded", "{op}");
+    // Resuming twice is refused: it is no longer interrupted.
+    let again = remote(&fleet, &c, &["ops", "resume", &id]);
+    assert_eq!(again.code(), Some(2), "{again}");
+}
