@@ -602,7 +602,7 @@ pub async fn run_local(inventory: &Inventory, mut req: OpRequest, d: Deadlines, 
 async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) -> Result<Outcome, CoordinatorError> {
     match action {
         OpsAction::List { cluster, limit, json } => {
-            let mut ops = crate::ops::store::load(&inventory.state_dir)?;
+            let mut ops = crate::ops::store::load(&inventory.store)?;
             ops.retain(|o| cluster.as_ref().is_none_or(|c| &o.cluster == c));
             ops.reverse();
             ops.truncate(*limit as usize);
@@ -613,8 +613,8 @@ async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) 
             }
         }
         OpsAction::Show { id, json } => {
-            let o = crate::ops::store::find(&inventory.state_dir, id)?
-                .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inventory.state_dir.display())))?;
+            let o = crate::ops::store::find(&inventory.store, id)?
+                .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inventory.store)))?;
             if *json {
                 print_json(&o)?;
             } else {

@@ -32,6 +32,8 @@ pub enum CoordinatorError {
     Cancelled(#[from] crate::ops::Cancelled),
     #[error("{message}")]
     Remote { message: String, exit_code: u32 },
+    #[error("{message}")]
+    NotLeader { leader: String, message: String },
     #[error("{0}")]
     Usage(String),
     #[error("writing output: {0}")]
@@ -55,6 +57,7 @@ impl CoordinatorError {
             CoordinatorError::Agent(a) => a.is_invalid_argument(),
             CoordinatorError::Output(_) | CoordinatorError::Cancelled(_) => false,
             CoordinatorError::Remote { exit_code, .. } => *exit_code == 2,
+            CoordinatorError::NotLeader { .. } => false,
         }
     }
 

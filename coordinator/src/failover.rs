@@ -473,7 +473,7 @@ pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlin
             }
             tokio::time::sleep(POLL).await;
         }
-        journal::remember_sync(&inventory.state_dir, c.name.as_str(), &new_sync.to_string())?;
+        journal::remember_sync(&inventory.store, c.name.as_str(), &new_sync.to_string())?;
     }
     drop_old_slots(&mut run, old).await?;
     let mut followers: Vec<&Node> = vec![old];
@@ -595,7 +595,7 @@ fn choose<'a>(
     let sync_text = old_r
         .configured_synchronous_standby_names
         .clone()
-        .or_else(|| journal::recall_sync(&inventory.state_dir, c.name.as_str()));
+        .or_else(|| journal::recall_sync(&inventory.store, c.name.as_str()));
     let sync = sync_text.as_deref().and_then(|s| SyncSpec::parse(s).ok()).unwrap_or_else(SyncSpec::asynchronous);
 
     let received = |r: &NodeReport| r.received_lsn.or(r.replayed_lsn).unwrap_or(Lsn(0));
@@ -781,7 +781,7 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
         let slot = slot_of(r, report(&cr, r.name.as_str()));
         run.follow(new, r, &slot, false).await?;
     }
-    journal::remember_sync(&inventory.state_dir, c.name.as_str(), &new_sync.to_string())?;
+    journal::remember_sync(&inventory.store, c.name.as_str(), &new_sync.to_string())?;
     if !ch.standbys.is_empty() {
         run.wait_streaming(new, &ch.standbys).await?;
     }

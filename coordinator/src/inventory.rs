@@ -42,6 +42,8 @@ pub struct Inventory {
     pub state_dir: PathBuf,
     /// Mutual TLS towards https:// agents.
     pub tls: Option<ClientTls>,
+    /// Files in state_dir, or etcd when the inventory has an [etcd] table.
+    pub store: crate::journal::Store,
 }
 
 /// The coordinator's client identity and the fleet CA.
@@ -89,6 +91,9 @@ struct RawInventory {
     /// Client TLS identity for https:// agents.
     #[serde(default)]
     tls: Option<ClientTls>,
+    /// Shared state for several coordinators.
+    #[serde(default)]
+    etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -227,10 +232,18 @@ impl Inventory {
                 raw.state_dir.display()
             )));
         }
+        let store = match raw.etcd {
+            Some(e) if e.endpoints.is_empty() => {
+                return Err(invalid("[etcd] endpoints is empty: list the etcd members' client URLs".into()));
+            }
+            Some(e) => crate::journal::Store::Etcd(crate::etcd::EtcdStore::new(e)),
+            None => crate::journal::Store::Files(raw.state_dir.clone()),
+        };
         Ok(Inventory {
             clusters,
             state_dir: raw.state_dir,
             tls: raw.tls,
+            store,
         })
     }
 

@@ -1,17 +1,48 @@
 //! One operation per cluster at a time, and a record of what each did
-//! (DESIGN.md invariant 7). A lock file per cluster held with flock(2) (the
-//! kernel releases it if the coordinator dies), a journal of JSON lines per
-//! cluster written before and after every step, and the cluster's last
-//! synchronous configuration, which failover needs when the primary that
-//! held it is gone.
+//! (DESIGN.md invariant 7): a lock per cluster, a journal of JSON lines
+//! written before and after every step, and the cluster's last synchronous
+//! configuration, which failover needs when the primary that held it is
+//! gone.
+//!
+//! Two stores. Files in the inventory's state_dir (the default: one
+//! coordinator needs nothing else): a lock file per cluster held with
+//! flock(2), which the kernel releases if the process dies, and a journal
+//! file per cluster. Or etcd (`[etcd]` in the inventory), shared by several
+//! coordinators: the same lines and locks as keys (see `etcd.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::json;
+
+use crate::etcd::{EtcdError, EtcdStore};
+
+/// Where locks, journal and remembered settings live.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Files(PathBuf),
+    Etcd(Arc<EtcdStore>),
+}
+
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Store::Files(d) => write!(f, "{}", d.display()),
+            Store::Etcd(e) => write!(f, "etcd {} under {}", e.config.endpoints.join(","), e.config.prefix),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Lock {
+    File(Flock<File>),
+    Etcd { store: Arc<EtcdStore>, holder: String },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -23,6 +54,8 @@ pub enum JournalError {
     },
     #[error("another operation is running on cluster {cluster}: {holder}; wait for it or check `pgfleet status`")]
     Busy { cluster: String, holder: String },
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
 }
 
 /// Held for the whole operation; dropping it releases the cluster.
@@ -31,8 +64,10 @@ pub struct Operation {
     pub id: String,
     pub kind: &'static str,
     cluster: String,
-    journal: PathBuf,
-    lock: Flock<File>,
+    store: Store,
+    lock: Lock,
+    /// The next line's number (etcd keys keep the order).
+    seq: AtomicU32,
     started: Instant,
     ended: bool,
 }
@@ -46,7 +81,7 @@ impl Operation {
     /// Takes the cluster's lock or says who holds it, and journals the
     /// request before anything acts on it.
     pub fn begin(
-        state_dir: &Path,
+        store: &Store,
         cluster: &str,
         kind: &'static str,
         what: &str,
@@ -54,7 +89,7 @@ impl Operation {
         request: &serde_json::Value,
     ) -> Result<Self, JournalError> {
         let id = new_id(kind);
-        let op = Self::lock(state_dir, cluster, kind, &id, what)?;
+        let op = Self::lock(store, cluster, kind, &id, what)?;
         op.write(json!({
             "step": "begin", "event": "started", "detail": what, "caller": caller, "request": request,
         }))?;
@@ -63,13 +98,38 @@ impl Operation {
 
     /// Takes the cluster's lock again for an interrupted operation (resume
     /// or abort): its further lines carry the same id.
-    pub fn reopen(state_dir: &Path, cluster: &str, kind: &'static str, id: &str, action: &str, caller: &str) -> Result<Self, JournalError> {
-        let op = Self::lock(state_dir, cluster, kind, id, action)?;
+    pub fn reopen(store: &Store, cluster: &str, kind: &'static str, id: &str, action: &str, caller: &str) -> Result<Self, JournalError> {
+        let op = Self::lock(store, cluster, kind, id, action)?;
+        if let Store::Etcd(e) = store {
+            let n = e.count(&format!("journal/{cluster}/{id}/"))?;
+            op.seq.store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::SeqCst);
+        }
         op.write(json!({ "step": action, "event": "start", "detail": format!("caller {caller}"), "caller": caller }))?;
         Ok(op)
     }
 
-    fn lock(state_dir: &Path, cluster: &str, kind: &'static str, id: &str, what: &str) -> Result<Self, JournalError> {
+    fn lock(store: &Store, cluster: &str, kind: &'static str, id: &str, what: &str) -> Result<Self, JournalError> {
+        let op = |lock| Operation {
+            id: id.to_owned(),
+            kind,
+            cluster: cluster.to_owned(),
+            store: store.clone(),
+            lock,
+            seq: AtomicU32::new(0),
+            started: Instant::now(),
+            ended: false,
+        };
+        let state_dir = match store {
+            Store::Files(d) => d,
+            Store::Etcd(e) => {
+                let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+                let holder = format!("{id} ({what}), pid {} on {host}", std::process::id());
+                return match e.try_lock(cluster, &holder)? {
+                    Ok(()) => Ok(op(Lock::Etcd { store: e.clone(), holder })),
+                    Err(holder) => Err(JournalError::Busy { cluster: cluster.to_owned(), holder }),
+                };
+            }
+        };
         std::fs::create_dir_all(state_dir).map_err(io("creating", state_dir))?;
         let lock_path = state_dir.join(format!("{cluster}.lock"));
         let file = OpenOptions::new()
@@ -93,15 +153,7 @@ impl Operation {
         let _ = lock.set_len(0);
         let _ = lock.rewind();
         let _ = writeln!(lock, "{id} ({what}), pid {}", std::process::id());
-        Ok(Operation {
-            id: id.to_owned(),
-            kind,
-            cluster: cluster.to_owned(),
-            journal: state_dir.join(format!("{cluster}.journal")),
-            lock,
-            started: Instant::now(),
-            ended: false,
-        })
+        Ok(op(Lock::File(lock)))
     }
 
     /// Appends one journal line; written (and fsynced) before the step acts.
@@ -119,13 +171,20 @@ impl Operation {
         if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), fields) {
             l.extend(f);
         }
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.journal)
-            .map_err(io("opening", &self.journal))?;
-        writeln!(f, "{line}").map_err(io("writing", &self.journal))?;
-        f.sync_data().map_err(io("syncing", &self.journal))
+        let n = self.seq.fetch_add(1, Ordering::SeqCst);
+        match &self.store {
+            Store::Etcd(e) => Ok(e.put(&format!("journal/{}/{}/{n:06}", self.cluster, self.id), &line.to_string())?),
+            Store::Files(dir) => {
+                let journal = dir.join(format!("{}.journal", self.cluster));
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&journal)
+                    .map_err(io("opening", &journal))?;
+                writeln!(f, "{line}").map_err(io("writing", &journal))?;
+                f.sync_data().map_err(io("syncing", &journal))
+            }
+        }
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -144,8 +203,17 @@ impl Operation {
         }
         self.ended = true;
         let _ = self.record("end", outcome, detail);
-        // The lock file names the running operation only while it runs.
-        let _ = self.lock.set_len(0);
+        match &mut self.lock {
+            // The lock file names the running operation only while it runs.
+            Lock::File(f) => {
+                let _ = f.set_len(0);
+            }
+            Lock::Etcd { store, holder } => {
+                if let Err(e) = store.unlock(&self.cluster, holder) {
+                    tracing::warn!(error = %e, cluster = %self.cluster, "cannot release the etcd lock; it expires with this process's lease");
+                }
+            }
+        }
     }
 }
 
@@ -188,7 +256,11 @@ pub fn local_caller() -> String {
 }
 
 /// The cluster's synchronous configuration as pgfleet last set or saw it.
-pub fn remember_sync(state_dir: &Path, cluster: &str, value: &str) -> Result<(), JournalError> {
+pub fn remember_sync(store: &Store, cluster: &str, value: &str) -> Result<(), JournalError> {
+    let state_dir = match store {
+        Store::Files(d) => d,
+        Store::Etcd(e) => return Ok(e.put(&format!("sync/{cluster}"), value)?),
+    };
     std::fs::create_dir_all(state_dir).map_err(io("creating", state_dir))?;
     let path = state_dir.join(format!("{cluster}.sync"));
     let tmp = state_dir.join(format!(".{cluster}.sync.tmp"));
@@ -196,7 +268,11 @@ pub fn remember_sync(state_dir: &Path, cluster: &str, value: &str) -> Result<(),
     std::fs::rename(&tmp, &path).map_err(io("renaming", &path))
 }
 
-pub fn recall_sync(state_dir: &Path, cluster: &str) -> Option<String> {
+pub fn recall_sync(store: &Store, cluster: &str) -> Option<String> {
+    let state_dir = match store {
+        Store::Files(d) => d,
+        Store::Etcd(e) => return e.get(&format!("sync/{cluster}")).ok().flatten(),
+    };
     std::fs::read_to_string(state_dir.join(format!("{cluster}.sync")))
         .ok()
         .map(|s| s.trim_end_matches('\n').to_owned())
@@ -209,40 +285,42 @@ mod tests {
     #[test]
     fn second_operation_on_a_cluster_is_refused_and_journal_records() {
         let dir = std::env::temp_dir().join(format!("pgfleet-journal-{}", std::process::id()));
+        let store = Store::Files(dir.clone());
         let req = serde_json::json!({ "kind": "switchover" });
-        let op = Operation::begin(&dir, "main", "switchover", "to node1", "tester", &req).unwrap();
-        let e = Operation::begin(&dir, "main", "rebuild", "node2", "tester", &req).unwrap_err().to_string();
+        let op = Operation::begin(&store, "main", "switchover", "to node1", "tester", &req).unwrap();
+        let e = Operation::begin(&store, "main", "rebuild", "node2", "tester", &req).unwrap_err().to_string();
         assert!(e.contains("another operation is running on cluster main") && e.contains("switchover"), "{e}");
         // Another cluster is independent.
-        let other = Operation::begin(&dir, "other", "rebuild", "x", "tester", &req).unwrap();
+        let other = Operation::begin(&store, "other", "rebuild", "x", "tester", &req).unwrap();
         op.record("promote", "done", "timeline 2").unwrap();
         // While it holds the lock, the journal reads it as running.
-        let ops = crate::ops::store::load(&dir).unwrap();
+        let ops = crate::ops::store::load(&store).unwrap();
         let me = ops.iter().find(|o| o.id == op.id).unwrap();
         assert_eq!(me.state, "running");
         assert_eq!(me.caller, "tester");
         assert_eq!(me.request.as_ref().unwrap()["kind"], "switchover");
         op.end("succeeded", "");
         other.end("failed", "boom");
-        let again = Operation::begin(&dir, "main", "rebuild", "node2", "tester", &req).unwrap();
+        let again = Operation::begin(&store, "main", "rebuild", "node2", "tester", &req).unwrap();
         let id = again.id.clone();
         // A process that dies leaves no end line and no lock: interrupted.
         std::mem::forget(again);
         let text = std::fs::read_to_string(dir.join("main.journal")).unwrap();
         assert!(text.lines().count() >= 3 && text.contains("\"step\":\"promote\""), "{text}");
-        let ops = crate::ops::store::load(&dir).unwrap();
+        let ops = crate::ops::store::load(&store).unwrap();
         let states: Vec<_> = ops.iter().map(|o| (o.cluster.as_str(), o.state)).collect();
         assert!(states.contains(&("main", "succeeded")) && states.contains(&("other", "failed")), "{states:?}");
         // Forgotten, its lock fd is still open in this process: running.
-        assert_eq!(crate::ops::store::find(&dir, &id).unwrap().unwrap().state, "running");
-        remember_sync(&dir, "main", "FIRST 1 (\"a\")").unwrap();
-        assert_eq!(recall_sync(&dir, "main").unwrap(), "FIRST 1 (\"a\")");
+        assert_eq!(crate::ops::store::find(&store, &id).unwrap().unwrap().state, "running");
+        remember_sync(&store, "main", "FIRST 1 (\"a\")").unwrap();
+        assert_eq!(recall_sync(&store, "main").unwrap(), "FIRST 1 (\"a\")");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn an_operation_without_end_or_lock_is_interrupted() {
         let dir = std::env::temp_dir().join(format!("pgfleet-journal-int-{}", std::process::id()));
+        let store = Store::Files(dir.clone());
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("c.journal"),
@@ -255,7 +333,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let ops = crate::ops::store::load(&dir).unwrap();
+        let ops = crate::ops::store::load(&store).unwrap();
         assert_eq!(ops.len(), 1);
         assert_eq!(ops[0].state, "interrupted");
         assert_eq!(ops[0].journal.len(), 2, "a torn last line is skipped");

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod etcd;
 pub mod failover;
 pub mod fleet_status;
 pub mod inventory;

@@ -21,6 +21,13 @@ fn usage(s: impl Into<String>) -> CoordinatorError {
 /// A status from the coordinator, as the in-process command would have
 /// failed: bad input exits 2, the rest 1.
 fn from_status(s: tonic::Status) -> CoordinatorError {
+    if let Some(leader) = s
+        .metadata()
+        .get(crate::serve::LEADER_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        return CoordinatorError::NotLeader { leader: leader.to_owned(), message: s.message().to_owned() };
+    }
     let exit_code = if s.code() == tonic::Code::InvalidArgument { 2 } else { 1 };
     let message = if std::error::Error::source(&s).is_some() {
         format!("the coordinator cannot be reached: {}", crate::client::error_chain(&s))
@@ -144,7 +151,19 @@ fn start_request(c: &mut CoordinatorClient<Channel>, req: crate::ops::OpRequest)
     }
 }
 
+/// Runs the command on the coordinator at `url`; a follower's answer names
+/// the leader, and the command goes there instead (once).
 pub async fn run(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
+    match run_at(cli, url).await {
+        Err(CoordinatorError::NotLeader { leader, .. }) if leader != url => {
+            eprintln!("{url} is a follower; the leader is {leader}");
+            run_at(cli, &leader).await
+        }
+        other => other,
+    }
+}
+
+async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
     let mut c = connect(cli, url).await?;
     if let Some((req, json, display)) = op_request(&cli.command) {
         let id = start_request(&mut c, req).await.map_err(from_status)?.into_inner().operation_id;

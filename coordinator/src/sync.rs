@@ -260,7 +260,7 @@ pub async fn set(
     .await
     .map_err(|s| AgentCallError::from_status(primary, s))?;
     op.done(primary.name.as_str(), "synchronous_standby_names", t, &spec.to_string())?;
-    journal::remember_sync(&inventory.state_dir, c.name.as_str(), &spec.to_string())?;
+    journal::remember_sync(&inventory.store, c.name.as_str(), &spec.to_string())?;
 
     let deadline = Instant::now() + SYNC_WAIT;
     loop {

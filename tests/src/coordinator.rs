@@ -35,6 +35,12 @@ impl TestFleet {
     /// Issues the coordinator's certificate, writes its coordinator.toml
     /// (the fleet's inventory, written first if needed) and starts it.
     pub fn start_coordinator(&self) -> Result<Coordinator> {
+        self.start_coordinator_named("coordinator")
+    }
+
+    /// Another coordinator with its own directory, port and log (several
+    /// share one etcd store).
+    pub fn start_coordinator_named(&self, name: &str) -> Result<Coordinator> {
         if !self.inventory_path().exists() {
             self.write_inventory()?;
         }
@@ -52,7 +58,7 @@ impl TestFleet {
         }
         // A port the kernel just handed out and took back: free for us.
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let dir = self.dir().join("coordinator");
+        let dir = self.dir().join(name);
         fs::create_dir_all(&dir)?;
         let audit_log = dir.join("audit.jsonl");
         let config = dir.join("coordinator.toml");

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod cli;
 pub mod coordinator;
+pub mod etcd;
 pub mod fleet;
 pub mod host;
 pub mod net;
@@ -28,6 +29,7 @@ use anyhow::{Context, Result, bail};
 pub use agent::AgentOptions;
 pub use cli::CliChild;
 pub use coordinator::Coordinator;
+pub use etcd::EtcdCluster;
 pub use fleet::{CliOutput, TestFleet};
 pub use host::Host;
 

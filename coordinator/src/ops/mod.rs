@@ -235,7 +235,7 @@ pub fn begin(
         return Ok((OpCtx::new(id, None, tx, cancel), cluster, summary));
     }
     let request = serde_json::to_value(&*req).unwrap_or_default();
-    let op = Operation::begin(&inv.state_dir, &cluster, req.kind(), &summary, caller, &request)?;
+    let op = Operation::begin(&inv.store, &cluster, req.kind(), &summary, caller, &request)?;
     Ok((OpCtx::new(op.id.clone(), Some(op), tx, cancel), cluster, summary))
 }
 

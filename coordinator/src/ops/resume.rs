@@ -39,8 +39,8 @@ pub fn begin(
     tx: Option<UnboundedSender<pb::OperationEvent>>,
     cancel: Arc<CancelState>,
 ) -> Result<(OpCtx, OpRecord, OpRequest), CoordinatorError> {
-    let rec = store::find(&inv.state_dir, id)?
-        .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inv.state_dir.display())))?;
+    let rec = store::find(&inv.store, id)?
+        .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inv.store)))?;
     if rec.state != "interrupted" {
         return Err(CoordinatorError::Usage(format!(
             "operation {id} is {}: only an interrupted operation can be {action}d",
@@ -53,7 +53,7 @@ pub fn begin(
         .and_then(|r| serde_json::from_value(r).ok())
         .ok_or_else(|| CoordinatorError::Usage(format!("operation {id}'s journal does not hold its request")))?;
     let kind = req.kind();
-    let op = Operation::reopen(&inv.state_dir, &rec.cluster, kind, id, action, caller)?;
+    let op = Operation::reopen(&inv.store, &rec.cluster, kind, id, action, caller)?;
     Ok((OpCtx::new(id.to_owned(), Some(op), tx, cancel), rec, req))
 }
 

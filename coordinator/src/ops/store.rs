@@ -5,13 +5,12 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use pgfleet_proto::coordinator::v1 as pb;
 use pgfleet_proto::coordinator::v1::OperationState;
 use serde::Serialize;
 
-use crate::journal::JournalError;
+use crate::journal::{JournalError, Store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -82,13 +81,16 @@ fn s(v: &serde_json::Value, k: &str) -> String {
     v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_owned()
 }
 
-/// Every journaled operation, oldest first.
-pub fn load(state_dir: &Path) -> Result<Vec<OpRecord>, JournalError> {
-    let mut ops: Vec<OpRecord> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
+/// Every journal line of every cluster, each cluster's in order.
+fn lines(store: &Store) -> Result<Vec<String>, JournalError> {
+    let state_dir = match store {
+        Store::Files(d) => d,
+        Store::Etcd(e) => return Ok(e.list("journal/")?),
+    };
+    let mut out = Vec::new();
     let dir = match std::fs::read_dir(state_dir) {
         Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ops),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(source) => {
             return Err(JournalError::Io {
                 action: "reading",
@@ -109,8 +111,18 @@ pub fn load(state_dir: &Path) -> Result<Vec<OpRecord>, JournalError> {
             path: path.clone(),
             source,
         })?;
+        out.extend(text.lines().map(str::to_owned));
+    }
+    Ok(out)
+}
+
+/// Every journaled operation, oldest first.
+pub fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
+    let mut ops: Vec<OpRecord> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    {
         // A line cut short by a crash is skipped, not fatal.
-        for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        for v in lines(store)?.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
             let id = s(&v, "op");
             let i = *index.entry(id.clone()).or_insert_with(|| {
                 ops.push(OpRecord {
@@ -159,23 +171,29 @@ pub fn load(state_dir: &Path) -> Result<Vec<OpRecord>, JournalError> {
             Some("cancelled") => "cancelled",
             Some("aborted") => "aborted",
             Some(_) => "failed",
-            None if lock_holder(state_dir, &op.cluster).is_some_and(|h| h.starts_with(&format!("{} ", op.id))) => {
+            None if lock_holder(store, &op.cluster).is_some_and(|h| h.starts_with(&format!("{} ", op.id))) => {
                 "running"
             }
             None => "interrupted",
         };
     }
+    // RFC 3339 UTC times sort as text.
+    ops.sort_by(|a, b| a.started_at.cmp(&b.started_at));
     Ok(ops)
 }
 
-pub fn find(state_dir: &Path, id: &str) -> Result<Option<OpRecord>, JournalError> {
-    Ok(load(state_dir)?.into_iter().find(|o| o.id == id))
+pub fn find(store: &Store, id: &str) -> Result<Option<OpRecord>, JournalError> {
+    Ok(load(store)?.into_iter().find(|o| o.id == id))
 }
 
 /// What the cluster's lock file says while a live process holds the lock.
 /// Read from /proc/locks rather than by trying the lock, which would make a
 /// concurrent `begin` fail for nothing.
-pub fn lock_holder(state_dir: &Path, cluster: &str) -> Option<String> {
+pub fn lock_holder(store: &Store, cluster: &str) -> Option<String> {
+    let state_dir = match store {
+        Store::Files(d) => d,
+        Store::Etcd(e) => return e.lock_holder(cluster).ok().flatten(),
+    };
     let path = state_dir.join(format!("{cluster}.lock"));
     let meta = std::fs::metadata(&path).ok()?;
     let locks = std::fs::read_to_string("/proc/locks").ok()?;

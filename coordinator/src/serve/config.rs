@@ -12,6 +12,9 @@
 //! ```
 //!
 //! Plaintext only with `insecure = true`, and then only on loopback.
+//! With several coordinators on one etcd store (`[etcd]` in the inventory),
+//! `advertise = "https://coord1.example:7400"` is the address followers
+//! hand out for the leader.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,6 +52,11 @@ pub struct ServeConfig {
     pub insecure: bool,
     #[serde(default)]
     pub tls: Option<ServerTls>,
+    /// The URL clients reach this coordinator by, which followers hand out
+    /// when several coordinators share an etcd store (default: https://
+    /// or http:// and `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
 }
 
 fn default_inventory() -> PathBuf {
@@ -56,6 +64,12 @@ fn default_inventory() -> PathBuf {
 }
 
 impl ServeConfig {
+    pub fn advertise_url(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| {
+            format!("{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.listen)
+        })
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

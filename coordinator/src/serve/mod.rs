@@ -6,6 +6,7 @@
 
 mod config;
 mod convert;
+mod leader;
 mod registry;
 mod service;
 mod watch_fleet;
@@ -18,6 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 pub use config::{ConfigError, ServeConfig};
+pub use service::LEADER_HEADER;
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
@@ -49,6 +51,7 @@ pub struct State {
     pub tls: bool,
     pub audit: pgfleet_proto::auth::Audit,
     pub registry: registry::Registry,
+    pub leadership: Arc<leader::Leadership>,
 }
 
 pub async fn run(config_path: &Path, d: Deadlines) -> Result<(), CoordinatorError> {
@@ -80,24 +83,47 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let store = inventory.store.clone();
+    let report_interrupted = move |store: &crate::journal::Store| {
+        let interrupted = crate::ops::store::load(store)
+            .map(|ops| ops.into_iter().filter(|o| o.state == "interrupted").map(|o| o.id).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for id in &interrupted {
+            tracing::warn!(operation = %id, "interrupted operation in the journal: resume or abort it (pgfleet ops resume|abort)");
+        }
+    };
+    let leadership = match &store {
+        crate::journal::Store::Etcd(e) => {
+            // Followers are NOT_SERVING until elected.
+            health_reporter
+                .set_not_serving::<CoordinatorServer<service::CoordinatorService>>()
+                .await;
+            let (reporter, store) = (health_reporter.clone(), store.clone());
+            leader::Leadership::elect(e.clone(), config.advertise_url(), move || {
+                tokio::spawn(async move {
+                    reporter.set_serving::<CoordinatorServer<service::CoordinatorService>>().await;
+                    // A dead leader's operations show here: its lease is gone.
+                    report_interrupted(&store);
+                });
+            })
+        }
+        crate::journal::Store::Files(_) => {
+            report_interrupted(&store);
+            health_reporter
+                .set_serving::<CoordinatorServer<service::CoordinatorService>>()
+                .await;
+            leader::Leadership::single()
+        }
+    };
     let state = Arc::new(State {
         inventory,
         deadlines: d,
         tls: server_tls.is_some(),
         audit,
         registry: registry::Registry::default(),
+        leadership,
     });
-    let interrupted = crate::ops::store::load(&state.inventory.state_dir)
-        .map(|ops| ops.into_iter().filter(|o| o.state == "interrupted").map(|o| o.id).collect::<Vec<_>>())
-        .unwrap_or_default();
-    for id in &interrupted {
-        tracing::warn!(operation = %id, "interrupted operation in the journal: resume or abort it (pgfleet ops resume|abort)");
-    }
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CoordinatorServer<service::CoordinatorService>>()
-        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pgfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

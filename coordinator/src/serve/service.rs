@@ -29,6 +29,9 @@ impl CoordinatorService {
     }
 }
 
+/// Metadata a follower's refusal carries: the leader's URL.
+pub const LEADER_HEADER: &str = "pgfleet-leader";
+
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Readers may call these; everything else needs an admin.
@@ -52,12 +55,25 @@ pub fn status(e: CoordinatorError) -> Status {
 }
 
 fn record_of(state: &State, id: &str) -> Result<Option<ops::store::OpRecord>, Status> {
-    ops::store::find(&state.inventory.state_dir, id).map_err(|e| status(e.into()))
+    ops::store::find(&state.inventory.store, id).map_err(|e| status(e.into()))
 }
 
 impl CoordinatorService {
     fn gate<T>(&self, req: &Request<T>, method: &'static str) -> Result<Caller, Status> {
         let caller = auth::caller_of(req, self.state.tls)?;
+        if !self.state.leadership.is_leader() {
+            // Only the leader acts and keeps running operations' events:
+            // the caller is pointed at it (the CLI follows).
+            let leader = self.state.leadership.leader_url();
+            let mut s = Status::unavailable(match &leader {
+                Some(l) => format!("this coordinator is a follower; the leader is at {l}"),
+                None => "this coordinator is a follower and no leader is elected yet; retry in a few seconds".into(),
+            });
+            if let Some(l) = leader.and_then(|l| l.parse().ok()) {
+                s.metadata_mut().insert(LEADER_HEADER, l);
+            }
+            return Err(s);
+        }
         auth::authorize(&caller, method, Some(access(method))).inspect_err(|s| {
             self.state.audit.record(&caller, method, "(refused)", Err(s));
         })?;
@@ -348,7 +364,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn list_operations(&self, req: Request<pb::ListOperationsRequest>) -> Result<Response<pb::ListOperationsResponse>, Status> {
         self.gate(&req, "ListOperations")?;
         let r = req.into_inner();
-        let mut ops = ops::store::load(&self.state.inventory.state_dir).map_err(|e| status(e.into()))?;
+        let mut ops = ops::store::load(&self.state.inventory.store).map_err(|e| status(e.into()))?;
         ops.retain(|o| r.cluster.is_empty() || o.cluster == r.cluster);
         ops.reverse();
         ops.truncate(if r.limit == 0 { 50 } else { r.limit as usize });
