@@ -310,7 +310,7 @@ pub async fn preflight<'a>(
     })
 }
 
-async fn resolve(node: &Node) -> Result<IpAddr, RebuildError> {
+pub async fn resolve(node: &Node) -> Result<IpAddr, RebuildError> {
     if let Ok(ip) = node.host.parse::<IpAddr>() {
         return Ok(ip);
     }

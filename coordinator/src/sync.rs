@@ -220,13 +220,31 @@ pub async fn set(
             continue;
         }
         let node = c.nodes.iter().find(|n| n.name.as_str() == name).ok_or_else(|| invalid("standby", name.clone()))?;
-        let slot = r
-            .wal_receiver
-            .as_ref()
-            .and_then(|w| w.slot_name.clone())
-            .unwrap_or_else(|| node.name.default_slot().to_string());
+        let in_use = r.wal_receiver.as_ref().and_then(|w| w.slot_name.clone());
+        let slot = in_use.clone().unwrap_or_else(|| node.name.default_slot().to_string());
         op.point_of_no_return("synchronous replication is being reconfigured")?;
         let t = op.start(name, "application-name", &format!("reconnect {name} with application_name={name}"))?;
+        // It reconnects as the inventory's replication role, which a
+        // standby made by hand may not use yet: the primary must admit it
+        // (role, pg_hba.conf line) and hold its slot, or it stops streaming.
+        let address = crate::rebuild::resolve(node).await.map_err(|e| invalid("standby", e.to_string()))?;
+        let mut pc = client::connect(primary, d).await?;
+        pc.prepare_upstream(pb::PrepareUpstreamRequest {
+            replication_role: c.replication_role.to_string(),
+            replication_password: c.replication_password()?,
+            replica_address: address.to_string(),
+            slot_name: slot.clone(),
+            dry_run: false,
+            operation_id: op.id().to_owned(),
+            for_rewind: false,
+        })
+        .await
+        .map_err(|s| AgentCallError::from_status(primary, s))?;
+        if in_use.is_none() {
+            pc.create_slot(pb::CreateSlotRequest { slot_name: slot.clone(), operation_id: op.id().to_owned() })
+                .await
+                .map_err(|s| AgentCallError::from_status(primary, s))?;
+        }
         let mut client = client::connect(node, d).await?;
         client
             .configure_standby(pb::ConfigureStandbyRequest {

@@ -187,3 +187,47 @@ async fn coordinator_killed_mid_rebuild_lists_it_interrupted_and_resume_finishes
     let again = remote(&fleet, &c, &["ops", "resume", &id]);
     assert_eq!(again.code(), Some(2), "{again}");
 }
+
+/// CancelOperation: accepted while a rebuild is still checking (here its
+/// status gathering waits on an agent nobody answers at), and then nothing
+/// changed; refused, with the reason, once the node's data directory moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_is_accepted_before_the_first_change_and_refused_during_the_copy() {
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    slow_primary(&fleet).await;
+    // A third inventory node whose agent never answers: every status of the
+    // cluster waits the connect deadline (3 s) for it.
+    fleet.write_inventory_with(&[("ghost", &common::ghost_endpoint(&fleet))]).unwrap();
+    let c = fleet.start_coordinator().unwrap();
+
+    let args = ["--coordinator", c.url.as_str(), "rebuild", "node1", "--no-progress-bar"];
+    let cli = fleet.pgfleet_spawn(&args).unwrap();
+    let id = wait_for_op(&fleet, &c, "rebuild", "running")["id"].as_str().unwrap().to_owned();
+    let out = remote(&fleet, &c, &["ops", "cancel", &id]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("cancel of") && out.stdout.contains("accepted"), "{out}");
+    let out = cli.wait(CLI_WAIT).unwrap();
+    eprintln!("{out}");
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("was cancelled"), "{out}");
+    let op = ops(&fleet, &c).into_iter().find(|o| o["id"] == id.as_str()).unwrap();
+    assert_eq!(op["state"], "cancelled", "{op}");
+    // Nothing changed: node1 was never touched, no slot on the primary.
+    assert!(!fleet.host(1).data_dir().exists());
+    assert_eq!(one(fleet.host(0), "select count(*) from pg_replication_slots").await, "0");
+
+    // During the copy a cancel is refused and says why.
+    let cli = fleet.pgfleet_spawn(&["--coordinator", c.url.as_str(), "rebuild", "node1", "--json"]).unwrap();
+    let mut cli = cli;
+    cli.wait_for_line(CLI_WAIT, |l| l.contains("\"type\":\"progress\"")).unwrap();
+    let id = wait_for_op(&fleet, &c, "rebuild", "running")["id"].as_str().unwrap().to_owned();
+    let out = remote(&fleet, &c, &["ops", "cancel", &id]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("cannot cancel") && out.stderr.contains("data directory is being moved aside"), "{out}");
+    fleet.host(0).clear_egress_limit().unwrap();
+    let out = cli.wait(CLI_WAIT).unwrap();
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(one(fleet.host(1), "select pg_is_in_recovery()").await, "t");
+}
