@@ -5,7 +5,8 @@
 #
 # pgfleet-agent: the daemon, its systemd unit, /etc/pgfleet/agent.toml
 # (conffile), the polkit rule, man page, completions. pgfleet: the CLI, man
-# pages, completions, an example inventory.
+# pages, completions, an example inventory, and the coordinator service's
+# unit, /etc/pgfleet/coordinator.toml (conffile) and the pgfleet user.
 #
 # Steps: one release build (the two binaries and gen-assets), gen-assets
 # writes man pages and completions from the binaries' clap definitions, then

@@ -4,10 +4,13 @@
 #
 #  1. packaging/build.sh builds the debs and rpms;
 #  2. lintian on the debs: no errors;
-#  3. the rpms: rpm -K, rpm -qpl, rpm -qp --scripts, and their file lists
-#     against the debs';
-#  4. dpkg -i both debs; dpkg -L, the conffile, systemd-analyze verify on the
-#     unit, man pages, completions, the installed config passes --check-config;
+#  3. the rpms: rpm -K, rpm -qpl, rpm -qp --scripts (user creation, the
+#     units stopped on erase and restarted on upgrade), the %config files,
+#     and their file lists against the debs';
+#  4. dpkg -i both debs; dpkg -L, the conffiles (agent.toml,
+#     coordinator.toml), the system user pgfleet, neither unit enabled,
+#     systemd-analyze verify on both units, man pages, completions, the
+#     installed agent config passes --check-config;
 #  5. the polkit rule, in a real polkitd on a private bus: postgres may start
 #     postgresql@15-main.service, not ssh.service, and may not enable units;
 #  6. a throwaway PostgreSQL 15 (initdb, pg_ctl, socket only, as postgres),
@@ -16,12 +19,18 @@
 #     from a copy of the installed agent.toml pointed at that server, with
 #     mutual TLS and certificates made by the installed `pgfleet certs`;
 #     the installed `pgfleet status --json` reports it primary;
-#  7. a modified conffile survives reinstalling the package;
-#  8. dpkg -r: config and data directory stay; dpkg -P: config gone, data
-#     directory still untouched.
+#  7. the installed `pgfleet serve` run as pgfleet the way its unit runs it
+#     (NOTIFY_SOCKET) from a copy of the installed coordinator.toml, with
+#     that inventory and certificates by `pgfleet certs`: READY=1, then
+#     `pgfleet --coordinator https://...` status through it sees the node,
+#     STOPPING=1 and exit 0 on SIGTERM;
+#  8. modified conffiles survive reinstalling the packages;
+#  9. dpkg -r: configs, data directory, the pgfleet user and /var/lib/pgfleet
+#     stay; dpkg -P: configs gone, the rest still there.
 #
 # Everything it starts is stopped by PID and its temporary directory
-# removed, also on failure; packages it installed are purged.
+# removed, also on failure; packages it installed are purged, and the
+# pgfleet user and /var/lib/pgfleet removed if they were not there before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -71,6 +80,12 @@ chmod 755 "$tmp"
 pids=()         # processes we started, stopped by PID
 pg_started=""
 installed=""
+# The pgfleet package's postinst creates a user and its home; removed again
+# at the end only if they were not there before.
+user_was_there=""
+getent passwd pgfleet >/dev/null && user_was_there=yes
+home_was_there=""
+[ -e /var/lib/pgfleet ] && home_was_there=yes
 cleanup() {
   local rc=$?
   set +e
@@ -83,6 +98,11 @@ cleanup() {
   if [ -n "$installed" ]; then
     dpkg -P pgfleet-agent pgfleet >/dev/null 2>&1
   fi
+  if [ -z "$user_was_there" ] && getent passwd pgfleet >/dev/null; then
+    userdel pgfleet
+    getent group pgfleet >/dev/null && groupdel pgfleet
+  fi
+  [ -z "$home_was_there" ] && rm -rf /var/lib/pgfleet
   if [ $rc -ne 0 ]; then
     for f in "$tmp"/*.log "$tmp"/pgdata-parent/*.log; do
       [ -f "$f" ] && { echo "--- $f" >&2; tail -n 40 "$f" >&2; }
@@ -112,6 +132,14 @@ grep -q 'try-restart pgfleet-agent.service' "$tmp/rpm-scripts.out" || fail "rpm 
 [ "$(rpm -qpc "$agent_rpm")" = /etc/pgfleet/agent.toml ] || fail "rpm: agent.toml is not the only %config file"
 rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$agent_rpm" | grep -qx 'cn /etc/pgfleet/agent.toml' \
   || fail "rpm: agent.toml is not %config(noreplace)"
+rpm -qp --scripts "$cli_rpm" | tee "$tmp/rpm-cli-scripts.out"
+grep -q 'useradd -r -g pgfleet' "$tmp/rpm-cli-scripts.out" || fail "rpm pgfleet: no system user created before install"
+grep -q 'systemctl --no-reload disable --now pgfleet.service' "$tmp/rpm-cli-scripts.out" || fail "rpm pgfleet: preun does not stop the unit"
+grep -q 'try-restart pgfleet.service' "$tmp/rpm-cli-scripts.out" || fail "rpm pgfleet: postun does not restart on upgrade"
+grep -Eq 'systemctl( --[a-z-]+)* (enable|start|restart) ' "$tmp/rpm-cli-scripts.out" && fail "rpm pgfleet: a scriptlet enables or starts the unit"
+[ "$(rpm -qpc "$cli_rpm")" = /etc/pgfleet/coordinator.toml ] || fail "rpm pgfleet: coordinator.toml is not the only %config file"
+rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' "$cli_rpm" | grep -qx 'cn /etc/pgfleet/coordinator.toml' \
+  || fail "rpm pgfleet: coordinator.toml is not %config(noreplace)"
 
 step "rpm and deb ship the same files"
 # Files only (not directories); the distributions' own places aside: zsh
@@ -140,7 +168,9 @@ for p in pgfleet-agent pgfleet; do
     fail "$p is already installed here; remove it first (dpkg -P $p)"
   fi
 done
-[ -e /etc/pgfleet/agent.toml ] && fail "/etc/pgfleet/agent.toml exists but no package owns it; move it away first"
+for f in /etc/pgfleet/agent.toml /etc/pgfleet/coordinator.toml; do
+  [ -e "$f" ] && fail "$f exists but no package owns it; move it away first"
+done
 installed=yes
 dpkg -i "$agent_deb" "$cli_deb"
 
@@ -171,21 +201,48 @@ expect_files pgfleet \
   /usr/share/bash-completion/completions/pgfleet \
   /usr/share/zsh/vendor-completions/_pgfleet \
   /usr/share/fish/vendor_completions.d/pgfleet.fish \
-  /usr/share/doc/pgfleet/examples/inventory.toml
-dpkg -L pgfleet-agent pgfleet | grep -q '^/usr/lib/systemd/system/pgfleet.service$' && fail "unexpected pgfleet.service"
+  /usr/share/doc/pgfleet/examples/inventory.toml \
+  /usr/lib/systemd/system/pgfleet.service \
+  /etc/pgfleet/coordinator.toml \
+  /usr/share/man/man1/pgfleet-serve.1.gz
 [ "$(dpkg-query -W -f='${Conffiles}' pgfleet-agent | awk 'NF {print $1}')" = /etc/pgfleet/agent.toml ] \
   || fail "agent.toml is not the package's conffile"
+[ "$(dpkg-query -W -f='${Conffiles}' pgfleet | awk 'NF {print $1}')" = /etc/pgfleet/coordinator.toml ] \
+  || fail "coordinator.toml is not the pgfleet package's conffile"
 echo "pgfleet-agent: $(dpkg -L pgfleet-agent | wc -l) paths; pgfleet: $(dpkg -L pgfleet | wc -l) paths" >&2
 
+step "the pgfleet system user; neither unit enabled"
+IFS=: read -r _ _ pgfleet_uid _ _ pgfleet_home pgfleet_shell < <(getent passwd pgfleet) \
+  || fail "dpkg -i pgfleet created no user pgfleet"
+getent group pgfleet >/dev/null || fail "no group pgfleet"
+[ "$(id -gn pgfleet)" = pgfleet ] || fail "pgfleet's primary group is $(id -gn pgfleet), not pgfleet"
+[ "$pgfleet_uid" -lt 1000 ] || fail "pgfleet is not a system user (uid $pgfleet_uid)"
+[ "$pgfleet_home" = /var/lib/pgfleet ] || fail "pgfleet's home is $pgfleet_home, not /var/lib/pgfleet"
+case "$pgfleet_shell" in */nologin|*/false) ;; *) fail "pgfleet may log in (shell $pgfleet_shell)" ;; esac
+[ -d /var/lib/pgfleet ] || fail "no /var/lib/pgfleet, the home of pgfleet"
+echo "user pgfleet: uid $pgfleet_uid, home $pgfleet_home, shell $pgfleet_shell" >&2
+for unit in pgfleet-agent.service pgfleet.service; do
+  if compgen -G "/etc/systemd/system/*.wants/$unit" >/dev/null; then
+    fail "$unit was enabled on install"
+  fi
+done
+
 step "systemd-analyze verify"
-systemd-analyze verify /usr/lib/systemd/system/pgfleet-agent.service 2>&1 | tee "$tmp/verify.out"
-[ -s "$tmp/verify.out" ] && fail "systemd-analyze verify has something to say about the unit"
-grep -qx 'Type=notify' /usr/lib/systemd/system/pgfleet-agent.service || fail "unit is not Type=notify"
-grep -qx 'User=postgres' /usr/lib/systemd/system/pgfleet-agent.service || fail "unit does not run as postgres"
-systemd-analyze security --offline=true /usr/lib/systemd/system/pgfleet-agent.service 2>/dev/null | tail -n 1 >&2 || true
+for unit in pgfleet-agent.service pgfleet.service; do
+  systemd-analyze verify "/usr/lib/systemd/system/$unit" 2>&1 | tee "$tmp/verify.out"
+  [ -s "$tmp/verify.out" ] && fail "systemd-analyze verify has something to say about $unit"
+  grep -qx 'Type=notify' "/usr/lib/systemd/system/$unit" || fail "$unit is not Type=notify"
+done
+grep -qx 'User=postgres' /usr/lib/systemd/system/pgfleet-agent.service || fail "pgfleet-agent.service does not run as postgres"
+grep -qx 'User=pgfleet' /usr/lib/systemd/system/pgfleet.service || fail "pgfleet.service does not run as pgfleet"
+grep -qx 'ExecStart=/usr/bin/pgfleet serve --config /etc/pgfleet/coordinator.toml' /usr/lib/systemd/system/pgfleet.service \
+  || fail "pgfleet.service does not run pgfleet serve with the installed coordinator.toml"
+for unit in pgfleet-agent.service pgfleet.service; do
+  echo "$unit: $(systemd-analyze security --offline=true "/usr/lib/systemd/system/$unit" 2>/dev/null | tail -n 1)" >&2 || true
+done
 
 step "man pages, completions"
-man -w pgfleet-agent pgfleet pgfleet-rebuild >/dev/null
+man -w pgfleet-agent pgfleet pgfleet-rebuild pgfleet-serve >/dev/null
 man pgfleet-agent 2>/dev/null | grep -q -- '--check-config' || fail "man pgfleet-agent lacks --check-config"
 bash -n /usr/share/bash-completion/completions/pgfleet
 bash -c 'source /usr/share/bash-completion/completions/pgfleet && complete -p pgfleet' >/dev/null \
@@ -195,6 +252,8 @@ grep -q 'switchover' /usr/share/fish/vendor_completions.d/pgfleet.fish || fail "
 step "the installed config is valid"
 /usr/bin/pgfleet-agent --config /etc/pgfleet/agent.toml --check-config
 grep -q '^\[tls\]' /etc/pgfleet/agent.toml || fail "TLS is not on in the shipped config"
+grep -q '^\[tls\]' /etc/pgfleet/coordinator.toml || fail "TLS is not on in the shipped coordinator.toml"
+grep -q '^insecure' /etc/pgfleet/coordinator.toml && fail "the shipped coordinator.toml sets insecure"
 runuser -u postgres -- /usr/bin/pgfleet-agent --version
 
 # --- polkit ------------------------------------------------------------------
@@ -259,6 +318,15 @@ pki=$tmp/pki
 /usr/bin/pgfleet certs init "$pki"
 /usr/bin/pgfleet certs issue --dir "$pki" --role agent testhost --san 127.0.0.1
 /usr/bin/pgfleet certs issue --dir "$pki" --role admin ci
+# For pgfleet serve: its server certificate (issued like an agent's, for the
+# address clients use) and a person's admin certificate to call it with.
+/usr/bin/pgfleet certs issue --dir "$pki" --role agent coordinator --san 127.0.0.1
+/usr/bin/pgfleet certs issue --dir "$pki" --role admin operator
+# As on a coordinator host: the service's keys (its server key, and ci.key,
+# the inventory's identity towards the agents) belong to pgfleet; root, who
+# runs the CLI here, reads them all the same.
+chmod 755 "$pki"
+chown pgfleet:pgfleet "$pki/coordinator.key" "$pki/ci.key"
 install -d -o postgres -g postgres -m 700 "$tmp/agent-tls"
 install -o postgres -g postgres -m 644 "$pki/ca.crt" "$pki/testhost.crt" "$tmp/agent-tls/"
 install -o postgres -g postgres -m 600 "$pki/testhost.key" "$tmp/agent-tls/"
@@ -337,6 +405,67 @@ grep -q '"role": "primary"' "$tmp/status.json" || { cat "$tmp/status.json" >&2; 
 grep -q '"all_reachable": true' "$tmp/status.json" || fail "status --json: agent not reachable"
 echo "status --json: node1 primary" >&2
 
+step "pgfleet serve as pgfleet, with NOTIFY_SOCKET"
+coord_port=""
+for p in $(seq 17400 17419); do
+  if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then coord_port=$p; break; fi
+done
+[ -n "$coord_port" ] || fail "no free port for pgfleet serve"
+# What the unit gives the service: StateDirectory= (the inventory's
+# state_dir) and LogsDirectory= (the audit log), owned by pgfleet.
+install -d -o pgfleet -g pgfleet -m 750 "$tmp/state" "$tmp/coordinator-log"
+# The installed coordinator.toml, each line that must change replaced.
+sed -e "s|^listen = .*|listen = \"127.0.0.1:$coord_port\"|" \
+    -e "s|^inventory = .*|inventory = \"$tmp/inventory.toml\"|" \
+    -e "s|^audit_log = .*|audit_log = \"$tmp/coordinator-log/audit.jsonl\"|" \
+    -e "s|^ca = .*|ca = \"$pki/ca.crt\"|" \
+    -e "s|^cert = .*|cert = \"$pki/coordinator.crt\"|" \
+    -e "s|^key = .*|key = \"$pki/coordinator.key\"|" \
+    /etc/pgfleet/coordinator.toml >"$tmp/coordinator.toml"
+diff /etc/pgfleet/coordinator.toml "$tmp/coordinator.toml" >&2 || true
+[ "$(diff /etc/pgfleet/coordinator.toml "$tmp/coordinator.toml" | grep -c '^>')" -eq 6 ] \
+  || fail "not every line to change was found in the installed coordinator.toml"
+chmod 644 "$tmp/coordinator.toml" "$tmp/inventory.toml"
+install -d -o pgfleet -g pgfleet -m 700 "$tmp/coordinator-notify"
+runuser -u pgfleet -- socat -u "UNIX-RECV:$tmp/coordinator-notify/notify.sock" STDOUT \
+  >"$tmp/coordinator-notify.out" 2>"$tmp/coordinator-socat.log" &
+pids+=($!)
+for _ in $(seq 50); do [ -S "$tmp/coordinator-notify/notify.sock" ] && break; sleep 0.1; done
+runuser -u pgfleet -- env NOTIFY_SOCKET="$tmp/coordinator-notify/notify.sock" \
+  /usr/bin/pgfleet serve --config "$tmp/coordinator.toml" >"$tmp/coordinator.log" 2>&1 &
+coord_pid=$!
+pids+=($coord_pid)
+ready=""
+for _ in $(seq 100); do
+  grep -q 'READY=1' "$tmp/coordinator-notify.out" && { ready=yes; break; }
+  kill -0 "$coord_pid" 2>/dev/null || fail "pgfleet serve exited before it was ready"
+  sleep 0.1
+done
+[ -n "$ready" ] || fail "pgfleet serve sent no READY=1 within 10 s"
+(exec 3<>"/dev/tcp/127.0.0.1/$coord_port") 2>/dev/null || fail "READY=1 sent but nothing listens on $coord_port"
+coord_real=$(pgrep -P "$coord_pid" -x pgfleet) || fail "no pgfleet under runuser $coord_pid"
+[ "$(stat -c %U "/proc/$coord_real")" = pgfleet ] || fail "pgfleet serve does not run as pgfleet"
+ps -o user=,pid=,args= -p "$coord_real" >&2
+[ "$(stat -c %U "$tmp/coordinator-log/audit.jsonl")" = pgfleet ] || fail "pgfleet serve opened no audit log of its own"
+echo "READY=1 received; pgfleet serve listens on 127.0.0.1:$coord_port as pgfleet" >&2
+
+step "pgfleet --coordinator status (installed CLI, through the service)"
+coordinator_cli=(/usr/bin/pgfleet --coordinator "https://127.0.0.1:$coord_port"
+  --tls-ca "$pki/ca.crt" --tls-cert "$pki/operator.crt" --tls-key "$pki/operator.key")
+"${coordinator_cli[@]}" status | tee "$tmp/coordinator-status.out" >&2
+grep -qw node1 "$tmp/coordinator-status.out" || fail "status through pgfleet serve does not name node1"
+"${coordinator_cli[@]}" status --json >"$tmp/coordinator-status.json"
+grep -q '"role": "primary"' "$tmp/coordinator-status.json" || fail "status --json through pgfleet serve does not show node1 primary"
+echo "status through pgfleet serve: node1 primary" >&2
+
+step "pgfleet serve, SIGTERM: STOPPING=1 and a clean exit"
+kill -TERM "$coord_real"
+coord_rc=0
+wait "$coord_pid" || coord_rc=$?
+[ "$coord_rc" -eq 0 ] || fail "pgfleet serve exited $coord_rc on SIGTERM"
+grep -q 'STOPPING=1' "$tmp/coordinator-notify.out" || fail "pgfleet serve sent no STOPPING=1 on shutdown"
+echo "STOPPING=1 received, exit 0" >&2
+
 step "SIGTERM: STOPPING=1 and a clean exit"
 kill -TERM "$agent_real"
 agent_rc=0
@@ -351,27 +480,42 @@ fingerprint() { (cd "$data" && find . -printf '%p %s %T@ %m\n' | sort | md5sum);
 before=$(fingerprint)
 
 # --- conffile kept on upgrade, remove, purge -----------------------------
-step "conffile: a local change survives reinstalling"
-echo '# local change by install-test' >>/etc/pgfleet/agent.toml
-dpkg -i "$agent_deb" >/dev/null
-grep -q '^# local change by install-test$' /etc/pgfleet/agent.toml || fail "reinstall overwrote the modified agent.toml"
+conffiles=(/etc/pgfleet/agent.toml /etc/pgfleet/coordinator.toml)
+step "conffiles: local changes survive reinstalling"
+for f in "${conffiles[@]}"; do echo '# local change by install-test' >>"$f"; done
+dpkg -i "$agent_deb" "$cli_deb" >/dev/null
+for f in "${conffiles[@]}"; do
+  grep -q '^# local change by install-test$' "$f" || fail "reinstall overwrote the modified $f"
+done
+getent passwd pgfleet >/dev/null || fail "reinstalling lost the pgfleet user"
 
-step "dpkg -r: config and data stay"
+step "dpkg -r: configs, data, the pgfleet user and /var/lib/pgfleet stay"
 dpkg -r pgfleet-agent pgfleet
-[ -f /etc/pgfleet/agent.toml ] || fail "dpkg -r removed /etc/pgfleet/agent.toml"
-grep -q '^# local change by install-test$' /etc/pgfleet/agent.toml || fail "dpkg -r changed agent.toml"
+for f in "${conffiles[@]}"; do
+  [ -f "$f" ] || fail "dpkg -r removed $f"
+  grep -q '^# local change by install-test$' "$f" || fail "dpkg -r changed $f"
+done
 [ -e /usr/bin/pgfleet-agent ] && fail "dpkg -r left /usr/bin/pgfleet-agent"
-[ "$(dpkg-query -W -f='${db:Status-Abbrev}' pgfleet-agent)" = "rc " ] || fail "pgfleet-agent is not in state rc"
+[ -e /usr/bin/pgfleet ] && fail "dpkg -r left /usr/bin/pgfleet"
+for p in pgfleet-agent pgfleet; do
+  [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p")" = "rc " ] || fail "$p is not in state rc"
+done
+getent passwd pgfleet >/dev/null || fail "dpkg -r removed the pgfleet user"
+[ -d /var/lib/pgfleet ] || fail "dpkg -r removed /var/lib/pgfleet"
 [ "$(fingerprint)" = "$before" ] || fail "the data directory changed on dpkg -r"
-echo "removed; /etc/pgfleet/agent.toml and $data untouched" >&2
+echo "removed; ${conffiles[*]}, the pgfleet user and $data untouched" >&2
 
-step "dpkg -P: config gone, data stays"
-dpkg -P pgfleet-agent   # pgfleet has no conffiles: dpkg -r removed it all
+step "dpkg -P: configs gone, data, the pgfleet user and /var/lib/pgfleet stay"
+dpkg -P pgfleet-agent pgfleet
 installed=""
 dpkg-query -W pgfleet-agent pgfleet 2>/dev/null | grep -q . && fail "a package is still known to dpkg after purge"
-[ -e /etc/pgfleet/agent.toml ] && fail "dpkg -P left /etc/pgfleet/agent.toml"
+for f in "${conffiles[@]}"; do
+  [ -e "$f" ] && fail "dpkg -P left $f"
+done
+getent passwd pgfleet >/dev/null || fail "dpkg -P removed the pgfleet user"
+[ -d /var/lib/pgfleet ] || fail "dpkg -P removed /var/lib/pgfleet"
 [ "$(fingerprint)" = "$before" ] || fail "the data directory changed on dpkg -P"
 [ -f "$data/PG_VERSION" ] || fail "the data directory is gone"
-echo "purged; config gone, $data untouched" >&2
+echo "purged; configs gone, $data, the pgfleet user and /var/lib/pgfleet untouched" >&2
 
 printf '\ninstall test passed: build %ss, checks %ss\n' "$((t_build - t0))" "$((SECONDS - t_build))" >&2

@@ -12,9 +12,14 @@
 #     the data directory aside, runs pg_basebackup; the upstream's agent
 #     rewrites /etc/postgresql/15/main/pg_hba.conf;
 #   - polkit refuses postgres other units and `enable`;
+#   - pgfleet.service (`pgfleet serve` as the user pgfleet, the hardening)
+#     from the shipped coordinator.toml with only the address changed:
+#     `pgfleet --coordinator` status and a rebuild through it, its journal
+#     in /var/lib/pgfleet and audit log in /var/log/pgfleet-coordinator,
+#     the agents' /var/log/pgfleet still postgres's;
 #   - reinstalling restarts a running agent and keeps a modified agent.toml;
 #     dpkg -r stops it, keeps config and data; dpkg -P removes the config and
-#     the enablement.
+#     the enablement; the same for pgfleet.service, the pgfleet user kept.
 # Not part of CI (it downloads a Debian base system, about 2 minutes); run it
 # after changing the unit, the polkit rule or the maintainer scripts. Needs
 # root, network access to deb.debian.org, and builds the packages first.
@@ -72,6 +77,9 @@ say "dpkg -i: installed, neither enabled nor started"
 dpkg -i /root/pkgs/pgfleet-agent_*.deb /root/pkgs/pgfleet_*.deb >/dev/null
 [ "$(systemctl is-enabled pgfleet-agent || true)" = disabled ] || fail "enabled on install"
 [ "$(systemctl is-active pgfleet-agent || true)" = inactive ] || fail "started on install"
+[ "$(systemctl is-enabled pgfleet || true)" = disabled ] || fail "pgfleet.service enabled on install"
+[ "$(systemctl is-active pgfleet || true)" = inactive ] || fail "pgfleet.service started on install"
+getent passwd pgfleet >/dev/null || fail "no pgfleet user after install"
 
 say "15/replica: a streaming replica of 15/main"
 pg_createcluster 15 replica --port 5433 >/dev/null
@@ -105,8 +113,9 @@ systemd-analyze security pgfleet-agent --no-pager | tail -n 1
 
 say "pgfleet rebuild replica (systemctl through polkit, pg_basebackup, pg_hba.conf)"
 printf 'secret' >/root/repl.pw; chmod 600 /root/repl.pw
+# The CLI in-process as root: its own state_dir, not the service's below.
 cat >/root/inv.toml <<INV
-state_dir = "/var/lib/pgfleet"
+state_dir = "/root/pgfleet-state"
 [tls]
 ca = "/etc/pgfleet/pki/ca.crt"
 cert = "/etc/pgfleet/pki/ci.crt"
@@ -138,6 +147,36 @@ runuser -u postgres -- systemctl --no-ask-password restart postgresql@15-replica
 runuser -u postgres -- systemctl --no-ask-password restart systemd-journald 2>/dev/null && fail "postgres may restart journald"
 runuser -u postgres -- systemctl --no-ask-password enable postgresql@15-main 2>/dev/null && fail "postgres may enable units"
 
+say "pgfleet.service: pgfleet serve as pgfleet under the packaged unit"
+pgfleet certs issue --dir /etc/pgfleet/pki --role agent coordinator --san 127.0.0.1 >/dev/null
+pgfleet certs issue --dir /etc/pgfleet/pki --role admin pgfleet-serve >/dev/null
+chown pgfleet:pgfleet /etc/pgfleet/pki/coordinator.key /etc/pgfleet/pki/pgfleet-serve.key
+# The service's inventory: in /etc/pgfleet (ProtectHome= hides /root), its
+# identity towards the agents pgfleet-serve, the default state_dir.
+install -o pgfleet -g pgfleet -m 600 /root/repl.pw /etc/pgfleet/c1.password
+sed -e 's|^state_dir = .*|state_dir = "/var/lib/pgfleet"|' \
+    -e 's|pki/ci\.|pki/pgfleet-serve.|' \
+    -e 's|^replication_password_file = .*|replication_password_file = "/etc/pgfleet/c1.password"|' \
+    /root/inv.toml >/etc/pgfleet/inventory.toml
+sed -i -e 's|^listen = .*|listen = "127.0.0.1:7400"|' /etc/pgfleet/coordinator.toml
+systemctl enable --now pgfleet
+systemctl show -p Type,User,ActiveState,SubState pgfleet
+[ "$(systemctl show -p SubState --value pgfleet)" = running ] || { journalctl -u pgfleet --no-pager | tail -n 20; fail "pgfleet.service not running"; }
+[ "$(ps -o user= -p "$(systemctl show -p MainPID --value pgfleet)" | tr -d ' ')" = pgfleet ] || fail "pgfleet serve not running as pgfleet"
+systemd-analyze security pgfleet --no-pager | tail -n 1
+via=(pgfleet --coordinator https://127.0.0.1:7400 --tls-ca /etc/pgfleet/pki/ca.crt
+  --tls-cert /etc/pgfleet/pki/ci.crt --tls-key /etc/pgfleet/pki/ci.key)
+"${via[@]}" status | tee /root/via-status.out
+grep -qw replica /root/via-status.out || fail "status through pgfleet.service does not name the replica"
+"${via[@]}" rebuild replica || { journalctl -u pgfleet --no-pager | tail -n 20; fail "rebuild through pgfleet.service failed"; }
+"${via[@]}" status --json | grep -q '"role": "replica"' || fail "replica is not a replica after the rebuild through the service"
+[ "$(stat -c %U /var/lib/pgfleet/c1.journal)" = pgfleet ] || fail "no journal of pgfleet's in /var/lib/pgfleet"
+[ "$(stat -c %U /var/log/pgfleet-coordinator/audit.jsonl)" = pgfleet ] || fail "no audit log in /var/log/pgfleet-coordinator"
+grep -q '"Rebuild"' /var/log/pgfleet-coordinator/audit.jsonl || fail "the rebuild is not in the coordinator's audit log"
+[ "$(stat -c %U /var/log/pgfleet/audit.jsonl)" = postgres ] || fail "the agents' /var/log/pgfleet changed owner"
+systemctl stop pgfleet
+[ "$(systemctl show -p Result --value pgfleet)" = success ] || fail "pgfleet serve did not stop cleanly"
+
 say "reinstall: a running agent is restarted, the modified config kept"
 before=$(systemctl show -p MainPID --value pgfleet-agent)
 dpkg -i /root/pkgs/pgfleet-agent_*.deb >/dev/null
@@ -153,6 +192,14 @@ dpkg -P pgfleet-agent >/dev/null 2>&1
 [ -e /etc/pgfleet/agent.toml ] && fail "dpkg -P left the config"
 [ -e /etc/systemd/system/multi-user.target.wants/pgfleet-agent.service ] && fail "dpkg -P left the unit enabled"
 [ -f /var/lib/postgresql/15/replica/PG_VERSION ] || fail "data gone after purge"
+systemctl start pgfleet
+dpkg -r pgfleet >/dev/null
+[ "$(systemctl is-active pgfleet || true)" = inactive ] || fail "pgfleet.service still running after dpkg -r"
+[ -f /etc/pgfleet/coordinator.toml ] && [ -f /var/lib/pgfleet/c1.journal ] || fail "dpkg -r removed coordinator.toml or the journal"
+dpkg -P pgfleet >/dev/null 2>&1
+[ -e /etc/pgfleet/coordinator.toml ] && fail "dpkg -P left coordinator.toml"
+[ -e /etc/systemd/system/multi-user.target.wants/pgfleet.service ] && fail "dpkg -P left pgfleet.service enabled"
+getent passwd pgfleet >/dev/null && [ -f /var/lib/pgfleet/c1.journal ] || fail "dpkg -P removed the pgfleet user or its journal"
 echo
 echo "systemd test passed"
 EOF
