@@ -45,6 +45,7 @@ pub struct Cli {
     pub tls_key: Option<PathBuf>,
     /// Send every command to this `pgfleet serve` (https://HOST:PORT)
     /// instead of running it in this process; the output is the same.
+    /// Default: the inventory's `coordinator`; "local" runs in-process.
     #[arg(long, global = true, env = "PGFLEET_COORDINATOR", value_name = "URL")]
     pub coordinator: Option<String>,
     /// The fleet CA the coordinator's certificate must chain to (default:
@@ -499,10 +500,17 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
         }
         _ => {}
     }
-    if let Some(url) = cli.coordinator.clone() {
-        return crate::remote::run(&cli, &url).await;
+    match cli.coordinator.as_deref() {
+        Some("local") => {}
+        Some(url) => return crate::remote::run(&cli, url).await,
+        None => {}
     }
     let inventory = Inventory::load(&cli.inventory)?;
+    if cli.coordinator.is_none()
+        && let Some(url) = inventory.coordinator.clone()
+    {
+        return crate::remote::run(&cli, &url).await;
+    }
     if let Some(mut tls) = inventory.tls.clone() {
         if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
             tls.cert = c.clone();

@@ -44,6 +44,10 @@ pub struct Inventory {
     pub tls: Option<ClientTls>,
     /// Files in state_dir, or etcd when the inventory has an [etcd] table.
     pub store: crate::journal::Store,
+    /// The `pgfleet serve` the CLI sends its commands to (`--coordinator`
+    /// overrides; `--coordinator local` runs in-process). `pgfleet serve`
+    /// itself ignores it.
+    pub coordinator: Option<String>,
 }
 
 /// The coordinator's client identity and the fleet CA.
@@ -94,6 +98,9 @@ struct RawInventory {
     /// Shared state for several coordinators.
     #[serde(default)]
     etcd: Option<crate::etcd::EtcdConfig>,
+    /// Default `--coordinator` URL for the CLI.
+    #[serde(default)]
+    coordinator: Option<String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -244,6 +251,7 @@ impl Inventory {
             state_dir: raw.state_dir,
             tls: raw.tls,
             store,
+            coordinator: raw.coordinator,
         })
     }
 

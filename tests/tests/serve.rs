@@ -22,6 +22,22 @@ fn remote(fleet: &TestFleet, c: &Coordinator, args: &[&str]) -> CliOutput {
     out
 }
 
+/// Runs an operation through the service, then watches it again from a
+/// second client: the same result and exit code.
+fn remote_watched(fleet: &TestFleet, c: &Coordinator, args: &[&str]) -> CliOutput {
+    let out = remote(fleet, c, args);
+    let id = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("operation ").and_then(|r| r.split_whitespace().next()))
+        .unwrap_or_else(|| panic!("no operation id: {out}"))
+        .to_owned();
+    let again = remote(fleet, c, &["ops", "watch", &id, "--no-progress-bar"]);
+    assert_eq!(again.code(), out.code(), "{again}");
+    assert_eq!(again.stdout, out.stdout, "the second client sees the same result");
+    out
+}
+
 /// ~30 MB in the primary, sent at 80 Mbit/s: a copy of a few seconds.
 async fn slow_primary(fleet: &TestFleet) {
     let p = fleet.host(0);
@@ -94,27 +110,36 @@ async fn operations_through_the_service_match_the_cli_and_are_watched_from_a_sec
     fleet.host(0).clear_egress_limit().unwrap();
 
     // Every other operation through the service.
-    let out = remote(&fleet, &c, &["sync", "set", "node1", "node2", "--num", "1"]);
+    let out = remote_watched(&fleet, &c, &["sync", "set", "node1", "node2", "--num", "1"]);
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(out.stdout.contains("synchronous_standby_names = 'FIRST 1 (\"node1\", \"node2\")'"), "{out}");
-    let out = remote(&fleet, &c, &["switchover", "--to", "node1", "--dry-run"]);
+    let out = remote_watched(&fleet, &c, &["switchover", "--to", "node1", "--dry-run"]);
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(out.stdout.starts_with("plan (dry run, nothing changed): switch over"), "{out}");
-    let out = remote(&fleet, &c, &["switchover", "--to", "node1"]);
+    let out = remote_watched(&fleet, &c, &["switchover", "--to", "node1"]);
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(out.stdout.contains("node1 is the primary"), "{out}");
     assert_eq!(one(fleet.host(1), "select pg_is_in_recovery()").await, "f");
     assert_eq!(one(fleet.host(0), "select pg_is_in_recovery()").await, "t");
-    let out = remote(&fleet, &c, &["rejoin", "node0"]);
+    let out = remote_watched(&fleet, &c, &["rejoin", "node0"]);
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(out.stdout.contains("already-streaming") || out.stdout.contains("rejoined"), "{out}");
-    let out = remote(&fleet, &c, &["slots", "drop", "node1", "nosuchslot"]);
+    let out = remote_watched(&fleet, &c, &["slots", "drop", "node1", "nosuchslot"]);
     assert_ne!(out.code(), Some(0), "{out}");
     assert!(out.stderr.contains("nosuchslot"), "{out}");
     // A refusal comes back as it would in-process.
-    let out = remote(&fleet, &c, &["failover", "--dry-run"]);
+    let out = remote_watched(&fleet, &c, &["failover", "--dry-run"]);
     assert_eq!(out.code(), Some(1), "{out}");
     assert!(out.stderr.contains("use `pgfleet switchover` for a planned move"), "{out}");
+    // The inventory may name the coordinator: the CLI then goes there.
+    let inv = fleet.dir().join("inventory-remote.toml");
+    let text = std::fs::read_to_string(fleet.inventory_path()).unwrap();
+    std::fs::write(&inv, format!("coordinator = \"{}\"\n{text}", c.url)).unwrap();
+    let out = fleet.pgfleet_with_inventory(&inv, &["slots", "drop", "node1", "nosuchslot", "--dry-run"]).unwrap();
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("operation dry-run-drop-slot"), "went through the service: {out}");
+    let out = fleet.pgfleet_with_inventory(&inv, &["--coordinator", "local", "slots", "drop", "node1", "nosuchslot", "--dry-run"]).unwrap();
+    assert!(!out.stderr.contains("operation "), "--coordinator local runs in-process: {out}");
     // Bad input: exit 2, as in-process.
     let out = remote(&fleet, &c, &["rebuild", "nosuchnode"]);
     assert_eq!(out.code(), Some(2), "{out}");
