@@ -139,6 +139,7 @@ impl Operation {
             .truncate(false)
             .open(&lock_path)
             .map_err(io("opening", &lock_path))?;
+        same_owner_as_dir(&lock_path, state_dir);
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((mut f, _)) => {
@@ -181,6 +182,7 @@ impl Operation {
                     .append(true)
                     .open(&journal)
                     .map_err(io("opening", &journal))?;
+                same_owner_as_dir(&journal, dir);
                 writeln!(f, "{line}").map_err(io("writing", &journal))?;
                 f.sync_data().map_err(io("syncing", &journal))
             }
@@ -226,6 +228,24 @@ impl Drop for Operation {
     }
 }
 
+/// Root running the CLI in-process on a host where `pgfleet serve` runs as
+/// its own user (state_dir owned by that user) must not leave files the
+/// service can no longer write: they get the directory's owner.
+fn same_owner_as_dir(path: &Path, dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let (Ok(d), Ok(f)) = (std::fs::metadata(dir), std::fs::metadata(path)) else { return };
+    if d.uid() != f.uid() || d.gid() != f.gid() {
+        let _ = nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(d.uid())),
+            Some(nix::unistd::Gid::from_raw(d.gid())),
+        );
+    }
+}
+
 /// `{kind}-{UTC time}-{pid}-{n}`: unique across this process's operations
 /// and readable in a journal.
 pub fn new_id(kind: &str) -> String {
@@ -265,6 +285,7 @@ pub fn remember_sync(store: &Store, cluster: &str, value: &str) -> Result<(), Jo
     let path = state_dir.join(format!("{cluster}.sync"));
     let tmp = state_dir.join(format!(".{cluster}.sync.tmp"));
     std::fs::write(&tmp, format!("{value}\n")).map_err(io("writing", &tmp))?;
+    same_owner_as_dir(&tmp, state_dir);
     std::fs::rename(&tmp, &path).map_err(io("renaming", &path))
 }
 
@@ -337,6 +358,26 @@ mod tests {
         assert_eq!(ops.len(), 1);
         assert_eq!(ops[0].state, "interrupted");
         assert_eq!(ops[0].journal.len(), 2, "a torn last line is skipped");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_root_creates_take_the_state_dirs_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("pgfleet-journal-own-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        nix::unistd::chown(&dir, Some(nobody), Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+        let store = Store::Files(dir.clone());
+        let op = Operation::begin(&store, "c", "rebuild", "n", "root", &serde_json::json!({})).unwrap();
+        op.end("succeeded", "");
+        remember_sync(&store, "c", "FIRST 1 (a)").unwrap();
+        for f in ["c.lock", "c.journal", "c.sync"] {
+            assert_eq!(std::fs::metadata(dir.join(f)).unwrap().uid(), 65534, "{f}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
