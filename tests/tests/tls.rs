@@ -272,3 +272,67 @@ async fn agent_refuses_unsafe_key_and_plaintext_off_loopback() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `pgfleet serve` holds the same line as the agents: clients must chain to
+/// the fleet CA (no certificate, a foreign CA, an expired one, plaintext:
+/// refused), readers only read, and an unsafe key stops it at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_service_accepts_only_fleet_ca_clients_and_readers_only_read() {
+    use pgfleet_proto::coordinator::v1 as cpb;
+    use pgfleet_proto::coordinator::v1::coordinator_client::CoordinatorClient;
+
+    let fleet = TestFleet::new(1).unwrap();
+    let host = fleet.host(0);
+    host.initdb().unwrap();
+    host.start_postgres().unwrap();
+    host.start_agent().unwrap();
+    let pki = Pki::new(&fleet);
+    let mut c = fleet.start_coordinator().unwrap();
+    let status = async |tls: ClientTlsConfig| -> Result<cpb::FleetStatus, Code> {
+        let ch = channel(&c.url, tls).await.map_err(|_| Code::Unavailable)?;
+        CoordinatorClient::new(ch)
+            .get_fleet_status(cpb::GetFleetStatusRequest::default())
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.code())
+    };
+
+    let st = status(pki.client(pki.identity("test-reader"))).await.unwrap();
+    assert_eq!(st.clusters[0].primary.as_deref(), Some("node0"));
+    assert!(status(pki.client(None)).await.is_err(), "no client certificate accepted");
+    let mallory = Some((
+        std::fs::read(pki.other.join("mallory.crt")).unwrap(),
+        std::fs::read(pki.other.join("mallory.key")).unwrap(),
+    ));
+    assert!(status(pki.client(mallory)).await.is_err(), "foreign CA accepted");
+    assert!(status(pki.client(Some(expired_admin(&pki.dir)))).await.is_err(), "expired certificate accepted");
+    let plain = c.url.replace("https://", "http://");
+    let plain_result = async {
+        let ch = Endpoint::from_shared(plain).unwrap().timeout(Duration::from_secs(3)).connect().await.ok()?;
+        CoordinatorClient::new(ch).get_fleet_status(cpb::GetFleetStatusRequest::default()).await.ok()
+    }
+    .await;
+    assert!(plain_result.is_none(), "plaintext client accepted by pgfleet serve");
+
+    // A reader cannot start an operation, cancel one or drop a slot.
+    let reader = CoordinatorClient::new(channel(&c.url, pki.client(pki.identity("test-reader"))).await.unwrap());
+    let e = reader.clone().drop_slot(cpb::DropSlotRequest { node: "node0".into(), slot: "x".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("test-reader") && e.message().contains("DropSlot"), "{e:?}");
+    let e = reader.clone().cancel_operation(cpb::CancelOperationRequest { operation_id: "x".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Bad input through the API: INVALID_ARGUMENT naming it, nothing journaled.
+    let admin = CoordinatorClient::new(channel(&c.url, pki.client(pki.identity("test-admin"))).await.unwrap());
+    let e = admin.clone().drop_slot(cpb::DropSlotRequest { node: "node0".into(), slot: "x'); drop table t; --".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(!fleet.state_dir().join("main.journal").exists());
+    let audit = std::fs::read_to_string(&c.audit_log).unwrap();
+    assert!(audit.lines().any(|l| l.contains("\"caller\":\"test-reader\"") && l.contains("PermissionDenied")), "{audit}");
+
+    // A private key others may read: refused at start-up, naming the file.
+    c.kill();
+    let key = fleet.pki_dir().join("coordinator.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = c.start().unwrap_err().to_string();
+    assert!(e.contains("coordinator.key") && e.contains("chmod 600"), "{e}");
+}
