@@ -126,6 +126,21 @@ impl Coordinator {
         }
     }
 
+    /// A gRPC channel to this coordinator with the fleet certificate
+    /// `name` (`test-admin`, `test-reader`).
+    pub async fn channel_as(&self, pki: &std::path::Path, name: &str) -> Result<tonic::transport::Channel> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let read = |f: String| fs::read(pki.join(&f)).with_context(|| format!("reading {f}"));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.crt".into())?))
+            .identity(Identity::from_pem(read(format!("{name}.crt"))?, read(format!("{name}.key"))?));
+        Ok(Endpoint::from_shared(self.url.clone())?
+            .connect_timeout(Duration::from_secs(3))
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

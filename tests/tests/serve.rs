@@ -256,3 +256,45 @@ async fn cancel_is_accepted_before_the_first_change_and_refused_during_the_copy(
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(one(fleet.host(1), "select pg_is_in_recovery()").await, "t");
 }
+
+/// WatchFleet: every node once ("initial"), then a change when it happens,
+/// here a replica's server stopping (role replica -> down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_fleet_streams_the_fleet_then_its_changes() {
+    use pgfleet_proto::coordinator::v1 as pb;
+    use pgfleet_proto::coordinator::v1::coordinator_client::CoordinatorClient;
+
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    fleet.make_replica_with_pg_basebackup(1, 0, "r1").await.unwrap();
+    start_agents(&fleet);
+    let c = fleet.start_coordinator().unwrap();
+    let ch = c.channel_as(&fleet.pki_dir(), "test-reader").await.unwrap();
+    let mut stream = CoordinatorClient::new(ch)
+        .watch_fleet(pb::WatchFleetRequest { cluster: String::new(), interval_ms: 200, lag_threshold_bytes: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(20), stream.message()).await.expect("no fleet change within 20s").unwrap().unwrap()
+    };
+    let mut initial = Vec::new();
+    for _ in 0..2 {
+        let ch = next().await;
+        assert_eq!(ch.changes, ["initial"], "{ch:?}");
+        let n = ch.node.unwrap();
+        initial.push((n.name, n.role));
+    }
+    initial.sort();
+    assert_eq!(initial, [("node0".to_owned(), "primary".to_owned()), ("node1".to_owned(), "replica".to_owned())]);
+
+    fleet.host(1).stop_postgres().unwrap();
+    let change = loop {
+        let ch = next().await;
+        if ch.node.as_ref().unwrap().name == "node1" && ch.changes.iter().any(|c| c.starts_with("role")) {
+            break ch;
+        }
+    };
+    assert!(change.changes.contains(&"role replica -> down".to_owned()), "{change:?}");
+    assert!(change.node.unwrap().reachable, "the agent still answers");
+}
