@@ -105,7 +105,7 @@ pub async fn rebuild_all(
         };
         let prepared = rebuild::preflight(inv, &req, d).await?;
         let report = rebuild::execute(&prepared, &req, d, ctx).await?;
-        ctx.done(node, "rebuild", t, &crate::ops::rebuild_text(&report).lines().next().unwrap_or_default().to_owned())?;
+        ctx.done(node, "rebuild", t, crate::ops::rebuild_text(&report).lines().next().unwrap_or_default())?;
         rebuilt.push(report);
     }
     let mut text = String::new();

@@ -48,10 +48,9 @@ pub fn changes(old: &pb::NodeReport, new: &pb::NodeReport, lag_threshold: u64) -
     v
 }
 
-pub fn watch(
-    state: Arc<State>,
-    r: pb::WatchFleetRequest,
-) -> Result<Pin<Box<dyn Stream<Item = Result<pb::FleetChange, Status>> + Send>>, Status> {
+type Changes = Pin<Box<dyn Stream<Item = Result<pb::FleetChange, Status>> + Send>>;
+
+pub fn watch(state: Arc<State>, r: pb::WatchFleetRequest) -> Result<Changes, Status> {
     let interval = if r.interval_ms == 0 {
         DEFAULT_INTERVAL
     } else {
