@@ -6,7 +6,6 @@ use std::sync::Arc;
 use pgfleet_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::TcpListener;
 pub use pgfleet_proto::tls::{TlsFileError, read_pem};
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::AgentState;
@@ -59,8 +58,16 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AgentServer::new(AgentService::new(state)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     info!("pgfleet-agent stopped");
     Ok(())
+}
+
+/// Accepted connections with TCP_NODELAY: a small gRPC answer otherwise
+/// waits for the client's delayed ACK, about 40 ms per call (measured by
+/// tests/bench/fleet_status.sh: 44 ms for one GetFleetStatus without, 0.7 ms
+/// with).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
