@@ -20,9 +20,9 @@
 //! bench-fake-agents --agents 1000 --ca ca.crt --cert fake.crt --key fake.key --ports-file ports [--tcp-nodelay]
 //! ```
 //!
-//! Accepted connections keep Nagle's algorithm on, as the real agent's
-//! (`agent/src/server.rs`, a plain TcpListenerStream) do; `--tcp-nodelay`
-//! turns it off, to see what that costs the coordinator.
+//! `--tcp-nodelay` sets TCP_NODELAY on accepted connections, as the real
+//! agent does (agent/src/server.rs); without it, each answer waits for the
+//! client's delayed ACK, which is what the flag's absence measures.
 //!
 //! Once every listener is bound, the ports file gets one port per line, in
 //! node order (written aside and renamed, so a reader never sees half of

@@ -13,8 +13,9 @@
 #
 # Knobs: PGFLEET_BENCH_AGENTS (1000), PGFLEET_BENCH_CALLS (100 timed calls,
 # after PGFLEET_BENCH_WARMUP = 3), PGFLEET_BENCH_CLI_RUNS (5),
-# PGFLEET_BENCH_AGENT_NODELAY=1 (the simulated agents set TCP_NODELAY on
-# accepted connections, which the real agent does not). Builds in
+# PGFLEET_BENCH_AGENT_NODELAY (1: the simulated agents set TCP_NODELAY on
+# accepted connections, as the real agent does; 0 shows what leaving Nagle
+# on costs). Builds in
 # release mode into CARGO_TARGET_DIR, by default ../target-bench beside the
 # repository, so it never waits on (or disturbs) the development target/.
 set -euo pipefail
@@ -26,7 +27,7 @@ WARMUP=${PGFLEET_BENCH_WARMUP:-3}
 CLI_RUNS=${PGFLEET_BENCH_CLI_RUNS:-5}
 NODELAY_FLAG=()
 NODELAY=off
-if [ "${PGFLEET_BENCH_AGENT_NODELAY:-0}" = 1 ]; then NODELAY_FLAG=(--tcp-nodelay) NODELAY=on; fi
+if [ "${PGFLEET_BENCH_AGENT_NODELAY:-1}" = 1 ]; then NODELAY_FLAG=(--tcp-nodelay) NODELAY=on; fi
 READY_WITHIN=60 # seconds, for the agents' ports and the coordinator's listener
 
 # N listeners, N connections from the coordinator and N more from each CLI
