@@ -54,16 +54,8 @@ pub struct AgentConfig {
     pub rebuild: RebuildConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The fleet CA certificate (PEM).
-    pub ca: PathBuf,
-    /// This agent's certificate (PEM), issued with `pgfleet certs issue --role agent`.
-    pub cert: PathBuf,
-    /// Its private key (PEM); refused unless only its owner may read it.
-    pub key: PathBuf,
-}
+/// The agent's `[tls]`: the same table `pgfleet serve` reads.
+pub type TlsConfig = pgfleet_proto::tls::ServerTlsFiles;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -51,7 +51,7 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &state.config.tls {
-        builder = builder.tls_config(pgfleet_proto::tls::server_tls(&tls.ca, &tls.cert, &tls.key)?)?;
+        builder = builder.tls_config(pgfleet_proto::tls::server_tls(tls)?)?;
     }
     info!(listen = ?local, tls = state.config.tls.is_some(), version = crate::AGENT_VERSION, "pgfleet-agent serving");
     builder

@@ -162,6 +162,12 @@ pub async fn gather(clusters: &[&Cluster], deadlines: Deadlines) -> FleetReport 
     }
 }
 
+/// One cluster's status.
+pub async fn gather_cluster(cluster: &Cluster, deadlines: Deadlines) -> ClusterReport {
+    let answers = join_all(cluster.nodes.iter().map(|n| ask(n, deadlines))).await;
+    merge(cluster, answers)
+}
+
 fn lsn(s: &Option<String>, what: &str, node: &Node) -> Result<Option<Lsn>, String> {
     s.as_deref()
         .map(|v| {

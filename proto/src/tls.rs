@@ -1,9 +1,21 @@
 //! TLS files: certificates and keys are read once at start-up and refused
 //! when other users could read a key or change a certificate.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+/// The `[tls]` table of the agent's and `pgfleet serve`'s configuration.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsFiles {
+    /// The fleet CA certificate (PEM): clients' certificates must chain to it.
+    pub ca: PathBuf,
+    /// This server's certificate (PEM), issued with `pgfleet certs issue --role agent`.
+    pub cert: PathBuf,
+    /// Its private key (PEM); refused unless only its owner may read it.
+    pub key: PathBuf,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFileError {
@@ -44,10 +56,10 @@ pub fn read_pem(path: &std::path::Path, private: bool) -> Result<Vec<u8>, TlsFil
 
 /// The server TLS configuration: our identity, and client certificates
 /// required to chain to the fleet CA.
-pub fn server_tls(ca: &Path, cert: &Path, key: &Path) -> Result<ServerTlsConfig, TlsFileError> {
-    let cert = read_pem(cert, false)?;
-    let key = read_pem(key, true)?;
-    let ca = read_pem(ca, false)?;
+pub fn server_tls(files: &ServerTlsFiles) -> Result<ServerTlsConfig, TlsFileError> {
+    let cert = read_pem(&files.cert, false)?;
+    let key = read_pem(&files.key, true)?;
+    let ca = read_pem(&files.ca, false)?;
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca)))

@@ -375,7 +375,11 @@ async fn stop_signal() -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let tls = pgfleet_proto::tls::server_tls(&args.ca, &args.cert, &args.key)?;
+    let tls = pgfleet_proto::tls::server_tls(&pgfleet_proto::tls::ServerTlsFiles {
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+    })?;
 
     let mut listeners = Vec::with_capacity(args.agents);
     let mut by_port = HashMap::with_capacity(args.agents);

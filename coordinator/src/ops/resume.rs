@@ -67,6 +67,15 @@ fn last_job(rec: &OpRecord) -> Option<(String, String)> {
         .map(|(n, j)| (n.to_owned(), j.to_owned()))
 }
 
+/// The host a journaled step started on ("HOST: what" in its start line).
+fn started_on(rec: &OpRecord, steps: &[&str]) -> Option<String> {
+    rec.journal
+        .iter()
+        .find(|e| steps.contains(&e.step.as_str()) && e.event == "start")
+        .and_then(|e| e.detail.split_once(':'))
+        .map(|(h, _)| h.to_owned())
+}
+
 fn step_done(rec: &OpRecord, step: &str) -> bool {
     rec.journal.iter().any(|e| e.step == step && e.event == "done")
 }
@@ -99,15 +108,11 @@ pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlin
 /// The target the interrupted move had chosen: `--to`, else the node its
 /// journal promoted or fenced for.
 fn move_target(rec: &OpRecord, to: Option<&str>) -> Option<String> {
-    if let Some(t) = to {
-        return Some(t.to_owned());
+    match to {
+        Some(t) => Some(t.to_owned()),
+        // The steps that act on the new primary name it.
+        None => started_on(rec, &["catch-up", "promote", "sync-config"]),
     }
-    // Switchover's begin line reads "OLD -> NEW" in the lock; the steps name hosts.
-    rec.journal
-        .iter()
-        .find(|e| (e.step == "catch-up" || e.step == "promote" || e.step == "sync-config") && e.event == "start")
-        .and_then(|e| e.detail.split_once(':'))
-        .map(|(h, _)| h.to_owned())
 }
 
 async fn converge(
@@ -120,14 +125,8 @@ async fn converge(
     ctx: &OpCtx,
 ) -> Result<Rendered, CoordinatorError> {
     let c = inv.select(Some(cluster))?[0];
-    let status = fleet_status::gather(&[c], d).await;
-    let cr = &status.clusters[0];
-    let fenced_old = rec
-        .journal
-        .iter()
-        .find(|e| e.step == "fence" && e.event == "start")
-        .and_then(|e| e.detail.split_once(':'))
-        .map(|(h, _)| h.to_owned());
+    let cr = fleet_status::gather_cluster(c, d).await;
+    let fenced_old = started_on(rec, &["fence"]);
     let Some(target) = move_target(rec, to) else {
         // Nothing was changed before the interruption: run it again.
         return crate::ops::execute(inv, req, d, ctx).await;
@@ -152,8 +151,7 @@ async fn converge(
     }
     // Everyone but the new primary (and a failover's fenced old primary)
     // streams from it.
-    let status = fleet_status::gather(&[c], d).await;
-    let cr = &status.clusters[0];
+    let cr = fleet_status::gather_cluster(c, d).await;
     for n in &cr.nodes {
         let keep_fenced = matches!(req, OpRequest::Failover { .. }) && fenced_old.as_deref() == Some(n.name.as_str());
         let streaming = n.replication.as_ref().is_some_and(|v| v.state == "streaming");
@@ -229,14 +227,8 @@ pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadline
         }
         OpRequest::Switchover { cluster, .. } | OpRequest::Failover { cluster, .. } => {
             let c = inv.select(Some(cluster))?[0];
-            let status = fleet_status::gather(&[c], d).await;
-            let cr = &status.clusters[0];
-            let fenced = rec
-                .journal
-                .iter()
-                .find(|e| e.step == "fence" && e.event == "start")
-                .and_then(|e| e.detail.split_once(':'))
-                .map(|(h, _)| h.to_owned());
+            let cr = fleet_status::gather_cluster(c, d).await;
+            let fenced = started_on(rec, &["fence"]);
             match (&cr.primary, fenced) {
                 (None, Some(old)) if matches!(req, OpRequest::Switchover { .. }) && !step_done(rec, "promote") => {
                     let (_, n) = inv.node(&old)?;

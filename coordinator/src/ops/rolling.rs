@@ -60,8 +60,7 @@ pub async fn rebuild_all(
     ctx: &OpCtx,
 ) -> Result<Rendered, CoordinatorError> {
     let c = inv.select(Some(cluster))?[0];
-    let status = fleet_status::gather(&[c], d).await;
-    let cr = &status.clusters[0];
+    let cr = fleet_status::gather_cluster(c, d).await;
     let primary = cr.primary.clone().ok_or_else(|| {
         CoordinatorError::Usage(format!(
             "cluster {cluster} has no single running primary to rebuild from ({}); fail over first",

@@ -165,13 +165,18 @@ pub fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
             });
         }
     }
+    // Who holds each cluster's lock, asked once per cluster.
+    let mut holders: HashMap<String, Option<String>> = HashMap::new();
     for op in &mut ops {
+        let holder = holders
+            .entry(op.cluster.clone())
+            .or_insert_with(|| lock_holder(store, &op.cluster));
         op.state = match op.outcome.as_deref() {
             Some("succeeded") => "succeeded",
             Some("cancelled") => "cancelled",
             Some("aborted") => "aborted",
             Some(_) => "failed",
-            None if lock_holder(store, &op.cluster).is_some_and(|h| h.starts_with(&format!("{} ", op.id))) => {
+            None if holder.as_deref().is_some_and(|h| h.starts_with(&format!("{} ", op.id))) => {
                 "running"
             }
             None => "interrupted",

@@ -33,15 +33,6 @@ pub enum ConfigError {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServerTls {
-    /// Clients' certificates must chain to this CA.
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
     #[serde(default = "default_inventory")]
@@ -51,7 +42,7 @@ pub struct ServeConfig {
     #[serde(default)]
     pub insecure: bool,
     #[serde(default)]
-    pub tls: Option<ServerTls>,
+    pub tls: Option<pgfleet_proto::tls::ServerTlsFiles>,
     /// The URL clients reach this coordinator by, which followers hand out
     /// when several coordinators share an etcd store (default: https://
     /// or http:// and `listen`).

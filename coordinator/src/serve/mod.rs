@@ -72,7 +72,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
     // must not pay a thousand TLS handshakes each time.
     crate::client::enable_channel_cache();
     let server_tls = match &config.tls {
-        Some(t) => Some(pgfleet_proto::tls::server_tls(&t.ca, &t.cert, &t.key)?),
+        Some(t) => Some(pgfleet_proto::tls::server_tls(t)?),
         None => None,
     };
     let audit = pgfleet_proto::auth::Audit::open(config.audit_log.as_deref()).map_err(|source| ServeError::Audit {

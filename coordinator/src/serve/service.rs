@@ -152,8 +152,14 @@ impl CoordinatorService {
     }
 
     fn operation(&self, id: &str) -> Result<pb::Operation, Status> {
-        let running = self.state.registry.get(id);
         let rec = record_of(&self.state, id)?;
+        self.operation_from(id, rec)
+    }
+
+    /// The operation as its journal record and, while this process runs it,
+    /// its live state tell it.
+    fn operation_from(&self, id: &str, rec: Option<ops::store::OpRecord>) -> Result<pb::Operation, Status> {
+        let running = self.state.registry.get(id);
         match (running, rec) {
             (Some(r), rec) => {
                 let mut op = rec.map(|r| r.to_proto()).unwrap_or_else(|| pb::Operation {
@@ -368,7 +374,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         ops.retain(|o| r.cluster.is_empty() || o.cluster == r.cluster);
         ops.reverse();
         ops.truncate(if r.limit == 0 { 50 } else { r.limit as usize });
-        let operations = ops.iter().map(|o| self.operation(&o.id).unwrap_or_else(|_| o.to_proto())).collect();
+        // One read of the journal for the whole list, not one per operation.
+        let operations = ops
+            .into_iter()
+            .map(|o| {
+                let fallback = o.to_proto();
+                self.operation_from(&o.id.clone(), Some(o)).unwrap_or(fallback)
+            })
+            .collect();
         Ok(Response::new(pb::ListOperationsResponse { operations }))
     }
 
