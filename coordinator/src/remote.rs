@@ -51,6 +51,11 @@ fn tls_files(cli: &Cli) -> Result<Option<(PathBuf, PathBuf, PathBuf)>, Coordinat
 }
 
 async fn connect(cli: &Cli, url: &str) -> Result<CoordinatorClient<Channel>, CoordinatorError> {
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(usage(format!(
+            "--coordinator {url:?}: give the service's URL, e.g. https://coordinator.example:7400 (or \"local\" to run in-process)"
+        )));
+    }
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| usage(format!("--coordinator {url:?} is not a URL: {e}")))?
         .connect_timeout(cli.connect_timeout)

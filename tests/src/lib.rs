@@ -61,6 +61,39 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Like [`bin_path`], for a binary run as another user (the agent runs as
+/// `postgres`): when the build tree is not reachable by others (a checkout
+/// under /root, or in a 0700 `mktemp -d` directory), a copy in a shared
+/// directory under /tmp, keyed by the binary's size and modification time
+/// so parallel test processes share it and a rebuild gets a new one.
+pub fn bin_path_for_others(name: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let path = bin_path(name)?;
+    let reachable = path
+        .ancestors()
+        .skip(1)
+        .filter(|a| !a.as_os_str().is_empty())
+        .all(|a| std::fs::metadata(a).is_ok_and(|m| m.mode() & 0o001 != 0));
+    if reachable {
+        return Ok(path);
+    }
+    let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+    let dir = PathBuf::from("/tmp/pgfleet-test-bin").join(format!("{}-{}.{}", meta.len(), meta.mtime(), meta.mtime_nsec()));
+    let copy = dir.join(name);
+    if !copy.is_file() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for d in [dir.parent().unwrap_or(&dir), &dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        }
+        // Written aside and renamed: a parallel test never runs half a copy.
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::copy(&path, &tmp).with_context(|| format!("copying {} to {}", path.display(), tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &copy)?;
+    }
+    Ok(copy)
+}
+
 /// `s` as a TOML basic string, quoted and escaped.
 pub(crate) fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()

@@ -141,6 +141,9 @@ async fn operations_through_the_service_match_the_cli_and_are_watched_from_a_sec
     let out = fleet.pgfleet_with_inventory(&inv, &["--coordinator", "local", "slots", "drop", "node1", "nosuchslot", "--dry-run"]).unwrap();
     assert!(!out.stderr.contains("operation "), "--coordinator local runs in-process: {out}");
     // Bad input: exit 2, as in-process.
+    let out = fleet.pgfleet(&["--coordinator", "not-a-url", "status"]).unwrap();
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("give the service's URL"), "{out}");
     let out = remote(&fleet, &c, &["rebuild", "nosuchnode"]);
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("nosuchnode"), "{out}");
