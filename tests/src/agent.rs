@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::host::{AGENT_PORT, Host, PG_BIN_DIR, PG_PORT, tail, write_postgres_file};
 use crate::process::kill_child;
-use crate::{bin_path_for_others, toml_str};
+use crate::{bin_path, toml_str};
 
 /// How long the agent may take to start listening.
 const AGENT_START_DEADLINE: Duration = Duration::from_secs(20);
@@ -187,7 +187,7 @@ impl Host {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let mut cmd = self.command(bin_path_for_others("pgfleet-agent")?)?;
+        let mut cmd = self.command(bin_path("pgfleet-agent")?)?;
         cmd.arg("--config")
             .arg(&config)
             .stdin(Stdio::null())

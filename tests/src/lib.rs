@@ -48,27 +48,15 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir.to_owned())
 }
 
-/// Path of the workspace binary `name` (`pgfleet`, `pgfleet-agent`).
+/// Path of the workspace binary `name` (`pgfleet`, `pgfleet-agent`), one
+/// every user can run: the agent runs as `postgres`. When the build tree is
+/// not reachable by others (a checkout under /root, or in a 0700 `mktemp -d`
+/// directory), a copy in a shared directory under /tmp, keyed by the
+/// binary's size and modification time so parallel test processes share it
+/// and a rebuild gets a new one.
 pub fn bin_path(name: &str) -> Result<PathBuf> {
-    let path = bin_dir()?.join(name);
-    if !path.is_file() {
-        bail!(
-            "{} not found: run `cargo build --workspace --bins` first \
-             (or point PGFLEET_BIN_DIR at the binaries)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-/// Like [`bin_path`], for a binary run as another user (the agent runs as
-/// `postgres`): when the build tree is not reachable by others (a checkout
-/// under /root, or in a 0700 `mktemp -d` directory), a copy in a shared
-/// directory under /tmp, keyed by the binary's size and modification time
-/// so parallel test processes share it and a rebuild gets a new one.
-pub fn bin_path_for_others(name: &str) -> Result<PathBuf> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let path = bin_path(name)?;
+    let path = built_path(name)?;
     let reachable = path
         .ancestors()
         .skip(1)
@@ -92,6 +80,18 @@ pub fn bin_path_for_others(name: &str) -> Result<PathBuf> {
         std::fs::rename(&tmp, &copy)?;
     }
     Ok(copy)
+}
+
+fn built_path(name: &str) -> Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: run `cargo build --workspace --bins` first \
+             (or point PGFLEET_BIN_DIR at the binaries)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// `s` as a TOML basic string, quoted and escaped.
