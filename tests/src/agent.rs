@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::host::{AGENT_PORT, Host, PG_BIN_DIR, PG_PORT, tail, write_postgres_file};
+use crate::host::{
+    AGENT_PORT, Host, Layout, PG_BIN_DIR, PG_PORT, PG_VERSION, tail, write_postgres_file,
+};
 use crate::process::kill_child;
 use crate::{bin_path, toml_str};
 
@@ -114,11 +116,17 @@ impl Host {
                 .map_or_else(|| toml_str(PG_BIN_DIR), path),
             data = path(options.data_dir.clone().unwrap_or_else(|| self.data_dir())),
             sock = path(self.socket_dir()),
-            service = options.service_toml.clone().unwrap_or_else(|| format!(
-                "backend = \"pg_ctl\"\nlog_file = {log}\noptions = {options}\n",
-                log = path(self.postgres_log()),
-                options = toml_str(&self.pg_ctl_options()),
-            )),
+            service = options.service_toml.clone().unwrap_or_else(|| match self.layout() {
+                Layout::Initdb => format!(
+                    "backend = \"pg_ctl\"\nlog_file = {log}\noptions = {options}\n",
+                    log = path(self.postgres_log()),
+                    options = toml_str(&self.pg_ctl_options()),
+                ),
+                Layout::Debian => format!(
+                    "backend = \"pg_ctlcluster\"\nversion = \"{PG_VERSION}\"\ncluster = {cluster}\n",
+                    cluster = toml_str(&self.debian_cluster()),
+                ),
+            }),
         );
         if !text.ends_with('\n') {
             text.push('\n');

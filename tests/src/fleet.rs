@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::cli::CliChild;
-use crate::host::{Host, PG_PORT, tail};
+use crate::host::{Host, Layout, PG_PORT, tail};
 use crate::net::{self, NetLease};
 use crate::process::{self, describe, die_with_parent, failure_message, output_with_timeout};
 use crate::{bin_path, toml_str};
@@ -76,6 +76,12 @@ impl TestFleet {
     /// 198.18.N.{i+2} and a directory under /tmp/pgfleet-test-N. Nothing runs
     /// yet. Needs root.
     pub fn new(hosts: usize) -> Result<TestFleet> {
+        TestFleet::with_layout(hosts, Layout::Initdb)
+    }
+
+    /// Like [`new`](Self::new), every host laid out as `layout` (e.g.
+    /// Debian clusters, whose configuration lives under /etc/postgresql).
+    pub fn with_layout(hosts: usize, layout: Layout) -> Result<TestFleet> {
         if !nix::unistd::geteuid().is_root() {
             bail!("the test fleet needs root (network namespaces, running servers as postgres)");
         }
@@ -100,8 +106,10 @@ impl TestFleet {
         let password = fleet.replication_password();
         fleet.write_password_file(&password)?;
         net::create_bridge(n)?;
+        // Hex only: it also travels in a connection string, unquoted.
+        let superuser_password = random_password()?.replace([':', '\\', '\'', ' '], "");
         for i in 0..hosts {
-            let host = Host::create(n, i, &fleet.dir)?;
+            let host = Host::create(n, i, &fleet.dir, layout, &superuser_password)?;
             fleet.hosts.push(host);
         }
         fleet.create_pki()?;
@@ -190,10 +198,14 @@ impl TestFleet {
             .ok_or_else(|| anyhow!("the fleet has {} hosts, no host {i}", self.hosts.len()))
     }
 
-    /// Makes host `replica` a streaming replica of host `primary` with plain
-    /// `pg_basebackup -R -C -S slot` run on the replica (so the primary sees
-    /// the replica's own address), starts it, and waits until the replica is
-    /// in recovery and the primary lists it as streaming.
+    /// Makes host `replica` a streaming replica of host `primary` the way a
+    /// DBA does by hand: a `host replication postgres REPLICA/32
+    /// scram-sha-256` line in the primary's pg_hba.conf and a reload, then
+    /// plain `pg_basebackup -R -C -S slot` as the superuser with its
+    /// password, run on the replica (so the primary sees the replica's own
+    /// address); starts it, and waits until the replica is in recovery and
+    /// the primary lists it as streaming. On a Debian host the cluster must
+    /// exist (its configuration under /etc): its data directory is replaced.
     pub async fn make_replica_with_pg_basebackup(
         &self,
         replica: usize,
@@ -201,17 +213,31 @@ impl TestFleet {
         slot: &str,
     ) -> Result<()> {
         let (r, p) = (self.get(replica)?, self.get(primary)?);
+        let hba = p.hba_path();
+        let mut text = std::fs::read_to_string(&hba)
+            .with_context(|| format!("reading {}", hba.display()))?;
+        text.push_str(&format!(
+            "# a replica made by hand\nhost replication postgres {}/32 scram-sha-256\n",
+            r.addr()
+        ));
+        std::fs::write(&hba, text).with_context(|| format!("writing {}", hba.display()))?;
+        p.query_one_string("select pg_reload_conf()").await?;
         let data = r.data_dir();
-        let primary_addr = p.addr().to_string();
-        let port = PG_PORT.to_string();
+        if r.layout() == Layout::Debian && data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("removing {}", data.display()))?;
+        }
+        // The password in the connection string, so -R writes it into
+        // primary_conninfo as a hand-made replica often has it.
+        let conninfo = format!(
+            "host={} port={PG_PORT} user=postgres password={}",
+            p.addr(),
+            p.superuser_password()
+        );
         let argv: Vec<&OsStr> = vec![
             "pg_basebackup".as_ref(),
-            "-h".as_ref(),
-            primary_addr.as_ref(),
-            "-p".as_ref(),
-            port.as_ref(),
-            "-U".as_ref(),
-            "postgres".as_ref(),
+            "-d".as_ref(),
+            conninfo.as_ref(),
             "-D".as_ref(),
             data.as_ref(),
             "-R".as_ref(),
@@ -475,6 +501,13 @@ impl TestFleet {
                     "pgfleet-tests teardown: stopping PostgreSQL of {}: {e:#}",
                     h.netns()
                 );
+            }
+        }
+        for h in &self.hosts {
+            if h.layout() == Layout::Debian
+                && let Err(e) = h.drop_debian_cluster()
+            {
+                eprintln!("pgfleet-tests teardown: {e:#}");
             }
         }
         for h in &self.hosts {

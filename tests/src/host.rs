@@ -1,5 +1,15 @@
 //! One test host: a network namespace with its own address, directory and
 //! PostgreSQL 15 server, everything run as the `postgres` OS user.
+//!
+//! Hosts are shaped like production ones (DESIGN.md, "Test fleet"): the
+//! server is made by `initdb` with peer authentication on its socket and
+//! scram-sha-256 for host connections, the superuser has a password, and
+//! pg_hba.conf admits only the fleet's client address (the test and the
+//! coordinator, 198.18.N.1) for normal connections: no subnet-wide trust,
+//! no replication line but those pgfleet adds. [`Layout::Debian`] hosts
+//! are Debian clusters (`pg_createcluster`, configuration under
+//! /etc/postgresql/15/NAME, `pg_ctlcluster`), whose pg_hba.conf is outside
+//! the data directory and never copied by pg_basebackup.
 
 use std::ffi::OsStr;
 use std::fs::{DirBuilder, OpenOptions};
@@ -23,6 +33,8 @@ use crate::process::{
 
 /// Where Debian's PostgreSQL 15 programs are.
 pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+/// The PostgreSQL major version of every host.
+pub const PG_VERSION: &str = "15";
 /// Every host's PostgreSQL listens on this port of its own address.
 pub const PG_PORT: u16 = 5432;
 /// Every host's agent listens on this port of its own address.
@@ -48,12 +60,35 @@ pub struct Host {
     pub(crate) agent: Mutex<Option<Child>>,
     /// tmpfs mounts made by [`Host::mount_tmpfs`], unmounted at teardown.
     mounts: Mutex<Vec<PathBuf>>,
+    layout: Layout,
+    /// The `postgres` superuser's password (scram): what the test and a
+    /// DBA's tools connect with over TCP.
+    superuser_password: String,
+}
+
+/// How a host's PostgreSQL is laid out and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `initdb` into the host directory, every file in the data directory,
+    /// started and stopped with `pg_ctl` (the agent's `pg_ctl` backend).
+    Initdb,
+    /// A Debian cluster `15/pft<N>h<i>` made by `pg_createcluster`: data
+    /// in the host directory, configuration (pg_hba.conf included) under
+    /// /etc/postgresql/15/NAME, the log under /var/log/postgresql, run with
+    /// `pg_ctlcluster` (the agent's `pg_ctlcluster` backend).
+    Debian,
 }
 
 impl Host {
     /// Creates host `index` of network `n`: its namespace and veth, and its
     /// directory under `fleet_dir`, owned by postgres, mode 0700.
-    pub(crate) fn create(n: u8, index: usize, fleet_dir: &Path) -> Result<Host> {
+    pub(crate) fn create(
+        n: u8,
+        index: usize,
+        fleet_dir: &Path,
+        layout: Layout,
+        superuser_password: &str,
+    ) -> Result<Host> {
         let user = pg_user()?;
         net::create_host(n, index)?;
         let dir = fleet_dir.join(format!("h{index}"));
@@ -65,7 +100,7 @@ impl Host {
             chown(&d, Some(user.uid), Some(user.gid))
                 .with_context(|| format!("chown postgres {}", d.display()))?;
         }
-        Ok(Host {
+        let host = Host {
             index,
             n,
             netns: net::netns_name(n, index),
@@ -73,7 +108,44 @@ impl Host {
             dir,
             agent: Mutex::new(None),
             mounts: Mutex::new(Vec::new()),
-        })
+            layout,
+            superuser_password: superuser_password.to_owned(),
+        };
+        if layout == Layout::Debian && host.debian_etc_dir().exists() {
+            // Left by a killed run that had the same network number.
+            host.drop_debian_cluster()?;
+        }
+        Ok(host)
+    }
+
+    /// How this host's PostgreSQL is laid out.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The superuser's password (scram over TCP).
+    pub fn superuser_password(&self) -> &str {
+        &self.superuser_password
+    }
+
+    /// The Debian cluster's name, `pft<N>h<i>` (only meaningful for
+    /// [`Layout::Debian`]).
+    pub fn debian_cluster(&self) -> String {
+        format!("pft{}h{}", self.n, self.index)
+    }
+
+    /// /etc/postgresql/15/NAME of a Debian host.
+    pub fn debian_etc_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/etc/postgresql/{PG_VERSION}/{}", self.debian_cluster()))
+    }
+
+    /// Where this host's pg_hba.conf is: in the data directory, or under
+    /// /etc/postgresql on a Debian host.
+    pub fn hba_path(&self) -> PathBuf {
+        match self.layout {
+            Layout::Initdb => self.data_dir().join("pg_hba.conf"),
+            Layout::Debian => self.debian_etc_dir().join("pg_hba.conf"),
+        }
     }
 
     /// Position in the fleet (0-based).
@@ -109,8 +181,16 @@ impl Host {
         self.dir.join("sock")
     }
 
+    /// The server's log: `postgres.log` in the host directory, or Debian's
+    /// /var/log/postgresql/postgresql-15-NAME.log.
     pub fn postgres_log(&self) -> PathBuf {
-        self.dir.join("postgres.log")
+        match self.layout {
+            Layout::Initdb => self.dir.join("postgres.log"),
+            Layout::Debian => PathBuf::from(format!(
+                "/var/log/postgresql/postgresql-{PG_VERSION}-{}.log",
+                self.debian_cluster()
+            )),
+        }
     }
 
     pub fn agent_config_path(&self) -> PathBuf {
@@ -186,9 +266,13 @@ impl Host {
             .with_context(|| format!("starting `{}` in {}", describe(&cmd), self.netns))
     }
 
-    /// `initdb` (trust authentication, superuser `postgres`), then pg_hba
-    /// lines trusting the fleet's /24 for normal and replication connections,
-    /// and `wal_log_hints = on` in postgresql.conf (for pg_rewind).
+    /// Makes this host's PostgreSQL as a DBA would, not started: `initdb`
+    /// (or `pg_createcluster` on a Debian host) with peer authentication
+    /// for local connections, scram-sha-256 for host connections and the
+    /// superuser's password; then one pg_hba line admitting the fleet's
+    /// client address (198.18.N.1: the test and the coordinator) to every
+    /// database but replication with scram, and `wal_log_hints = on` (for
+    /// pg_rewind) in the configuration.
     pub fn initdb(&self) -> Result<()> {
         let data = self.data_dir();
         if data.exists() {
@@ -197,38 +281,106 @@ impl Host {
                 data.display()
             );
         }
-        let argv: Vec<&OsStr> = vec![
-            "initdb".as_ref(),
-            "-D".as_ref(),
-            data.as_ref(),
-            "-A".as_ref(),
-            "trust".as_ref(),
-            "-U".as_ref(),
-            "postgres".as_ref(),
-            "--no-sync".as_ref(),
-        ];
-        self.run(&argv)?;
-        let hba = data.join("pg_hba.conf");
-        let subnet = net::subnet(self.n);
+        let pwfile = self.dir.join("initdb.pwfile");
+        write_postgres_file(&pwfile, &format!("{}\n", self.superuser_password))?;
+        let made = match self.layout {
+            Layout::Initdb => {
+                let mut argv: Vec<&OsStr> = vec!["initdb".as_ref(), "-D".as_ref(), data.as_ref()];
+                argv.extend(INITDB_AUTH.iter().map(OsStr::new));
+                argv.extend(["--pwfile".as_ref(), pwfile.as_os_str()]);
+                self.run(&argv).map(drop)
+            }
+            Layout::Debian => self.create_debian_cluster(&pwfile),
+        };
+        let _ = std::fs::remove_file(&pwfile);
+        made?;
+        let client = net::bridge_addr(self.n);
+        let hba = self.hba_path();
         let mut f = OpenOptions::new()
             .append(true)
             .open(&hba)
             .with_context(|| format!("opening {}", hba.display()))?;
         writeln!(
             f,
-            "host all all {subnet} trust\nhost replication all {subnet} trust"
+            "# the DBA's and the coordinator's host\nhost all all {client}/32 scram-sha-256"
         )
         .with_context(|| format!("writing {}", hba.display()))?;
-        // In the file, not only on the pg_ctl command line: pg_rewind runs
-        // single-user crash recovery without our -o options, which would
-        // record wal_log_hints = off in pg_control and then refuse to rewind.
-        let conf = data.join("postgresql.conf");
-        let mut f = OpenOptions::new()
-            .append(true)
-            .open(&conf)
-            .with_context(|| format!("opening {}", conf.display()))?;
-        writeln!(f, "wal_log_hints = on").with_context(|| format!("writing {}", conf.display()))?;
+        if self.layout == Layout::Initdb {
+            // In the file, not only on the pg_ctl command line: pg_rewind runs
+            // single-user crash recovery without our -o options, which would
+            // record wal_log_hints = off in pg_control and then refuse to rewind.
+            let conf = data.join("postgresql.conf");
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(&conf)
+                .with_context(|| format!("opening {}", conf.display()))?;
+            writeln!(f, "wal_log_hints = on")
+                .with_context(|| format!("writing {}", conf.display()))?;
+        }
         Ok(())
+    }
+
+    /// `pg_createcluster 15 NAME` as root (as a DBA does on Debian), with
+    /// its data directory in the host directory and this host's address,
+    /// port and socket directory in conf.d, so the same settings hold for a
+    /// copy pg_basebackup makes into the data directory.
+    fn create_debian_cluster(&self, pwfile: &Path) -> Result<()> {
+        let data = self.data_dir();
+        let name = self.debian_cluster();
+        let sock = self.socket_dir();
+        let mut argv: Vec<&OsStr> = vec![
+            "pg_createcluster".as_ref(),
+            PG_VERSION.as_ref(),
+            name.as_ref(),
+            "-d".as_ref(),
+            data.as_ref(),
+            "-p".as_ref(),
+            "5432".as_ref(),
+            "-s".as_ref(),
+            sock.as_ref(),
+            "--".as_ref(),
+        ];
+        argv.extend(INITDB_AUTH.iter().map(OsStr::new));
+        argv.extend(["--pwfile".as_ref(), pwfile.as_os_str()]);
+        run_root(&argv)?;
+        let conf = self.debian_etc_dir().join("conf.d/pgfleet-test.conf");
+        write_postgres_file(
+            &conf,
+            &format!(
+                "listen_addresses = '{addr}'\n\
+                 ssl = off\n\
+                 wal_level = replica\n\
+                 max_wal_senders = 10\n\
+                 max_replication_slots = 10\n\
+                 hot_standby = on\n\
+                 wal_log_hints = on\n\
+                 fsync = off\n\
+                 shared_buffers = 16MB\n",
+                addr = self.addr
+            ),
+        )?;
+        std::fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .with_context(|| format!("chmod {}", conf.display()))?;
+        Ok(())
+    }
+
+    /// `pg_dropcluster --stop` and the cluster's /etc directory (our conf.d
+    /// file is not pg_dropcluster's to remove).
+    pub(crate) fn drop_debian_cluster(&self) -> Result<()> {
+        let name = self.debian_cluster();
+        let etc = self.debian_etc_dir();
+        if !etc.exists() {
+            return Ok(());
+        }
+        let result = run_root(&[
+            "pg_dropcluster".as_ref(),
+            "--stop".as_ref(),
+            PG_VERSION.as_ref(),
+            name.as_ref(),
+        ]);
+        let _ = std::fs::remove_dir_all(&etc);
+        let _ = std::fs::remove_file(self.postgres_log());
+        result.map(drop)
     }
 
     /// The server options this host's PostgreSQL is started with (`pg_ctl
@@ -245,25 +397,35 @@ impl Host {
         )
     }
 
-    /// `pg_ctl start`, waiting (up to 60 s) until the server accepts
-    /// connections. On failure the error carries the end of postgres.log.
+    /// `pg_ctl start` (`pg_ctlcluster 15 NAME start` on a Debian host),
+    /// waiting (up to 60 s) until the server accepts connections. On failure
+    /// the error carries the end of the server log.
     pub fn start_postgres(&self) -> Result<()> {
         let data = self.data_dir();
         let log = self.postgres_log();
         let options = self.pg_ctl_options();
-        let argv: Vec<&OsStr> = vec![
-            "pg_ctl".as_ref(),
-            "-D".as_ref(),
-            data.as_ref(),
-            "-l".as_ref(),
-            log.as_ref(),
-            "-w".as_ref(),
-            "-t".as_ref(),
-            "60".as_ref(),
-            "-o".as_ref(),
-            options.as_ref(),
-            "start".as_ref(),
-        ];
+        let name = self.debian_cluster();
+        let argv: Vec<&OsStr> = match self.layout {
+            Layout::Initdb => vec![
+                "pg_ctl".as_ref(),
+                "-D".as_ref(),
+                data.as_ref(),
+                "-l".as_ref(),
+                log.as_ref(),
+                "-w".as_ref(),
+                "-t".as_ref(),
+                "60".as_ref(),
+                "-o".as_ref(),
+                options.as_ref(),
+                "start".as_ref(),
+            ],
+            Layout::Debian => vec![
+                "/usr/bin/pg_ctlcluster".as_ref(),
+                PG_VERSION.as_ref(),
+                name.as_ref(),
+                "start".as_ref(),
+            ],
+        };
         self.run(&argv)
             .map(drop)
             .map_err(|e| anyhow!("{e:#}\n--- {} (end) ---\n{}", log.display(), tail(&log, 30)))
@@ -278,17 +440,30 @@ impl Host {
         let pid = self.postmaster_pid()?;
         let data = self.data_dir();
         let timeout = timeout_secs.to_string();
-        let argv: Vec<&OsStr> = vec![
-            "pg_ctl".as_ref(),
-            "-D".as_ref(),
-            data.as_ref(),
-            "-m".as_ref(),
-            mode.as_ref(),
-            "-w".as_ref(),
-            "-t".as_ref(),
-            timeout.as_ref(),
-            "stop".as_ref(),
-        ];
+        let name = self.debian_cluster();
+        let argv: Vec<&OsStr> = match self.layout {
+            Layout::Initdb => vec![
+                "pg_ctl".as_ref(),
+                "-D".as_ref(),
+                data.as_ref(),
+                "-m".as_ref(),
+                mode.as_ref(),
+                "-w".as_ref(),
+                "-t".as_ref(),
+                timeout.as_ref(),
+                "stop".as_ref(),
+            ],
+            Layout::Debian => vec![
+                "/usr/bin/pg_ctlcluster".as_ref(),
+                PG_VERSION.as_ref(),
+                name.as_ref(),
+                "stop".as_ref(),
+                "-m".as_ref(),
+                mode.as_ref(),
+                "-t".as_ref(),
+                timeout.as_ref(),
+            ],
+        };
         self.run(&argv)?;
         // The postmaster was orphaned by `pg_ctl start`; reap it (see
         // process::become_subreaper).
@@ -347,7 +522,7 @@ impl Host {
     }
 
     /// Connects from the test (root namespace) to this host's PostgreSQL as
-    /// `postgres`, retrying for up to 30 s while the server comes up. The
+    /// `postgres` with its password (scram), retrying for up to 30 s while the server comes up. The
     /// connection is driven by a tokio task.
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         let mut config = tokio_postgres::Config::new();
@@ -355,6 +530,7 @@ impl Host {
             .host(self.addr.to_string())
             .port(PG_PORT)
             .user("postgres")
+            .password(&self.superuser_password)
             .dbname("postgres")
             .connect_timeout(Duration::from_secs(3));
         let deadline = Instant::now() + CONNECT_DEADLINE;
@@ -526,6 +702,14 @@ impl Host {
             .collect())
     }
 }
+
+/// What `initdb` is told about authentication: Debian's own defaults, and
+/// what a DBA who did not pass `-A trust` gets.
+const INITDB_AUTH: [&str; 3] = [
+    "--auth-local=peer",
+    "--auth-host=scram-sha-256",
+    "--no-sync",
+];
 
 /// Runs a command as root in the root namespace; fails with its output
 /// unless it exits 0 within the run timeout.

@@ -31,7 +31,7 @@ pub use cli::CliChild;
 pub use coordinator::Coordinator;
 pub use etcd::EtcdCluster;
 pub use fleet::{CliOutput, TestFleet};
-pub use host::Host;
+pub use host::{Host, Layout};
 
 /// Directory of the workspace's binaries: `$PGFLEET_BIN_DIR`, else the
 /// profile directory of the target directory this test binary was built in
