@@ -135,9 +135,16 @@ pub struct PostgresConfig {
     /// How long a connection attempt to PostgreSQL may take.
     #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
-    /// How long one query may take before the agent gives up on it.
+    /// How long one query may take before the agent gives up on it (also
+    /// the server-side statement_timeout and lock_timeout of its sessions).
     #[serde(default = "default_query_timeout", with = "humantime_serde_compat")]
     pub query_timeout: Duration,
+    /// The server's log, read to say why a standby does not stream. Default:
+    /// `pg_ctl`'s `log_file`; Debian's
+    /// /var/log/postgresql/postgresql-VERSION-CLUSTER.log for
+    /// `pg_ctlcluster` and `postgresql@VERSION-CLUSTER` units.
+    #[serde(default)]
+    pub log_file: Option<PathBuf>,
 }
 
 /// Service control backend, chosen by `backend = "..."`.
@@ -172,6 +179,29 @@ pub enum ServiceConfig {
         #[serde(default)]
         options: Option<String>,
     },
+}
+
+impl AgentConfig {
+    /// Where the server writes its log, when it can be known (see
+    /// [`PostgresConfig::log_file`]).
+    pub fn server_log(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.postgres.log_file {
+            return Some(p.clone());
+        }
+        let debian = |version: &str, cluster: &str| {
+            PathBuf::from(format!("/var/log/postgresql/postgresql-{version}-{cluster}.log"))
+        };
+        match &self.service {
+            ServiceConfig::PgCtl { log_file, .. } => Some(log_file.clone()),
+            ServiceConfig::PgCtlcluster { version, cluster, .. } => Some(debian(version, cluster)),
+            ServiceConfig::Systemd { unit, .. } => {
+                let instance = unit.strip_prefix("postgresql@")?;
+                let instance = instance.strip_suffix(".service").unwrap_or(instance);
+                let (version, cluster) = instance.split_once('-')?;
+                Some(debian(version, cluster))
+            }
+        }
+    }
 }
 
 impl ServiceConfig {

@@ -80,6 +80,7 @@ impl From<AgentError> for Status {
                 UpstreamError::HbaFile { .. } => Code::Internal,
                 UpstreamError::HbaRejected { .. } => Code::FailedPrecondition,
                 UpstreamError::HbaNotLoaded { .. } => Code::Internal,
+                UpstreamError::RoleNotReplicated(_) => Code::FailedPrecondition,
             },
             AgentError::Rebuild(r) => rebuild_code(r),
             AgentError::Standby(s) => match s {

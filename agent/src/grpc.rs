@@ -630,6 +630,10 @@ fn node_status_to_pb(st: NodeStatus) -> pb::NodeStatus {
         disk_total_bytes: st.disk.map(|d| d.total_bytes),
         agent_version: crate::AGENT_VERSION.to_owned(),
         hostname: st.hostname,
+        slow_change: st
+            .slow_change
+            .map(|(what, age)| format!("{what} running for {:.1}s", age.as_secs_f64())),
+        wal_receiver_error: st.wal_receiver_error,
         ..Default::default()
     };
     match st.server {
@@ -646,6 +650,9 @@ fn node_status_to_pb(st: NodeStatus) -> pb::NodeStatus {
             out.received_lsn = lsn(s.received_lsn);
             out.replayed_lsn = lsn(s.replayed_lsn);
             out.replay_delay_seconds = s.replay_delay_seconds;
+            out.sync_rep_waiting = u32::try_from(s.sync_rep_waiting).unwrap_or(u32::MAX);
+            out.sync_rep_oldest_wait_seconds = s.sync_rep_oldest_seconds;
+            out.synchronous_standby_names = Some(s.synchronous_standby_names);
             out.postgres_version = Some(s.version);
             out.postgres_version_num = Some(s.version_num);
             out.wal_receiver = s.wal_receiver.map(|w| pb::WalReceiver {

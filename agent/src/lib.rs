@@ -34,6 +34,7 @@ pub mod plan;
 pub mod rebuild;
 pub mod secret;
 pub mod server;
+pub mod server_log;
 pub mod service;
 pub mod standby;
 pub mod status;

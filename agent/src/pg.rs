@@ -1,12 +1,20 @@
 //! Queries to the local PostgreSQL server.
 //!
-//! One long-lived connection over the Unix socket, shared by all requests
-//! (tokio-postgres pipelines concurrent queries on it) and re-opened when
-//! PostgreSQL went away. Every query has a deadline; every value a caller
-//! supplies travels as a bind parameter, never spliced into SQL text.
+//! Two long-lived connections over the Unix socket (DESIGN.md invariant
+//! 13): one for reads (status, replication, slots, WAL), one for changes
+//! (roles, slots, settings, promotion). tokio-postgres pipelines the
+//! queries of one connection, so a change stuck in PostgreSQL (a commit
+//! waiting for synchronous replication, a lock) would hold every read
+//! behind it on a shared one. Each connection is re-opened when PostgreSQL
+//! went away or a query overran its deadline. Every statement carries a
+//! server-side `statement_timeout` and `lock_timeout`; the change
+//! connection runs with `synchronous_commit = local`, since what it does
+//! (admit a standby, create its slot) is what synchronous replication may
+//! be waiting for. Every value a caller supplies travels as a bind
+//! parameter, never spliced into SQL text.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgfleet_proto::{Lsn, SlotName};
 use tokio::sync::Mutex;
@@ -55,18 +63,71 @@ impl PgError {
     }
 }
 
-/// The agent's connection to its PostgreSQL.
+/// Which of the two connections a statement runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Reads,
+    Changes,
+}
+
+/// How much longer than the server-side statement_timeout the agent waits
+/// for an answer before it gives up on the connection: the server cancels
+/// first and says why.
+const CLIENT_GRACE: Duration = Duration::from_secs(2);
+
+/// A change that has run this long is reported by GetStatus.
+pub const SLOW_CHANGE: Duration = Duration::from_secs(1);
+
+/// One connection, opened on first use and after it broke.
+#[derive(Debug)]
+struct Conn {
+    lane: Lane,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+/// A statement running on the change connection, for GetStatus.
+#[derive(Debug)]
+struct RunningChange {
+    id: u64,
+    since: Instant,
+    what: String,
+}
+
+/// The agent's connections to its PostgreSQL.
 #[derive(Debug)]
 pub struct Pg {
     config: PostgresConfig,
-    client: Mutex<Option<Arc<Client>>>,
+    reads: Conn,
+    changes: Conn,
+    running: std::sync::Mutex<(u64, Vec<RunningChange>)>,
+}
+
+/// Unregisters a running change when its query ends, however it ends.
+struct ChangeGuard<'a> {
+    pg: &'a Pg,
+    id: u64,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut r = self.pg.running_lock();
+        r.1.retain(|c| c.id != self.id);
+    }
 }
 
 impl Pg {
     pub fn new(config: PostgresConfig) -> Self {
         Pg {
             config,
-            client: Mutex::new(None),
+            reads: Conn {
+                lane: Lane::Reads,
+                client: Mutex::new(None),
+            },
+            changes: Conn {
+                lane: Lane::Changes,
+                client: Mutex::new(None),
+            },
+            running: std::sync::Mutex::new((0, Vec::new())),
         }
     }
 
@@ -78,11 +139,40 @@ impl Pg {
         )
     }
 
-    /// A live client, connecting when there is none or the old one closed.
-    async fn client(&self) -> Result<Arc<Client>, PgError> {
+    fn running_lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<RunningChange>)> {
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The oldest statement still running on the change connection after
+    /// [`SLOW_CHANGE`]: what it is (its first words, never its values) and
+    /// for how long.
+    pub fn slow_change(&self) -> Option<(String, Duration)> {
+        let r = self.running_lock();
+        r.1.iter()
+            .map(|c| (c.what.clone(), c.since.elapsed()))
+            .filter(|(_, age)| *age >= SLOW_CHANGE)
+            .max_by_key(|(_, age)| *age)
+    }
+
+    /// Server options of a connection: the deadline PostgreSQL enforces
+    /// itself, and for changes `synchronous_commit = local`.
+    fn options(&self, lane: Lane) -> String {
+        let ms = self.config.query_timeout.as_millis();
+        let mut o = format!("-c statement_timeout={ms} -c lock_timeout={ms}");
+        if lane == Lane::Changes {
+            o.push_str(" -c synchronous_commit=local");
+        }
+        o
+    }
+
+    /// A live client of `conn`, connecting when there is none or the old
+    /// one closed.
+    async fn client(&self, conn: &Conn) -> Result<Arc<Client>, PgError> {
         // Held across the connect on purpose: concurrent callers wait for one
         // connection attempt instead of each opening their own.
-        let mut slot = self.client.lock().await;
+        let mut slot = conn.client.lock().await;
         if let Some(c) = slot.as_ref()
             && !c.is_closed()
         {
@@ -94,7 +184,11 @@ impl Pg {
             .port(self.config.port)
             .user(&self.config.user)
             .dbname(&self.config.database)
-            .application_name("pgfleet-agent")
+            .application_name(match conn.lane {
+                Lane::Reads => "pgfleet-agent",
+                Lane::Changes => "pgfleet-agent-change",
+            })
+            .options(&self.options(conn.lane))
             .connect_timeout(self.config.connect_timeout);
         let unavailable = |reason: String| PgError::Unavailable {
             socket: self.socket_display(),
@@ -111,20 +205,21 @@ impl Pg {
                 debug!(error = %e, "PostgreSQL connection ended");
             }
         });
-        info!(socket = %self.socket_display(), "connected to PostgreSQL");
+        info!(socket = %self.socket_display(), lane = ?conn.lane, "connected to PostgreSQL");
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
     }
 
-    pub(crate) async fn query(
+    async fn run(
         &self,
+        conn: &Conn,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, PgError> {
-        let client = self.client().await?;
+        let client = self.client(conn).await?;
         let after = self.config.query_timeout;
-        match tokio::time::timeout(after, client.query(sql, params)).await {
+        match tokio::time::timeout(after + CLIENT_GRACE, client.query(sql, params)).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) if e.is_closed() => {
                 // The server went away between connect and query: report it as
@@ -134,9 +229,42 @@ impl Pg {
                     reason: "connection closed".into(),
                 })
             }
+            Ok(Err(e)) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
+                Err(PgError::Timeout { after })
+            }
             Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(PgError::Timeout { after }),
+            Err(_) => {
+                // The statement may still hold the connection: what comes
+                // next must not queue behind it.
+                warn!(lane = ?conn.lane, "no answer within the deadline; reconnecting");
+                let mut slot = conn.client.lock().await;
+                if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
+                    *slot = None;
+                }
+                Err(PgError::Timeout { after })
+            }
         }
+    }
+
+    /// A statement that may change something, on the change connection.
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, PgError> {
+        let id = {
+            let mut r = self.running_lock();
+            r.0 += 1;
+            let id = r.0;
+            r.1.push(RunningChange {
+                id,
+                since: Instant::now(),
+                what: statement_words(sql),
+            });
+            id
+        };
+        let _guard = ChangeGuard { pg: self, id };
+        self.run(&self.changes, sql, params).await
     }
 
     pub(crate) async fn query_one(
@@ -144,18 +272,28 @@ impl Pg {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Row, PgError> {
-        self.query(sql, params)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or(PgError::Unexpected {
-                what: "row count",
-                value: "no row".into(),
-            })
+        first_row(self.query(sql, params).await?)
+    }
+
+    /// A statement that only reads, on the read connection.
+    async fn read(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, PgError> {
+        self.run(&self.reads, sql, params).await
+    }
+
+    async fn read_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Row, PgError> {
+        first_row(self.read(sql, params).await?)
     }
 
     pub async fn status(&self) -> Result<ServerSnapshot, PgError> {
-        let row = self.query_one(STATUS_SQL, &[]).await?;
+        let row = self.read_one(STATUS_SQL, &[]).await?;
         let in_recovery: bool = row.try_get(0)?;
         Ok(ServerSnapshot {
             in_recovery,
@@ -184,11 +322,14 @@ impl Pg {
                 }),
             },
             data_directory: row.try_get(14)?,
+            sync_rep_waiting: u64_opt(row.try_get(15)?).unwrap_or_default(),
+            sync_rep_oldest_seconds: row.try_get(16)?,
+            synchronous_standby_names: row.try_get(17)?,
         })
     }
 
     pub async fn standbys(&self) -> Result<Vec<StandbyRow>, PgError> {
-        let rows = self.query(STANDBYS_SQL, &[]).await?;
+        let rows = self.read(STANDBYS_SQL, &[]).await?;
         rows.iter()
             .map(|r| {
                 Ok(StandbyRow {
@@ -214,19 +355,19 @@ impl Pg {
     }
 
     pub async fn slots(&self) -> Result<Vec<SlotRow>, PgError> {
-        let rows = self.query(SLOTS_SQL, &[]).await?;
+        let rows = self.read(SLOTS_SQL, &[]).await?;
         rows.iter().map(slot_row).collect()
     }
 
     pub async fn in_recovery(&self) -> Result<bool, PgError> {
         Ok(self
-            .query_one("SELECT pg_is_in_recovery()", &[])
+            .read_one("SELECT pg_is_in_recovery()", &[])
             .await?
             .try_get(0)?)
     }
 
     pub async fn wal(&self) -> Result<WalSnapshot, PgError> {
-        let row = self.query_one(WAL_SQL, &[]).await?;
+        let row = self.read_one(WAL_SQL, &[]).await?;
         let count = |i: usize| -> Result<u64, PgError> {
             Ok(u64_opt(row.try_get(i)?).unwrap_or_default())
         };
@@ -350,6 +491,19 @@ impl From<tokio_postgres::Error> for DropSlotError {
     }
 }
 
+fn first_row(rows: Vec<Row>) -> Result<Row, PgError> {
+    rows.into_iter().next().ok_or(PgError::Unexpected {
+        what: "row count",
+        value: "no row".into(),
+    })
+}
+
+/// The first two words of a statement, e.g. "ALTER ROLE": enough to say
+/// what is stuck, and never a value (a password comes later in the text).
+fn statement_words(sql: &str) -> String {
+    sql.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
 fn connect_reason(e: &tokio_postgres::Error) -> String {
     // tokio-postgres puts the useful part (ENOENT on the socket, an auth
     // failure) in the source chain.
@@ -413,8 +567,13 @@ SELECT pg_is_in_recovery(),
             THEN coalesce(r.received_tli, (SELECT timeline_id FROM pg_control_checkpoint()))::int8
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int8 END,
        r.status, r.sender_host, r.sender_port, r.slot_name, r.received_tli,
-       current_setting('data_directory')
+       current_setting('data_directory'),
+       w.waiting, w.oldest_seconds,
+       current_setting('synchronous_standby_names')
 FROM (SELECT 1) AS one
+CROSS JOIN (SELECT count(*)::int8 AS waiting,
+                   extract(epoch FROM now() - min(query_start))::float8 AS oldest_seconds
+            FROM pg_stat_activity WHERE wait_event = 'SyncRep') AS w
 LEFT JOIN pg_stat_wal_receiver AS r ON true";
 
 const STANDBYS_SQL: &str = "
@@ -480,6 +639,13 @@ pub struct ServerSnapshot {
     pub timeline: Option<u32>,
     pub wal_receiver: Option<WalReceiverSnapshot>,
     pub data_directory: String,
+    /// Sessions whose commit waits for synchronous replication (wait event
+    /// `SyncRep`): writes that are blocked.
+    pub sync_rep_waiting: u64,
+    /// How long the oldest of them has waited (since its statement began).
+    pub sync_rep_oldest_seconds: Option<f64>,
+    /// The setting in force.
+    pub synchronous_standby_names: String,
 }
 
 #[derive(Debug, Clone)]

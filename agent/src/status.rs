@@ -26,6 +26,10 @@ pub struct NodeStatus {
     pub disk: Option<DiskSpace>,
     pub data_directory: String,
     pub hostname: String,
+    /// A change running longer than [`crate::pg::SLOW_CHANGE`]: what, how long.
+    pub slow_change: Option<(String, std::time::Duration)>,
+    /// On a standby that does not stream: the server log's reason.
+    pub wal_receiver_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +43,13 @@ pub async fn gather(config: &AgentConfig, pg: &Pg, services: &service::StatusCac
     let disk = tokio::task::spawn_blocking(move || disk_space(&data_dir));
     let server = pg.status().await;
     let service = services.get(config, server.is_ok()).await;
+    let not_streaming = server.as_ref().is_ok_and(|s| {
+        s.in_recovery && s.wal_receiver.as_ref().is_none_or(|w| w.status != "streaming")
+    });
+    let wal_receiver_error = match config.server_log() {
+        Some(log) if not_streaming => crate::server_log::last_replication_error(log).await,
+        _ => None,
+    };
     let server = server.map_err(|e| e.to_string());
     let (control_data, configured_sync) = match &server {
         Ok(_) => (None, None),
@@ -64,6 +75,8 @@ pub async fn gather(config: &AgentConfig, pg: &Pg, services: &service::StatusCac
         hostname: nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
+        slow_change: pg.slow_change(),
+        wal_receiver_error,
     }
 }
 

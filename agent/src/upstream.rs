@@ -40,6 +40,11 @@ pub enum UpstreamError {
     HbaRejected { errors: String },
     #[error("after reload, pg_hba_file_rules does not show the line {line:?}")]
     HbaNotLoaded { line: String },
+    #[error(
+        "this node is a standby and its catalog (replicated from the primary) has no role {0} with \
+         LOGIN REPLICATION; the role is made on the primary (pgfleet rebuild or switchover prepare it there)"
+    )]
+    RoleNotReplicated(RoleName),
 }
 
 /// What the coordinator asked for, validated.
@@ -123,6 +128,25 @@ pub async fn prepare(pg: &Pg, req: &PrepareRequest) -> Result<Prepared, Upstream
 }
 
 async fn ensure_role(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> Result<(), UpstreamError> {
+    if out.in_recovery {
+        // A standby's catalog is the primary's, read-only: the role and its
+        // password come from there. Only check that they came.
+        let ready = !pg
+            .query(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1 AND rolcanlogin AND rolreplication",
+                &[&req.role.as_str()],
+            )
+            .await?
+            .is_empty();
+        out.steps.push(Step::new(
+            "replication-role",
+            format!("role {} (replicated from the primary) has LOGIN REPLICATION", req.role),
+        ));
+        if !ready {
+            return Err(UpstreamError::RoleNotReplicated(req.role.clone()));
+        }
+        return Ok(());
+    }
     let exists = !pg
         .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&req.role.as_str()])
         .await?

@@ -20,6 +20,7 @@ use pgfleet_proto::sync::SyncSpec;
 use pgfleet_proto::{Lsn, SlotName};
 use serde::Serialize;
 
+use crate::admit::{self, Follower};
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::fleet_status::{self, ClusterReport, NodeReport, Role, bytes};
 use crate::inventory::{Cluster, Inventory, Node, PasswordError};
@@ -27,7 +28,12 @@ use crate::journal::{self, JournalError};
 use crate::ops::{Cancelled, OpCtx};
 
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(30);
-const STREAM_DEADLINE: Duration = Duration::from_secs(60);
+/// How long, after the primary moved, every standby has to stream and
+/// synchronous_standby_names to be met before the operation reports which
+/// standby is missing and why (DESIGN.md invariant 12). A standby restarts
+/// and connects in about a second; twenty leave room for a slow disk
+/// without hiding a standby that cannot connect at all.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +164,44 @@ impl Run<'_> {
         }
     }
 
+    /// The future upstream admits its followers (DESIGN.md invariant 11),
+    /// journaled as the step "admit"; a refusal changes nothing.
+    async fn admit(&mut self, upstream: &Node, followers: &[Follower<'_>]) -> Result<(), MoveError> {
+        let names: Vec<String> = followers.iter().map(|f| f.node.name.to_string()).collect();
+        let t = self.start("admit", upstream.name.as_str(), &format!("role, pg_hba.conf line and slot for {}", names.join(", ")))?;
+        let done = admit::admit(self.cluster, upstream, followers, &self.password, self.op.id(), self.d)
+            .await
+            .map_err(|e| MoveError::Refused(e.to_string()))?;
+        let detail: Vec<String> = done.iter().map(admit::Admitted::describe).collect();
+        self.done("admit", upstream.name.as_str(), t, detail.join("; "))
+    }
+
+    /// Waits until `standby` has replayed what `primary` has written so far
+    /// (e.g. the replication role's password, just set there).
+    async fn replayed_primary(&mut self, primary: &Node, standby: &Node) -> Result<(), MoveError> {
+        let d = self.d;
+        let st = call(primary, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+        let Some(target) = st.current_lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + CATCH_UP_DEADLINE;
+        loop {
+            let s = call(standby, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+            if s.replayed_lsn.as_deref().and_then(|l| Lsn::parse(l).ok()).is_some_and(|r| r >= target) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(MoveError::Refused(format!(
+                    "{} did not replay {}'s WAL up to {target} within {}s",
+                    standby.name,
+                    primary.name,
+                    CATCH_UP_DEADLINE.as_secs()
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// A slot on the new primary and the standby pointed at it.
     async fn follow(&mut self, new_primary: &Node, standby: &Node, slot: &SlotName, reset_sync: bool) -> Result<(), MoveError> {
         let t = self.start("follow", standby.name.as_str(), &format!("stream from {} through slot {slot}", new_primary.name))?;
@@ -177,10 +221,31 @@ impl Run<'_> {
         )
     }
 
+    /// Waits until the new primary's synchronous_standby_names is met by
+    /// standbys that stream; else says which is missing and why, and what
+    /// the policy leaves to the operator.
+    async fn writes_unblocked(&mut self, new_primary: &Node, until: Instant) -> Result<(), MoveError> {
+        let t = self.start("writes", new_primary.name.as_str(), "synchronous_standby_names met by streaming standbys")?;
+        let left = until.saturating_duration_since(Instant::now());
+        match crate::verify::sync_met(new_primary, &self.cluster.nodes, self.d, left).await {
+            Ok(state) => self.done("writes", new_primary.name.as_str(), t, state),
+            Err(why) => Err(MoveError::Step {
+                step: "writes",
+                detail: format!(
+                    "{why}, {}s after the move. {} is the primary now; pgfleet never lowers synchronous replication \
+                     on its own: its commits wait until that standby streams (fix what its log says, or `pgfleet rejoin` it) \
+                     or until you choose otherwise (`pgfleet sync set` naming standbys that stream, or `pgfleet sync set --off`)",
+                    SETTLE_DEADLINE.as_secs(),
+                    new_primary.name
+                ),
+            }),
+        }
+    }
+
     /// Waits until every standby streams steadily from the new primary.
     async fn wait_streaming(&mut self, new_primary: &Node, standbys: &[&Node]) -> Result<String, MoveError> {
         let t = self.start("verify", new_primary.name.as_str(), "wait until every standby streams from the new primary")?;
-        match crate::verify::streaming(new_primary, standbys, self.d, STREAM_DEADLINE).await {
+        match crate::verify::streaming(new_primary, standbys, self.d, SETTLE_DEADLINE).await {
             Ok(states) => {
                 self.done("verify", new_primary.name.as_str(), t, states.clone())?;
                 Ok(states)
@@ -189,7 +254,7 @@ impl Run<'_> {
                 step: "verify",
                 detail: format!(
                     "{why} after {}s; the new primary {} is up: run `pgfleet rejoin` for the node named",
-                    STREAM_DEADLINE.as_secs(),
+                    SETTLE_DEADLINE.as_secs(),
                     new_primary.name
                 ),
             }),
@@ -360,6 +425,17 @@ pub fn switchover_plan_lines(p: &SwitchoverPlan<'_>) -> Vec<PlanLine> {
         step: step.to_owned(),
         description,
     };
+    v.push(line(&o, "admit", format!(
+        "replication role {} with the cluster's password; pg_hba.conf line for {n}",
+        p.cluster.replication_role
+    )));
+    let mut followers = vec![o.clone()];
+    followers.extend(p.others.iter().map(|r| r.name.to_string()));
+    v.push(line(&n, "admit", format!(
+        "a `host replication {} ADDR/32 scram-sha-256` line in its own pg_hba.conf (checked, reloaded) and no foreign slot, for {}",
+        p.cluster.replication_role,
+        followers.join(", ")
+    )));
     if p.sync.is_synchronous() {
         v.push(line(&n, "sync-config", format!(
             "ALTER SYSTEM SET synchronous_standby_names = '{}' (takes effect when promoted)",
@@ -383,12 +459,20 @@ pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlin
     let started = Instant::now();
     let c = p.cluster;
     let password = c.replication_password()?;
+    let mut run = Run { op, cluster: c, d, steps: Vec::new(), password };
+    let (old, new) = (p.old, p.new);
+    // The old primary holds the role its followers will connect as (and
+    // can take the candidate back later); the candidate must admit every
+    // node that will follow it before anything moves.
+    run.admit(old, &[Follower { node: new, slot: slot_of(new, report(&p.report, new.name.as_str())) }]).await?;
+    run.replayed_primary(old, new).await?;
+    let mut followers = vec![Follower { node: old, slot: old.name.default_slot() }];
+    followers.extend(p.others.iter().map(|r| Follower { node: r, slot: slot_of(r, report(&p.report, r.name.as_str())) }));
+    run.admit(new, &followers).await?;
     op.point_of_no_return(&format!(
         "switchover of {} from {} to {} is changing the cluster; stopping midway could leave it without a primary",
         c.name, p.old.name, p.new.name
     ))?;
-    let mut run = Run { op, cluster: c, d, steps: Vec::new(), password };
-    let (old, new) = (p.old, p.new);
     let new_sync = p.sync.replacing(new.name.as_str(), old.name.as_str());
 
     if p.sync.is_synchronous() {
@@ -458,10 +542,12 @@ pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlin
         let slot = slot_of(r, report(&p.report, r.name.as_str()));
         run.follow(new, r, &slot, false).await?;
     }
+    let settle = Instant::now() + SETTLE_DEADLINE;
     if new_sync.is_synchronous() {
+        journal::remember_sync(&inventory.store, c.name.as_str(), &new_sync.to_string())?;
         // With synchronous replication, commits wait for a sync standby:
         // writes are really available once one streams.
-        let deadline = Instant::now() + STREAM_DEADLINE;
+        let deadline = settle;
         loop {
             let info = call(new, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;
             if info.standbys.iter().any(|w| w.sync_state == "sync" || w.sync_state == "quorum") {
@@ -473,7 +559,7 @@ pub async fn switchover(inventory: &Inventory, p: SwitchoverPlan<'_>, d: Deadlin
             }
             tokio::time::sleep(POLL).await;
         }
-        journal::remember_sync(&inventory.store, c.name.as_str(), &new_sync.to_string())?;
+        run.writes_unblocked(new, settle).await?;
     }
     drop_old_slots(&mut run, old).await?;
     let mut followers: Vec<&Node> = vec![old];
@@ -721,6 +807,17 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
                 "skipped: --fenced says the operator made sure it is down".into()
             },
         }];
+        if !ch.standbys.is_empty() {
+            v.insert(0, PlanLine {
+                host: new.name.to_string(),
+                step: "admit".into(),
+                description: format!(
+                    "a `host replication {} ADDR/32 scram-sha-256` line in its own pg_hba.conf (checked, reloaded) and no foreign slot, for {}",
+                    c.replication_role,
+                    ch.standbys.iter().map(|s| s.name.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
         v.push(PlanLine {
             host: new.name.to_string(),
             step: "sync-config".into(),
@@ -742,11 +839,21 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
     }
 
     let password = c.replication_password()?;
+    let mut run = Run { op, cluster: c, d, steps: Vec::new(), password };
+    // The candidate admits the standbys that will follow it, while it is
+    // still a standby: a refusal here leaves the cluster as it was.
+    if !ch.standbys.is_empty() {
+        let followers: Vec<Follower<'_>> = ch
+            .standbys
+            .iter()
+            .map(|r| Follower { node: r, slot: slot_of(r, report(&cr, r.name.as_str())) })
+            .collect();
+        run.admit(new, &followers).await?;
+    }
     op.point_of_no_return(&format!(
         "failover of {} to {} is fencing and promoting; stopping midway could leave the cluster without a primary",
         c.name, new.name
     ))?;
-    let mut run = Run { op, cluster: c, d, steps: Vec::new(), password };
     if let Some(loss) = &ch.accepted_loss {
         run.op.record("choose", "data-loss-accepted", loss)?;
     }
@@ -782,6 +889,8 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
         run.follow(new, r, &slot, false).await?;
     }
     journal::remember_sync(&inventory.store, c.name.as_str(), &new_sync.to_string())?;
+    let settle = Instant::now() + SETTLE_DEADLINE;
+    run.writes_unblocked(new, settle).await?;
     if !ch.standbys.is_empty() {
         run.wait_streaming(new, &ch.standbys).await?;
     }

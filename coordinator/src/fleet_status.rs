@@ -92,6 +92,19 @@ pub struct NodeReport {
     pub checkpoint_lsn: Option<Lsn>,
     /// A stopped server's synchronous_standby_names, from its config files.
     pub configured_synchronous_standby_names: Option<String>,
+    /// A running server's synchronous_standby_names.
+    pub synchronous_standby_names: Option<String>,
+    /// On the primary: sessions whose commit waits for synchronous
+    /// replication (writes that are blocked), and the oldest wait.
+    pub sync_rep_waiting: u32,
+    pub sync_rep_oldest_wait_seconds: Option<f64>,
+    /// On the primary: the standbys synchronous_standby_names names that
+    /// do not stream, when too few do to meet it.
+    pub missing_synchronous_standbys: Vec<String>,
+    /// A change the agent has been running for more than a second.
+    pub slow_change: Option<String>,
+    /// On a replica that does not stream: why, from its server log.
+    pub wal_receiver_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -210,6 +223,12 @@ impl NodeReport {
             disk_total_bytes: None,
             checkpoint_lsn: None,
             configured_synchronous_standby_names: None,
+            synchronous_standby_names: None,
+            sync_rep_waiting: 0,
+            sync_rep_oldest_wait_seconds: None,
+            missing_synchronous_standbys: Vec::new(),
+            slow_change: None,
+            wal_receiver_error: None,
         }
     }
 }
@@ -274,6 +293,11 @@ fn node_report(node: &Node, answer: &NodeAnswer) -> NodeReport {
     r.disk_total_bytes = st.disk_total_bytes;
     r.checkpoint_lsn = st.checkpoint_lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
     r.configured_synchronous_standby_names = st.configured_synchronous_standby_names.clone();
+    r.synchronous_standby_names = st.synchronous_standby_names.clone();
+    r.sync_rep_waiting = st.sync_rep_waiting;
+    r.sync_rep_oldest_wait_seconds = st.sync_rep_oldest_wait_seconds;
+    r.slow_change = st.slow_change.clone();
+    r.wal_receiver_error = st.wal_receiver_error.clone();
     r
 }
 
@@ -381,8 +405,10 @@ fn merge(cluster: &Cluster, answers: Vec<NodeAnswer>) -> ClusterReport {
                 .map(upstream_view);
             if r.replication.is_none() {
                 warnings.push(format!(
-                    "{} is a replica but the primary {} shows no replication connection from it",
-                    r.name, cluster.nodes[p].name
+                    "{} is a replica but the primary {} shows no replication connection from it{}",
+                    r.name,
+                    cluster.nodes[p].name,
+                    r.wal_receiver_error.as_ref().map(|e| format!("; its server log: {e}")).unwrap_or_default()
                 ));
             }
             if let (Some(a), Some(b)) = (r.timeline, p_tl)
@@ -394,8 +420,14 @@ fn merge(cluster: &Cluster, answers: Vec<NodeAnswer>) -> ClusterReport {
                 ));
             }
         }
+        blocked_writes(&mut nodes, p, answers[p].replication.as_ref(), &mut warnings);
     } else if primaries.is_empty() && nodes.iter().any(|n| n.reachable) {
         warnings.push("no node reports being primary".into());
+    }
+    for n in &nodes {
+        if let Some(c) = &n.slow_change {
+            warnings.push(format!("the agent of {} has a change stuck in PostgreSQL: {c}", n.name));
+        }
     }
 
     ClusterReport {
@@ -404,6 +436,65 @@ fn merge(cluster: &Cluster, answers: Vec<NodeAnswer>) -> ClusterReport {
         nodes,
         warnings,
     }
+}
+
+/// Writes the primary cannot commit (DESIGN.md invariant 12): sessions
+/// waiting in SyncRep, and a synchronous_standby_names that the streaming
+/// standbys do not meet, naming the missing ones and why they are missing.
+fn blocked_writes(
+    nodes: &mut [NodeReport],
+    p: usize,
+    replication: Option<&pb::ReplicationInfo>,
+    warnings: &mut Vec<String>,
+) {
+    let streaming: Vec<String> = replication
+        .map(|r| {
+            r.standbys
+                .iter()
+                .filter(|s| s.state == "streaming")
+                .map(|s| s.application_name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let text = nodes[p].synchronous_standby_names.clone().unwrap_or_default();
+    let missing = pgfleet_proto::sync::SyncSpec::parse(&text)
+        .ok()
+        .and_then(|spec| spec.missing(&streaming))
+        .unwrap_or_default();
+    let why: Vec<String> = missing
+        .iter()
+        .map(|m| {
+            let reason = nodes
+                .iter()
+                .find(|n| n.name.eq_ignore_ascii_case(m))
+                .map(|n| match (&n.wal_receiver_error, n.role) {
+                    (Some(e), _) => format!(" (its server log: {e})"),
+                    (None, Role::Down) => " (its server is down)".to_owned(),
+                    (None, Role::Unknown) => " (its agent does not answer)".to_owned(),
+                    _ => String::new(),
+                })
+                .unwrap_or_default();
+            format!("{m}{reason}")
+        })
+        .collect();
+    let primary = &mut nodes[p];
+    if !missing.is_empty() {
+        warnings.push(format!(
+            "commits on {} wait for synchronous replication: synchronous_standby_names = '{text}' is not met; \
+             not streaming: {}",
+            primary.name,
+            why.join(", ")
+        ));
+    }
+    if primary.sync_rep_waiting > 0 {
+        warnings.push(format!(
+            "writes are blocked on {}: {} session(s) wait for synchronous replication, the oldest for {}",
+            primary.name,
+            primary.sync_rep_waiting,
+            seconds(primary.sync_rep_oldest_wait_seconds.unwrap_or(0.0))
+        ));
+    }
+    primary.missing_synchronous_standbys = missing;
 }
 
 /// Human-readable byte count: "0 B", "12.3 MiB".

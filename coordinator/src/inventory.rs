@@ -84,6 +84,19 @@ pub struct Node {
     pub port: u16,
 }
 
+impl Node {
+    /// The address this node's connections come from, as pg_hba.conf
+    /// lines name it: `host` itself when it is an IP address, else what it
+    /// resolves to.
+    pub async fn address(&self) -> Option<std::net::IpAddr> {
+        if let Ok(ip) = self.host.parse() {
+            return Some(ip);
+        }
+        let mut addrs = tokio::net::lookup_host((self.host.as_str(), self.port)).await.ok()?;
+        addrs.next().map(|a| a.ip())
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawInventory {

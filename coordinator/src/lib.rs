@@ -6,6 +6,7 @@
 // value: it is built once per failed command, never in a hot path.
 #![allow(clippy::result_large_err)]
 
+pub mod admit;
 pub mod certs;
 pub mod cli;
 pub mod client;

@@ -311,17 +311,10 @@ pub async fn preflight<'a>(
 }
 
 pub async fn resolve(node: &Node) -> Result<IpAddr, RebuildError> {
-    if let Ok(ip) = node.host.parse::<IpAddr>() {
-        return Ok(ip);
-    }
-    let err = || RebuildError::Address {
+    node.address().await.ok_or_else(|| RebuildError::Address {
         node: node.name.to_string(),
         host: node.host.clone(),
-    };
-    let mut addrs = tokio::net::lookup_host((node.host.as_str(), node.port))
-        .await
-        .map_err(|_| err())?;
-    addrs.next().map(|a| a.ip()).ok_or_else(err)
+    })
 }
 
 /// How events are shown.

@@ -125,6 +125,21 @@ pub async fn rejoin(
     }
 
     let password = c.replication_password()?;
+    // The primary admits the node before it is touched (DESIGN.md
+    // invariant 11): a node whose upstream would turn it away is not fenced.
+    let t = op.start(primary_name.as_str(), "admit", &format!("role, pg_hba.conf line and slot for {name}"))?;
+    let admitted = crate::admit::admit(
+        c,
+        primary,
+        &[crate::admit::Follower { node: n, slot: n.name.default_slot() }],
+        &password,
+        op.id(),
+        d,
+    )
+    .await
+    .map_err(|e| MoveError::Refused(e.to_string()))?;
+    let detail: Vec<String> = admitted.iter().map(crate::admit::Admitted::describe).collect();
+    op.done(primary_name.as_str(), "admit", t, &detail.join("; "))?;
     op.point_of_no_return(&format!("rejoin of {name} is fencing it and pointing it at {primary_name}"))?;
     let mut steps = Vec::new();
     let mut step = |s: &str, t: Instant, detail: String| {

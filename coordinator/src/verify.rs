@@ -53,17 +53,24 @@ async fn look(primary: &Node, standbys: &[&Node], d: Deadlines) -> Result<String
         let row = info
             .standbys
             .iter()
-            .find(|w| w.application_name == s.name.as_str() && w.state == "streaming")
-            .ok_or_else(|| format!("{} does not stream from {} (pg_stat_replication)", s.name, primary.name))?;
+            .find(|w| w.application_name == s.name.as_str() && w.state == "streaming");
         let own = client::call(s, d, async |c| c.get_status(pb::GetStatusRequest {}).await)
             .await
             .map_err(|e| e.to_string())?;
+        let Some(row) = row else {
+            return Err(format!(
+                "{} does not stream from {} (pg_stat_replication){}",
+                s.name,
+                primary.name,
+                why_not(&own)
+            ));
+        };
         let receiver = own
             .wal_receiver
             .as_ref()
-            .ok_or_else(|| format!("{} has no WAL receiver running", s.name))?;
+            .ok_or_else(|| format!("{} has no WAL receiver running{}", s.name, why_not(&own)))?;
         if receiver.status != "streaming" {
-            return Err(format!("{}'s WAL receiver is {}", s.name, receiver.status));
+            return Err(format!("{}'s WAL receiver is {}{}", s.name, receiver.status, why_not(&own)));
         }
         if let (Some(theirs), Some(ours)) = (receiver.received_timeline, status.timeline)
             && theirs != ours
@@ -76,4 +83,72 @@ async fn look(primary: &Node, standbys: &[&Node], d: Deadlines) -> Result<String
         states.push(format!("{} {} ({})", s.name, row.state, row.sync_state));
     }
     Ok(states.join(", "))
+}
+
+/// What a standby's own status says about why it does not stream: its
+/// server log's line, or that its server is down.
+pub fn why_not(own: &pb::NodeStatus) -> String {
+    if let Some(e) = &own.wal_receiver_error {
+        return format!("; its server log: {e}");
+    }
+    if !own.server_up {
+        return format!(
+            "; its server is down{}",
+            own.down_reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+        );
+    }
+    String::new()
+}
+
+/// Waits until the primary's `synchronous_standby_names` is met by
+/// standbys that stream (DESIGN.md invariant 12); on timeout, which
+/// standbys are missing and why, from each one's own status.
+pub async fn sync_met(primary: &Node, cluster: &[Node], d: Deadlines, deadline: Duration) -> Result<String, String> {
+    let until = Instant::now() + deadline;
+    loop {
+        let settings = client::call(primary, d, async |c| c.get_settings(pb::GetSettingsRequest {}).await)
+            .await
+            .map_err(|e| e.to_string())?;
+        let info = client::call(primary, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await)
+            .await
+            .map_err(|e| e.to_string())?;
+        let streaming: Vec<String> = info
+            .standbys
+            .iter()
+            .filter(|w| w.state == "streaming")
+            .map(|w| w.application_name.clone())
+            .collect();
+        let text = settings.synchronous_standby_names;
+        let missing = match pgfleet_proto::sync::SyncSpec::parse(&text) {
+            Ok(spec) => spec.missing(&streaming),
+            Err(_) => None,
+        };
+        let Some(missing) = missing else {
+            return Ok(if text.is_empty() {
+                "asynchronous".to_owned()
+            } else {
+                format!("synchronous_standby_names = '{text}' is met")
+            });
+        };
+        if Instant::now() >= until {
+            let mut why = Vec::new();
+            for name in &missing {
+                let reason = match cluster.iter().find(|n| n.name.as_str() == name) {
+                    Some(n) => match client::call(n, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await {
+                        Ok(own) => why_not(&own),
+                        Err(e) => format!("; its agent: {e}"),
+                    },
+                    None => "; not a node of the inventory".to_owned(),
+                };
+                why.push(format!("{name} does not stream{reason}"));
+            }
+            return Err(format!(
+                "commits on {} wait for synchronous replication: synchronous_standby_names = '{text}' \
+                 is not met ({})",
+                primary.name,
+                why.join("; ")
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }

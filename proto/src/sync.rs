@@ -132,6 +132,27 @@ impl SyncSpec {
             .any(|n| n == "*" || n.eq_ignore_ascii_case(application_name))
     }
 
+    /// Whether standbys streaming with these application_names meet the
+    /// setting: `None` when they do (or it is asynchronous), else the listed
+    /// names that do not stream (all of them with `*`: any one would do).
+    /// Both FIRST n and ANY n need n listed standbys connected.
+    pub fn missing(&self, streaming: &[String]) -> Option<Vec<String>> {
+        if !self.is_synchronous() {
+            return None;
+        }
+        let met = streaming.iter().filter(|a| self.lists(a)).count();
+        if met >= self.num_sync as usize {
+            return None;
+        }
+        Some(
+            self.names
+                .iter()
+                .filter(|n| n.as_str() == "*" || !streaming.iter().any(|a| a.eq_ignore_ascii_case(n)))
+                .cloned()
+                .collect(),
+        )
+    }
+
     /// The same spec with `old` replaced by `new` (a switchover moves the
     /// promoted standby's place to the old primary).
     pub fn replacing(&self, old: &str, new: &str) -> SyncSpec {
@@ -246,5 +267,17 @@ mod tests {
             let spec = SyncSpec::from_nodes(method, k, &nodes).unwrap();
             prop_assert_eq!(SyncSpec::parse(&spec.to_string()).unwrap(), spec);
         }
+    }
+
+    #[test]
+    fn missing_names_the_listed_standbys_that_do_not_stream() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let first = SyncSpec::parse(r#"FIRST 1 ("a", "b")"#).unwrap();
+        assert_eq!(first.missing(&s(&["b"])), None);
+        assert_eq!(first.missing(&s(&["c"])), Some(s(&["a", "b"])));
+        let any2 = SyncSpec::parse("ANY 2 (a, b, c)").unwrap();
+        assert_eq!(any2.missing(&s(&["a", "c"])), None);
+        assert_eq!(any2.missing(&s(&["a"])), Some(s(&["b", "c"])));
+        assert_eq!(SyncSpec::parse("").unwrap().missing(&[]), None);
     }
 }

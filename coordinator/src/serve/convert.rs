@@ -21,6 +21,12 @@ pub fn node(n: &NodeReport) -> pb::NodeReport {
         system_identifier: n.system_identifier.clone(),
         postgres_version: n.postgres_version.clone(),
         agent_version: n.agent_version.clone(),
+        sync_rep_waiting: n.sync_rep_waiting,
+        sync_rep_oldest_wait_seconds: n.sync_rep_oldest_wait_seconds,
+        synchronous_standby_names: n.synchronous_standby_names.clone(),
+        missing_synchronous_standbys: n.missing_synchronous_standbys.clone(),
+        slow_change: n.slow_change.clone(),
+        wal_receiver_error: n.wal_receiver_error.clone(),
     }
 }
 
