@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use common::{exec, json, one, pgfleet, rows, senders, wait_replayed};
 use nix::fcntl::{Flock, FlockArg};
 use pgfleet_proto::Lsn;
-use pgfleet_tests::{CliOutput, Host, TestFleet};
+use pgfleet_tests::{CliOutput, Host, Layout, TestFleet};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -37,7 +37,20 @@ async fn primary_and_two_rebuilt_standbys() -> TestFleet {
 
 /// Like [`primary_and_two_rebuilt_standbys`] with `hosts` hosts.
 async fn primary_and_rebuilt_standbys(hosts: usize) -> TestFleet {
-    let fleet = TestFleet::new(hosts).unwrap();
+    primary_and_rebuilt_standbys_on(hosts, Layout::Initdb).await
+}
+
+/// Like [`primary_and_rebuilt_standbys`] on hosts laid out as `layout`. A
+/// Debian host's cluster exists before its rebuild (its configuration
+/// under /etc/postgresql is what a DBA's pg_createcluster left), as on a
+/// real Debian machine.
+async fn primary_and_rebuilt_standbys_on(hosts: usize, layout: Layout) -> TestFleet {
+    let fleet = TestFleet::with_layout(hosts, layout).unwrap();
+    if layout == Layout::Debian {
+        for h in &fleet.hosts()[1..] {
+            h.initdb().unwrap();
+        }
+    }
     common::start_primary(&fleet, 0);
     common::start_agents(&fleet);
     for h in &fleet.hosts()[1..] {
@@ -311,6 +324,8 @@ fn hold_cluster_lock(fleet: &TestFleet) -> Flock<std::fs::File> {
 struct Writer {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<i64>>>,
+    /// When each acknowledged INSERT returned, in order.
+    acked_at: Arc<Mutex<Vec<Instant>>>,
     uncertain: Arc<Mutex<Vec<i64>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -320,15 +335,18 @@ impl Writer {
         let hosts: Vec<String> = fleet.hosts().iter().map(|h| h.addr().to_string()).collect();
         let ports = vec!["5432"; hosts.len()].join(",");
         let conn = format!(
-            "host={} port={ports} user=postgres dbname=postgres \
+            "host={} port={ports} user=postgres password={} dbname=postgres \
              target_session_attrs=read-write connect_timeout=2",
-            hosts.join(",")
+            hosts.join(","),
+            fleet.host(0).superuser_password()
         );
         let stop = Arc::new(AtomicBool::new(false));
         let acked: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let acked_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
         let uncertain: Arc<Mutex<Vec<i64>>> = Arc::default();
         let task = {
-            let (stop, acked, uncertain) = (stop.clone(), acked.clone(), uncertain.clone());
+            let (stop, acked, acked_at, uncertain) =
+                (stop.clone(), acked.clone(), acked_at.clone(), uncertain.clone());
             tokio::spawn(async move {
                 let mut id: i64 = 0;
                 let mut client: Option<tokio_postgres::Client> = None;
@@ -361,6 +379,7 @@ impl Writer {
                     .await;
                     if let Ok(Ok(1)) = insert {
                         acked.lock().unwrap().push(id);
+                        acked_at.lock().unwrap().push(Instant::now());
                     } else {
                         uncertain.lock().unwrap().push(id);
                         client = None;
@@ -371,9 +390,23 @@ impl Writer {
         Writer {
             stop,
             acked,
+            acked_at,
             uncertain,
             task,
         }
+    }
+
+    /// The longest time without an acknowledged commit since `since`
+    /// (up to now): how long writes were unavailable.
+    fn longest_gap_since(&self, since: Instant) -> Duration {
+        let times = self.acked_at.lock().unwrap();
+        let mut prev = since;
+        let mut longest = Duration::ZERO;
+        for &t in times.iter().filter(|&&t| t > since).chain(std::iter::once(&Instant::now())) {
+            longest = longest.max(t - prev);
+            prev = t;
+        }
+        longest
     }
 
     fn acked_count(&self) -> usize {
@@ -995,4 +1028,97 @@ async fn failover_with_old_primary_agent_unreachable_needs_fenced() {
     assert_eq!(primaries(&fleet).await, [new.as_str()]);
     wait_replayed(new_host, node0).await;
     assert_rows_present(node0, &acked, &uncertain).await;
+}
+
+// ---------------------------------------------------------------------------
+// A fleet as it really is (issue: switchover on an initdb'd primary whose
+// standbys' pg_hba.conf never admitted anyone)
+
+/// The lines of `host`'s pg_hba.conf as PostgreSQL parsed them.
+async fn hba_rules(host: &Host) -> Vec<String> {
+    rows(
+        host,
+        "select type || ' ' || array_to_string(database, ',') || ' ' || array_to_string(user_name, ',') \
+         || ' ' || coalesce(address, '') || ' ' || auth_method from pg_hba_file_rules where error is null",
+    )
+    .await
+    .into_iter()
+    .map(|r| r[0].clone().unwrap_or_default())
+    .collect()
+}
+
+/// Rebuild two replicas of an initdb'd primary, `sync set` one, then five
+/// switchovers back and forth under a client committing every 10 ms: every
+/// switchover exits 0, writes come back within a second each time, no
+/// acknowledged row is lost, and every standby streams afterwards, from a
+/// primary whose own pg_hba.conf admits each of them.
+async fn five_switchovers_under_a_committing_client(layout: Layout) {
+    let fleet = primary_and_rebuilt_standbys_on(3, layout).await;
+    // Nothing admits replication but what pgfleet added: the test fleet is
+    // not kind.
+    for h in fleet.hosts() {
+        let text = std::fs::read_to_string(h.hba_path()).unwrap();
+        assert!(
+            !text.lines().any(|l| l.starts_with("host") && l.contains("trust")),
+            "{}: {text}",
+            h.hba_path().display()
+        );
+    }
+    let out = pgfleet(&fleet, &["sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(20).await;
+    let mut primary = 0;
+    for (round, to) in [1, 0, 1, 0, 1].into_iter().enumerate() {
+        let started = Instant::now();
+        let out = pgfleet(&fleet, &["switchover", "--to", &format!("node{to}"), "--json"]);
+        assert_eq!(out.code(), Some(0), "switchover {} to node{to}: {out}", round + 1);
+        writer.wait_for_more(20).await;
+        let gap = writer.longest_gap_since(started);
+        assert!(
+            gap < Duration::from_secs(1),
+            "switchover {}: no commit acknowledged for {gap:?}\n{out}",
+            round + 1
+        );
+        let new = fleet.host(to);
+        assert_eq!(one(new, "select pg_is_in_recovery()").await, "f");
+        // Every other node streams from the new primary, which admits each
+        // through a line of its own pg_hba.conf for that node's address.
+        let rules = hba_rules(new).await;
+        for (i, h) in fleet.hosts().iter().enumerate() {
+            if i == to {
+                continue;
+            }
+            assert_eq!(one(h, "select pg_is_in_recovery()").await, "t");
+            // pg_hba_file_rules shows the address without its /32 mask.
+            let line = format!("host replication pgfleet_replication {} scram-sha-256", h.addr());
+            assert!(
+                rules.contains(&line),
+                "{} does not admit {} in its own pg_hba.conf: {rules:?}",
+                new.node_name(),
+                h.node_name()
+            );
+        }
+        let streaming: Vec<String> = senders(new)
+            .await
+            .into_iter()
+            .filter(|(_, state, _)| state == "streaming")
+            .map(|(name, _, _)| name)
+            .collect();
+        assert_eq!(streaming.len(), 2, "{streaming:?} on {}", new.node_name());
+        assert_eq!(one(new, "select count(*) from pg_stat_activity where wait_event = 'SyncRep'").await, "0");
+        primary = to;
+    }
+    let (acked, uncertain) = writer.finish().await;
+    assert_rows_present(fleet.host(primary), &acked, &uncertain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_five_times_on_an_initdb_fleet_blocks_no_writes() {
+    five_switchovers_under_a_committing_client(Layout::Initdb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_five_times_on_debian_clusters_blocks_no_writes() {
+    five_switchovers_under_a_committing_client(Layout::Debian).await;
 }
