@@ -333,9 +333,11 @@ async fn slots_drop_force_cuts_off_the_standby() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // And status says the primary no longer sees it. (Polled: each of the
-    // standby's reconnect attempts briefly shows up in pg_stat_replication.)
-    let want = "node1 is a replica but the primary node0 shows no replication connection from it";
+    // And status says the primary no longer sees it, and why, from the
+    // standby's own log. (Polled: each of the standby's reconnect attempts
+    // briefly shows up in pg_stat_replication.)
+    let want = "node1 is a replica but the primary node0 shows no replication connection from it; \
+                its server log: FATAL: could not start WAL streaming: ERROR: replication slot \"r1\" does not exist";
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let report = json(&pgfleet(&fleet, &["status", "--json"]));
