@@ -54,6 +54,12 @@ const NODE_KEYS: &[&str] = &[
     "disk_total_bytes",
     "checkpoint_lsn",
     "configured_synchronous_standby_names",
+    "synchronous_standby_names",
+    "sync_rep_waiting",
+    "sync_rep_oldest_wait_seconds",
+    "missing_synchronous_standbys",
+    "slow_change",
+    "wal_receiver_error",
 ];
 
 /// Every field of `UpstreamView`.
@@ -294,6 +300,8 @@ async fn status_json_shape_is_stable() {
             "error",
             "role",
             "server_up",
+            "sync_rep_waiting",
+            "missing_synchronous_standbys",
         ]
         .contains(k)
         {
