@@ -477,7 +477,20 @@ struct Outcome {
 pub async fn run(state: Arc<AgentState>, job: Arc<Job>, req: RebuildRequest) {
     let span = info_span!("rebuild", op_id = %req.operation_id, job = %job.id, upstream = %req.copy.upstream_host);
     async move {
-        let stamp = plan::file_stamp();
+        // Stamps have one-second resolution: a rebuild right after another
+        // (they take under a second on a small cluster) waits for a stamp
+        // whose log and moved-aside names are still free, rather than
+        // failing at move-aside.
+        let mut stamp = plan::file_stamp();
+        for _ in 0..12 {
+            let taken = log_path(&state.config, &stamp).exists()
+                || crate::datadir::moved_aside_path(&state.config.postgres.data_dir, &stamp).exists();
+            if !taken {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            stamp = plan::file_stamp();
+        }
         let ctx = Ctx {
             state: &state,
             req: &req,
