@@ -145,6 +145,13 @@ pub struct PostgresConfig {
     /// `pg_ctlcluster` and `postgresql@VERSION-CLUSTER` units.
     #[serde(default)]
     pub log_file: Option<PathBuf>,
+    /// The server's postgresql.conf when it is not in the data directory,
+    /// for the programs that read it with the server down (`pg_rewind`'s
+    /// crash recovery, `postgres -C`). Default: Debian's
+    /// /etc/postgresql/VERSION/CLUSTER/postgresql.conf for `pg_ctlcluster`
+    /// and `postgresql@VERSION-CLUSTER` units, else the data directory's.
+    #[serde(default)]
+    pub config_file: Option<PathBuf>,
 }
 
 /// Service control backend, chosen by `backend = "..."`.
@@ -182,6 +189,25 @@ pub enum ServiceConfig {
 }
 
 impl AgentConfig {
+    /// The server's postgresql.conf when it lives outside the data
+    /// directory (see [`PostgresConfig::config_file`]).
+    pub fn server_config_file(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.postgres.config_file {
+            return Some(p.clone());
+        }
+        let debian = |version: &str, cluster: &str| {
+            PathBuf::from(format!("/etc/postgresql/{version}/{cluster}/postgresql.conf"))
+        };
+        match &self.service {
+            ServiceConfig::PgCtl { .. } => None,
+            ServiceConfig::PgCtlcluster { version, cluster, .. } => Some(debian(version, cluster)),
+            ServiceConfig::Systemd { unit, .. } => {
+                let (version, cluster) = debian_instance(unit)?;
+                Some(debian(version, cluster))
+            }
+        }
+    }
+
     /// Where the server writes its log, when it can be known (see
     /// [`PostgresConfig::log_file`]).
     pub fn server_log(&self) -> Option<PathBuf> {
@@ -195,13 +221,18 @@ impl AgentConfig {
             ServiceConfig::PgCtl { log_file, .. } => Some(log_file.clone()),
             ServiceConfig::PgCtlcluster { version, cluster, .. } => Some(debian(version, cluster)),
             ServiceConfig::Systemd { unit, .. } => {
-                let instance = unit.strip_prefix("postgresql@")?;
-                let instance = instance.strip_suffix(".service").unwrap_or(instance);
-                let (version, cluster) = instance.split_once('-')?;
+                let (version, cluster) = debian_instance(unit)?;
                 Some(debian(version, cluster))
             }
         }
     }
+}
+
+/// VERSION and CLUSTER of Debian's `postgresql@VERSION-CLUSTER` unit.
+fn debian_instance(unit: &str) -> Option<(&str, &str)> {
+    let instance = unit.strip_prefix("postgresql@")?;
+    let instance = instance.strip_suffix(".service").unwrap_or(instance);
+    instance.split_once('-')
 }
 
 impl ServiceConfig {
@@ -383,6 +414,15 @@ mod tests {
         assert_eq!(c.run_as, "postgres");
         assert_eq!(c.service.backend_name(), "systemd");
         assert_eq!(c.postgres.connect_timeout, Duration::from_secs(3));
+        // Debian's unit: its configuration and log are under /etc and /var/log.
+        assert_eq!(
+            c.server_config_file().unwrap(),
+            Path::new("/etc/postgresql/15/main/postgresql.conf")
+        );
+        assert_eq!(
+            c.server_log().unwrap(),
+            Path::new("/var/log/postgresql/postgresql-15-main.log")
+        );
     }
 
     #[test]

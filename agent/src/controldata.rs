@@ -88,9 +88,14 @@ mod tests {
 /// for a server that is down.
 pub async fn configured_setting(config: &AgentConfig, name: &str) -> Result<String, ExecError> {
     let program = config.pg_bin("postgres");
-    let out = Cmd::new(&program, PG_CONTROLDATA_TIMEOUT)
+    let mut cmd = Cmd::new(&program, PG_CONTROLDATA_TIMEOUT)
         .arg("-D")
-        .arg(&config.postgres.data_dir)
+        .arg(&config.postgres.data_dir);
+    // Debian's configuration is under /etc/postgresql.
+    if let Some(conf) = config.server_config_file() {
+        cmd = cmd.arg("-c").arg(format!("config_file={}", conf.display()));
+    }
+    let out = cmd
         .arg("-C")
         .arg(name)
         .run()

@@ -524,9 +524,14 @@ pub async fn rewind(config: &AgentConfig, pg: &Pg, up: &Upstream) -> Result<Vec<
         up.host, up.port, up.role
     );
     let program = config.pg_bin("pg_rewind");
-    let out = Cmd::new(&program, REWIND_TIMEOUT)
-        .arg("--target-pgdata")
-        .arg(&config.postgres.data_dir)
+    let mut cmd = Cmd::new(&program, REWIND_TIMEOUT);
+    cmd = cmd.arg("--target-pgdata").arg(&config.postgres.data_dir);
+    // Its single-user crash recovery reads postgresql.conf, which on
+    // Debian's layout is under /etc/postgresql, not in the data directory.
+    if let Some(conf) = config.server_config_file() {
+        cmd = cmd.arg(format!("--config-file={}", conf.display()));
+    }
+    let out = cmd
         .arg(format!("--source-server={source}"))
         .arg("--progress")
         .env("PGPASSFILE", tmp.path())

@@ -15,6 +15,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use common::{exec, json, one, pgfleet, rows, senders, wait_replayed};
 use nix::fcntl::{Flock, FlockArg};
 use pgfleet_proto::Lsn;
-use pgfleet_tests::{CliOutput, Host, Layout, TestFleet};
+use pgfleet_tests::{AgentOptions, CliOutput, Host, Layout, TestFleet};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -1121,4 +1122,164 @@ async fn switchover_five_times_on_an_initdb_fleet_blocks_no_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_five_times_on_debian_clusters_blocks_no_writes() {
     five_switchovers_under_a_committing_client(Layout::Debian).await;
+}
+
+/// Debian's layout end to end past the switchover: pg_hba.conf lives in
+/// /etc/postgresql on every host and pg_basebackup never copies it, so
+/// each new upstream admits its followers itself. Failover after a
+/// postmaster SIGKILL (no acknowledged commit lost), rejoin of the old
+/// primary with pg_rewind, then a rolling rebuild of every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_clusters_fail_over_rejoin_and_roll_without_losing_commits() {
+    let fleet = primary_and_rebuilt_standbys_on(3, Layout::Debian).await;
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(20).await;
+
+    fleet.host(0).kill_postgres().unwrap();
+    let out = pgfleet(&fleet, &["failover", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let new_name = json(&out)["new_primary"].as_str().unwrap().to_owned();
+    let new = host(&fleet, &new_name);
+    let other = fleet
+        .hosts()
+        .iter()
+        .find(|h| h.index() != 0 && h.node_name() != new_name)
+        .unwrap();
+    assert_eq!(primaries(&fleet).await, [new_name.clone()]);
+    assert_streaming(new, &[other]).await;
+    // The new primary's own file, under /etc, admits the other standby.
+    let hba = std::fs::read_to_string(new.hba_path()).unwrap();
+    assert!(new.hba_path().starts_with("/etc/postgresql"), "{}", new.hba_path().display());
+    assert!(
+        hba.contains(&format!("host replication pgfleet_replication {}/32 scram-sha-256", other.addr())),
+        "{hba}"
+    );
+    writer.wait_for_more(20).await;
+
+    exec(new, "checkpoint").await;
+    let out = pgfleet(&fleet, &["rejoin", "node0", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(json(&out)["method"], "rewind", "{out}");
+    assert_streaming(new, &[fleet.host(0), other]).await;
+
+    // Two synchronous candidates, so either can be rebuilt in turn.
+    let out = pgfleet(&fleet, &["sync", "set", "node0", &other.node_name()]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = pgfleet(&fleet, &["rebuild", "--all-replicas", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_streaming(new, &[fleet.host(0), other]).await;
+    writer.wait_for_more(20).await;
+
+    let (acked, uncertain) = writer.finish().await;
+    assert_rows_present(new, &acked, &uncertain).await;
+    for h in [fleet.host(0), other] {
+        wait_replayed(new, h).await;
+        assert_rows_present(h, &acked, &uncertain).await;
+    }
+}
+
+/// A bin_dir for an agent: the real programs, except that while `marker`
+/// exists `postgres` starts with `primary_conninfo` pointing at `bad`
+/// (a port nobody listens on): a standby that cannot come back, whose
+/// server log says why. pg_ctl is a copy (it looks for postgres next to
+/// its own resolved path), the rest symlinks.
+fn unreachable_upstream_bin_dir(dir: &Path, marker: &Path, bad: &str) {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let real = Path::new(pgfleet_tests::host::PG_BIN_DIR);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(real).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let to = dir.join(&name);
+        match name.as_str() {
+            "pg_ctl" => {
+                std::fs::copy(real.join(&name), &to).unwrap();
+            }
+            "postgres" => std::fs::write(
+                &to,
+                format!(
+                    "#!/bin/sh\n\
+                     case \"$1\" in -V|--version) exec {real}/postgres \"$@\";; esac\n\
+                     if [ -e {marker} ]; then exec {real}/postgres \"$@\" -c \"primary_conninfo={bad}\"; fi\n\
+                     exec {real}/postgres \"$@\"\n",
+                    real = real.display(),
+                    marker = marker.display(),
+                ),
+            )
+            .unwrap(),
+            _ => symlink(real.join(&name), &to).unwrap(),
+        }
+        if name == "pg_ctl" || name == "postgres" {
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+}
+
+/// The policy when the only synchronous standby cannot come back: the old
+/// primary cannot follow after a switchover. The switchover exits 1 within
+/// its bound, naming that standby and its server log's line; pgfleet does
+/// not lower synchronous replication, so commits wait (status says so);
+/// once the standby can stream again (`pgfleet rejoin`), writes resume and
+/// no acknowledged commit is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_whose_old_primary_cannot_follow_says_why_and_keeps_commits_waiting() {
+    let fleet = TestFleet::new(2).unwrap();
+    let (node0, node1) = (fleet.host(0), fleet.host(1));
+    let bin = node0.dir().join("bin");
+    let marker = node0.dir().join("cannot-follow");
+    let bad = format!("host={} port=5433 connect_timeout=2", node1.addr());
+    unreachable_upstream_bin_dir(&bin, &marker, &bad);
+    common::start_primary(&fleet, 0);
+    node0
+        .start_agent_with(&AgentOptions { bin_dir: Some(bin), ..AgentOptions::default() })
+        .unwrap();
+    node1.start_agent().unwrap();
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    exec(node0, "create table acks (id bigint primary key)").await;
+    let out = pgfleet(&fleet, &["sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(20).await;
+
+    std::fs::write(&marker, "").unwrap();
+    let started = Instant::now();
+    let out = pgfleet(&fleet, &["switchover", "--to", "node1"]);
+    let took = started.elapsed();
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(took < Duration::from_secs(45), "took {took:?}\n{out}");
+    for needle in [
+        "node0 does not stream",
+        "its server log: FATAL: could not connect to the primary server",
+        "Connection refused",
+        "never lowers synchronous replication",
+    ] {
+        assert!(out.stderr.contains(needle), "{needle:?} missing:\n{out}");
+    }
+    // node1 is the primary; its commits wait for node0, as the setting says.
+    assert_eq!(primaries(&fleet).await, ["node1"]);
+    assert_eq!(one(node1, "show synchronous_standby_names").await, r#"FIRST 1 ("node0")"#);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while one(node1, "select count(*) from pg_stat_activity where wait_event = 'SyncRep'").await == "0" {
+        assert!(Instant::now() < deadline, "no commit waits on node1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = json(&pgfleet(&fleet, &["status", "--json"]));
+    let n1 = common::status_node(&report, "node1");
+    assert_eq!(n1["missing_synchronous_standbys"], serde_json::json!(["node0"]), "{n1:#}");
+    assert!(n1["sync_rep_waiting"].as_u64().unwrap() >= 1, "{n1:#}");
+    let warnings = report["clusters"][0]["warnings"].to_string();
+    assert!(warnings.contains("writes are blocked on node1"), "{warnings}");
+    assert!(warnings.contains("could not connect to the primary server"), "{warnings}");
+
+    // The standby can come back: rejoin restarts it, and writes resume.
+    std::fs::remove_file(&marker).unwrap();
+    let out = pgfleet(&fleet, &["rejoin", "node0", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_streaming(node1, &[node0]).await;
+    writer.wait_for_more(20).await;
+    let (acked, uncertain) = writer.finish().await;
+    assert_rows_present(node1, &acked, &uncertain).await;
 }
