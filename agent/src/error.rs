@@ -81,6 +81,7 @@ impl From<AgentError> for Status {
                 UpstreamError::HbaRejected { .. } => Code::FailedPrecondition,
                 UpstreamError::HbaNotLoaded { .. } => Code::Internal,
                 UpstreamError::RoleNotReplicated(_) => Code::FailedPrecondition,
+                UpstreamError::RoleIsSuperuser(_) => Code::InvalidArgument,
             },
             AgentError::Rebuild(r) => rebuild_code(r),
             AgentError::Standby(s) => match s {

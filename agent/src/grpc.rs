@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use pgfleet_proto::sync::{SyncMethod, SyncSpec};
-use pgfleet_proto::{NodeName, RoleName, SlotName};
+use pgfleet_proto::{NodeName, OperationId, RoleName, SlotName, shown};
 use pgfleet_proto::agent::v1 as pb;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
@@ -45,12 +45,8 @@ impl AgentService {
                 .map_err(|e| invalid("replication_role", e.to_string()))?,
             password: Secret::new(r.replication_password)
                 .map_err(|e| invalid("replication_password", e.to_string()))?,
-            replica_addr: r.replica_address.parse().map_err(|_| {
-                invalid(
-                    "replica_address",
-                    format!("{:?} is not an IP address", r.replica_address),
-                )
-            })?,
+            replica_addr: single_host(&r.replica_address)
+                .map_err(|reason| invalid("replica_address", reason))?,
             slot: SlotName::parse(&r.slot_name).map_err(|e| invalid("slot_name", e.to_string()))?,
             dry_run: r.dry_run,
             for_rewind: r.for_rewind,
@@ -142,7 +138,13 @@ impl AgentService {
         req: Request<pb::SetSynchronousStandbysRequest>,
     ) -> Result<Response<pb::SetSynchronousStandbysResponse>, Status> {
         let r = req.into_inner();
-        let spec = sync_spec(r.config.unwrap_or_default())?;
+        // A missing config is a malformed call, not "off": turning
+        // synchronous replication off is a config with no names.
+        let config = r.config.ok_or_else(|| AgentError::Invalid {
+            field: "config",
+            reason: "missing; to turn synchronous replication off send a config with no names".into(),
+        })?;
+        let spec = sync_spec(config)?;
         let (now, previous) = standby::set_synchronous_standbys(&self.state.pg, &spec)
             .instrument(info_span!("rpc", method = "SetSynchronousStandbys", op_id = %r.operation_id))
             .await
@@ -269,11 +271,11 @@ impl AgentService {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<WatchJobStream>, Status> {
-        let job = self
-            .state
-            .jobs
-            .get(&req.into_inner().job_id)
-            .map_err(AgentError::from)?;
+        let id = req.into_inner().job_id;
+        if id.is_empty() {
+            return Err(AgentError::Invalid { field: "job_id", reason: "empty: name the job to watch".into() }.into());
+        }
+        let job = self.state.jobs.get(&id).map_err(AgentError::from)?;
         let stream = futures::StreamExt::map(job.watch(), Ok);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -375,7 +377,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::PrepareUpstreamResponse>, Status> {
         let caller = self.gate(&req, "PrepareUpstream")?;
         let target = req.get_ref().target();
-        let result = self.prepare_upstream_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.prepare_upstream_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "PrepareUpstream", &target, result)
     }
 
@@ -385,7 +390,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::StartRebuildResponse>, Status> {
         let caller = self.gate(&req, "StartRebuild")?;
         let target = req.get_ref().target();
-        let result = self.start_rebuild_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.start_rebuild_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "StartRebuild", &target, result)
     }
 
@@ -403,7 +411,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::SetSynchronousStandbysResponse>, Status> {
         let caller = self.gate(&req, "SetSynchronousStandbys")?;
         let target = req.get_ref().target();
-        let result = self.set_synchronous_standbys_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.set_synchronous_standbys_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "SetSynchronousStandbys", &target, result)
     }
 
@@ -413,7 +424,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::ConfigureStandbyResponse>, Status> {
         let caller = self.gate(&req, "ConfigureStandby")?;
         let target = req.get_ref().target();
-        let result = self.configure_standby_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.configure_standby_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "ConfigureStandby", &target, result)
     }
 
@@ -423,7 +437,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::FenceResponse>, Status> {
         let caller = self.gate(&req, "Fence")?;
         let target = req.get_ref().target();
-        let result = self.fence_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.fence_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "Fence", &target, result)
     }
 
@@ -433,7 +450,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::UnfenceResponse>, Status> {
         let caller = self.gate(&req, "Unfence")?;
         let target = req.get_ref().target();
-        let result = self.unfence_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.unfence_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "Unfence", &target, result)
     }
 
@@ -443,7 +463,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::PromoteResponse>, Status> {
         let caller = self.gate(&req, "Promote")?;
         let target = req.get_ref().target();
-        let result = self.promote_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.promote_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "Promote", &target, result)
     }
 
@@ -453,7 +476,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::CreateSlotResponse>, Status> {
         let caller = self.gate(&req, "CreateSlot")?;
         let target = req.get_ref().target();
-        let result = self.create_slot_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.create_slot_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "CreateSlot", &target, result)
     }
 
@@ -463,7 +489,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::RewindResponse>, Status> {
         let caller = self.gate(&req, "Rewind")?;
         let target = req.get_ref().target();
-        let result = self.rewind_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.rewind_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "Rewind", &target, result)
     }
 
@@ -505,7 +534,10 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::DropSlotResponse>, Status> {
         let caller = self.gate(&req, "DropSlot")?;
         let target = req.get_ref().target();
-        let result = self.drop_slot_impl(req).await;
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.drop_slot_impl(req).await,
+            Err(s) => Err(s),
+        };
         self.audited(&caller, "DropSlot", &target, result)
     }
 }
@@ -514,7 +546,8 @@ impl AgentService {
     /// Authorizes the caller for `method`; a refusal is logged and, for a
     /// changing call, audited.
     fn gate<T>(&self, req: &Request<T>, method: &'static str) -> Result<Caller, Status> {
-        let caller = auth::caller_of(req, self.state.config.tls.is_some())?;
+        let caller = auth::caller_of(req, self.state.config.tls.is_some())
+            .inspect_err(|s| self.state.audit.record_unidentified(method, s))?;
         auth::authorize(&caller, method).inspect_err(|s| {
             self.state.audit.record(&caller, method, "(refused)", Err(s));
         })?;
@@ -536,59 +569,142 @@ impl AgentService {
 /// What a changing call acts on, for the audit log: names and addresses,
 /// never a secret.
 trait Target {
+    /// Client values in it go through `shown` (escaped, cut to 80).
     fn target(&self) -> String;
+    fn operation_id(&self) -> &str;
 }
+
+/// Every changing call's operation id is checked before anything: it goes
+/// into the log and the audit line.
+fn valid_operation_id(id: &str) -> Result<(), Status> {
+    OperationId::parse(id)
+        .map(drop)
+        .map_err(|e| Status::from(AgentError::from(e)))
+}
+
+macro_rules! operation_id_of {
+    ($($t:ty),* $(,)?) => {$(
+        impl OperationIdOf for $t {
+            fn op_id(&self) -> &str {
+                &self.operation_id
+            }
+        }
+    )*};
+}
+
+/// The operation_id field every changing request has.
+trait OperationIdOf {
+    fn op_id(&self) -> &str;
+}
+operation_id_of!(
+    pb::PrepareUpstreamRequest,
+    pb::StartRebuildRequest,
+    pb::SetSynchronousStandbysRequest,
+    pb::ConfigureStandbyRequest,
+    pb::FenceRequest,
+    pb::UnfenceRequest,
+    pb::PromoteRequest,
+    pb::CreateSlotRequest,
+    pb::RewindRequest,
+);
 
 impl Target for pb::DropSlotRequest {
     fn target(&self) -> String {
-        format!("slot {}{}", self.slot_name, if self.force { " (force)" } else { "" })
+        format!("slot {}{}", shown(&self.slot_name), if self.force { " (force)" } else { "" })
+    }
+    fn operation_id(&self) -> &str {
+        ""
     }
 }
 impl Target for pb::PrepareUpstreamRequest {
     fn target(&self) -> String {
-        format!("replica {} role {} slot {}", self.replica_address, self.replication_role, self.slot_name)
+        format!("replica {} role {} slot {}", shown(&self.replica_address), shown(&self.replication_role), shown(&self.slot_name))
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
     }
 }
 impl Target for pb::StartRebuildRequest {
     fn target(&self) -> String {
-        format!("rebuild from {}:{} slot {}", self.upstream_host, self.upstream_port, self.slot_name)
+        format!("rebuild from {}:{} slot {}", shown(&self.upstream_host), self.upstream_port, shown(&self.slot_name))
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
     }
 }
 impl Target for pb::SetSynchronousStandbysRequest {
     fn target(&self) -> String {
-        format!("synchronous standbys {:?}", self.config.as_ref().map(|c| &c.names))
+        format!("synchronous standbys {}", shown(&format!("{:?}", self.config.as_ref().map(|c| &c.names))))
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
     }
 }
 impl Target for pb::ConfigureStandbyRequest {
     fn target(&self) -> String {
-        format!("follow {}:{} slot {}", self.upstream_host, self.upstream_port, self.slot_name)
+        format!("follow {}:{} slot {}", shown(&self.upstream_host), self.upstream_port, shown(&self.slot_name))
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
     }
 }
 impl Target for pb::FenceRequest {
     fn target(&self) -> String {
         "this node".into()
     }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
+    }
 }
 impl Target for pb::UnfenceRequest {
     fn target(&self) -> String {
         "this node".into()
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
     }
 }
 impl Target for pb::PromoteRequest {
     fn target(&self) -> String {
         "this node".into()
     }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
+    }
 }
 impl Target for pb::CreateSlotRequest {
     fn target(&self) -> String {
-        format!("slot {}", self.slot_name)
+        format!("slot {}", shown(&self.slot_name))
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
     }
 }
 impl Target for pb::RewindRequest {
     fn target(&self) -> String {
-        format!("rewind from {}:{}", self.upstream_host, self.upstream_port)
+        format!("rewind from {}:{}", shown(&self.upstream_host), self.upstream_port)
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
     }
 }
+
+/// An address that names one host, as a pg_hba line for one replica must:
+/// not 0.0.0.0/::, not broadcast or multicast (IPv4-mapped forms included).
+fn single_host(s: &str) -> Result<std::net::IpAddr, String> {
+    let ip: std::net::IpAddr = s
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", shown(s)))?;
+    let ip = ip.to_canonical();
+    let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast {
+        return Err(format!("{ip} is not the address of one host"));
+    }
+    Ok(ip)
+}
+
+/// More names than any cluster has standbys is a malformed call.
+const MAX_SYNC_NAMES: usize = 64;
 
 fn sync_spec(c: pb::SyncConfig) -> Result<SyncSpec, AgentError> {
     let invalid = |reason: String| AgentError::Invalid {
@@ -597,6 +713,9 @@ fn sync_spec(c: pb::SyncConfig) -> Result<SyncSpec, AgentError> {
     };
     if c.names.is_empty() {
         return Ok(SyncSpec::asynchronous());
+    }
+    if c.names.len() > MAX_SYNC_NAMES {
+        return Err(invalid(format!("{} names; at most {MAX_SYNC_NAMES}", c.names.len())));
     }
     let method = match c.method.as_str() {
         "first" => SyncMethod::First,

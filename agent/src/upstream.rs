@@ -45,6 +45,8 @@ pub enum UpstreamError {
          LOGIN REPLICATION; the role is made on the primary (pgfleet rebuild or switchover prepare it there)"
     )]
     RoleNotReplicated(RoleName),
+    #[error("role {0} is a superuser: a replication role must not be one; name another in the inventory's replication_role")]
+    RoleIsSuperuser(RoleName),
 }
 
 /// What the coordinator asked for, validated.
@@ -147,10 +149,14 @@ async fn ensure_role(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> Resul
         }
         return Ok(());
     }
-    let exists = !pg
-        .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&req.role.as_str()])
-        .await?
-        .is_empty();
+    let found = pg
+        .query("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&req.role.as_str()])
+        .await?;
+    let exists = !found.is_empty();
+    // Never hand a superuser's password to a standby's passfile, nor reset it.
+    if found.first().map(|r| r.try_get::<_, bool>(0)).transpose().map_err(PgError::from)? == Some(true) {
+        return Err(UpstreamError::RoleIsSuperuser(req.role.clone()));
+    }
     let verb = if exists { "ALTER" } else { "CREATE" };
     // DDL takes no bind parameters; the password goes as a SCRAM verifier
     // computed here (what psql's \password does), so the server, its log and

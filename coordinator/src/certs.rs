@@ -28,6 +28,8 @@ pub enum CertError {
     BadName(String),
     #[error("no fleet CA in {0}: run `pgfleet certs init {0}` first")]
     NoCa(PathBuf),
+    #[error("invalid --san {0:?}: one DNS name (a-z, 0-9, '.', '-') or one IP address per --san")]
+    InvalidSan(String),
 }
 
 const CA_CERT: &str = "ca.crt";
@@ -132,6 +134,17 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<Vec<PathBuf>, CertError> 
     let mut sans = Vec::new();
     if req.role == CertRole::Agent {
         sans.push(req.name.clone());
+    }
+    for san in &req.sans {
+        // One DNS name or IP address each: rcgen would write "x,IP:0.0.0.0"
+        // as one odd DNS name rather than refuse it.
+        let ok = !san.is_empty()
+            && san.len() <= 253
+            && (san.parse::<std::net::IpAddr>().is_ok()
+                || san.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+        if !ok {
+            return Err(CertError::InvalidSan(pgfleet_proto::shown(san)));
+        }
     }
     sans.extend(req.sans.iter().cloned());
     let mut params = CertificateParams::new(sans)?;

@@ -31,10 +31,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "PGFLEET_INVENTORY", default_value = "/etc/pgfleet/inventory.toml")]
     pub inventory: PathBuf,
     /// Deadline for each call to an agent, e.g. "5s".
-    #[arg(long, global = true, env = "PGFLEET_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PGFLEET_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub timeout: Duration,
     /// Deadline for connecting to an agent.
-    #[arg(long, global = true, env = "PGFLEET_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PGFLEET_CONNECT_TIMEOUT", default_value = "3s", value_parser = positive_duration)]
     pub connect_timeout: Duration,
     /// Client certificate towards https:// agents (overrides the inventory's
     /// [tls] cert), e.g. a reader identity for monitoring.
@@ -683,4 +683,14 @@ fn run_certs(c: &CertsArgs) -> Result<Outcome, CoordinatorError> {
         println!("{}", f.display());
     }
     Ok(Outcome::Done)
+}
+
+/// A deadline: a humantime duration greater than zero (a zero deadline
+/// would fail every call before it is made).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 10s, 1m 30s)"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero (e.g. 10s)".into());
+    }
+    Ok(d)
 }

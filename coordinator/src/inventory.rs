@@ -84,6 +84,19 @@ pub struct Node {
     pub port: u16,
 }
 
+/// Where and what, without the file's text: toml's own message quotes the
+/// offending line, and a wrong `--inventory` (the replication password
+/// file, say) must not be printed.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    format!("{}{}", at.unwrap_or_default(), pgfleet_proto::shown(e.message()))
+}
+
 impl Node {
     /// The address this node's connections come from, as pg_hba.conf
     /// lines name it: `host` itself when it is an IP address, else what it
@@ -171,7 +184,7 @@ impl Inventory {
     pub fn parse(text: &str, path: &Path) -> Result<Self, InventoryError> {
         let raw: RawInventory = toml::from_str(text).map_err(|e| InventoryError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: parse_message(text, &e),
         })?;
         let invalid = |message: String| InventoryError::Invalid {
             path: path.to_owned(),
@@ -388,6 +401,13 @@ mod tests {
         host = "10.0.0.12"
         port = 5433
     "#;
+
+    #[test]
+    fn a_parse_error_never_prints_the_file() {
+        let e = Inventory::parse("s3cr3t-password-text\n", Path::new("pw")).unwrap_err().to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+    }
 
     #[test]
     fn parses_and_finds_nodes() {

@@ -147,6 +147,9 @@ pub fn parse_mapping(value: &str) -> Result<pb::TablespaceMapping, RebuildError>
         value: value.to_owned(),
         reason,
     };
+    if value.chars().any(char::is_control) {
+        return Err(bad("control characters (a newline, a tab) are not allowed in the directories"));
+    }
     let (old, new) = value.split_once('=').ok_or(bad("expected OLD=NEW"))?;
     if new.contains('=') {
         return Err(bad("'=' inside a path is not supported"));

@@ -123,11 +123,12 @@ fn start_request(c: &mut CoordinatorClient<Channel>, req: crate::ops::OpRequest)
     async move {
         match req {
             R::Rebuild { node, from, slot, tablespace_mappings, spread_checkpoint, dry_run } => {
-                c.rebuild(pb::RebuildRequest { node, from, slot, tablespace_mappings, spread_checkpoint, dry_run, all_replicas_of: String::new() }).await
+                c.rebuild(pb::RebuildRequest { node, from, slot, tablespace_mappings, spread_checkpoint, dry_run, ..Default::default() }).await
             }
             R::RebuildAll { cluster, spread_checkpoint, dry_run } => {
                 c.rebuild(pb::RebuildRequest {
-                    all_replicas_of: if cluster.is_empty() { "-".into() } else { cluster },
+                    all_replicas: true,
+                    all_replicas_of: cluster,
                     spread_checkpoint,
                     dry_run,
                     ..Default::default()

@@ -177,6 +177,30 @@ pub fn drop_plan(node: &Node, slot: &SlotName, force: bool) -> Vec<String> {
     steps
 }
 
+/// What a dry run of `slots drop` checks before it shows the plan: the slot
+/// exists on the node, and is not active unless `force`, as the real drop
+/// would refuse (the same words).
+pub async fn check_droppable(node: &Node, slot: &SlotName, force: bool, d: Deadlines) -> Result<(), CoordinatorError> {
+    let info = client::call(node, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;
+    let found = info.slots.iter().find(|s| s.slot_name == slot.as_str());
+    let refuse = |message: String| {
+        CoordinatorError::Agent(AgentCallError::Status {
+            node: node.name.to_string(),
+            endpoint: node.agent.clone(),
+            code: tonic::Code::FailedPrecondition,
+            message,
+        })
+    };
+    match found {
+        None => Err(refuse(format!("no replication slot named {slot} on this node"))),
+        Some(s) if s.active && !force => Err(refuse(format!(
+            "replication slot {slot} is active: a standby streams through it; stop or re-point that standby first, \
+             or drop with --force to cut it off"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
 pub async fn drop(
     inventory: &Inventory,
     node: &str,

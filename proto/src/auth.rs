@@ -53,15 +53,30 @@ pub fn caller_of<T>(req: &Request<T>, tls: bool) -> Result<Caller, Status> {
         .and_then(|cn| cn.as_str().ok())
         .unwrap_or("unnamed")
         .to_owned();
-    let role = subject
+    let ous: Vec<&str> = subject
         .iter_organizational_unit()
         .filter_map(|ou| ou.as_str().ok())
-        .find_map(CertRole::parse)
-        .ok_or_else(|| {
+        .collect();
+    let role = match ous.as_slice() {
+        [one] => CertRole::parse(one),
+        _ => None,
+    };
+    let role = role.ok_or_else(|| {
+        let name = crate::shown(&name);
+        let status = if ous.len() > 1 {
+            Status::permission_denied(format!(
+                "certificate {name:?} names {} organizational units ({}): a pgfleet certificate carries exactly one role (OU admin or reader)",
+                ous.len(),
+                crate::shown(&ous.join(", "))
+            ))
+        } else {
             Status::permission_denied(format!(
                 "certificate {name:?} carries no pgfleet role (OU admin or reader); issue one with `pgfleet certs issue`"
             ))
-        })?;
+        };
+        warn!(certificate = %name, error = %status.message(), "call refused: caller not identified");
+        status
+    })?;
     Ok(Caller { name, role })
 }
 
@@ -109,6 +124,28 @@ impl Audit {
             file: Some(Mutex::new(f)),
             path: Some(p.to_owned()),
         })
+    }
+
+    /// A call refused before its caller was known (a certificate of the
+    /// fleet CA without exactly one pgfleet role).
+    pub fn record_unidentified(&self, method: &str, refusal: &Status) {
+        self.write(json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "caller": "(unidentified)",
+            "role": null,
+            "rpc": method,
+            "target": "(refused)",
+            "outcome": format!("{:?}", refusal.code()),
+            "error": refusal.message(),
+        }));
+    }
+
+    fn write(&self, line: serde_json::Value) {
+        let Some(file) = &self.file else { return };
+        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = writeln!(f, "{line}") {
+            warn!(error = %e, path = ?self.path, "cannot write the audit log");
+        }
     }
 
     pub fn record(&self, caller: &Caller, method: &str, target: &str, outcome: Result<(), &Status>) {

@@ -13,7 +13,7 @@ pub mod sync;
 pub mod tls;
 pub mod types;
 
-pub use types::{ClusterName, Lsn, NodeName, ParseError, RoleName, SlotName};
+pub use types::{ClusterName, Lsn, NodeName, OperationId, ParseError, RoleName, SlotName, shown};
 
 /// `pgfleet.agent.v1`: the agent's API.
 pub mod agent {

@@ -24,16 +24,54 @@ pub enum ParseError {
 
 impl ParseError {
     fn invalid(what: &'static str, value: &str, reason: &'static str) -> Self {
-        // Cap what we echo back: the value may be long garbage from a client.
-        let mut shown: String = value.chars().take(80).collect();
-        if shown.len() < value.len() {
-            shown.push('…');
-        }
         ParseError::Invalid {
             what,
-            value: shown,
+            value: shown(value),
             reason,
         }
+    }
+}
+
+/// How a value from a client is echoed in messages, logs and audit lines:
+/// control characters escaped (no forged log line), at most 80 characters
+/// (no megabyte error message), `…` when cut.
+pub fn shown(value: &str) -> String {
+    let mut out = String::new();
+    let mut count = 0;
+    for c in value.chars() {
+        let piece: String = if c.is_control() { c.escape_debug().collect() } else { c.to_string() };
+        count += piece.chars().count();
+        if count > 80 {
+            out.push('…');
+            return out;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// The coordinator's operation id a changing call carries, for logs and
+/// audit: empty, or up to 80 characters from `A-Za-z0-9._:-`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperationId(String);
+
+impl OperationId {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        let ok = s.len() <= 80
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if ok {
+            Ok(OperationId(s.to_owned()))
+        } else {
+            Err(ParseError::invalid(
+                "operation id",
+                s,
+                "use at most 80 characters from A-Z, a-z, 0-9, '.', '_', ':' and '-'",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -76,6 +114,17 @@ pub struct RoleName(String);
 impl RoleName {
     pub fn parse(s: &str) -> Result<Self, ParseError> {
         let ok = is_lower_ident(s, 63) && !s.as_bytes()[0].is_ascii_digit();
+        // PostgreSQL reserves pg_* for its predefined roles, and "postgres"
+        // is the superuser's name on every packaged installation: a
+        // replication role is neither (the agent also refuses any role that
+        // turns out to be a superuser).
+        if ok && (s.starts_with("pg_") || s == "postgres") {
+            return Err(ParseError::invalid(
+                "role name",
+                s,
+                "a replication role must not be a predefined pg_* role nor the superuser postgres",
+            ));
+        }
         if ok {
             Ok(RoleName(s.to_owned()))
         } else {
@@ -225,6 +274,21 @@ impl Serialize for Lsn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_values_are_echoed_escaped_and_cut() {
+        assert_eq!(shown("node1"), "node1");
+        assert_eq!(shown("a\nb"), "a\\nb");
+        let long = "x".repeat(3_000_000);
+        assert_eq!(shown(&long).chars().count(), 81);
+        assert!(OperationId::parse("sync-20261130T101010Z-0").is_ok());
+        assert!(OperationId::parse("").is_ok());
+        assert!(OperationId::parse("op\nFORGED").is_err());
+        assert!(OperationId::parse(&"a".repeat(81)).is_err());
+        assert!(RoleName::parse("postgres").is_err());
+        assert!(RoleName::parse("pg_monitor").is_err());
+        assert!(RoleName::parse("pgfleet_replication").is_ok());
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -135,8 +135,10 @@ async fn operations_through_the_service_match_the_cli_and_are_watched_from_a_sec
     let inv = fleet.dir().join("inventory-remote.toml");
     let text = std::fs::read_to_string(fleet.inventory_path()).unwrap();
     std::fs::write(&inv, format!("coordinator = \"{}\"\n{text}", c.url)).unwrap();
+    // (A dry run checks the slot exists, as the drop would: refused.)
     let out = fleet.pgfleet_with_inventory(&inv, &["slots", "drop", "node1", "nosuchslot", "--dry-run"]).unwrap();
-    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("no replication slot named nosuchslot"), "{out}");
     assert!(out.stderr.contains("operation dry-run-drop-slot"), "went through the service: {out}");
     let out = fleet.pgfleet_with_inventory(&inv, &["--coordinator", "local", "slots", "drop", "node1", "nosuchslot", "--dry-run"]).unwrap();
     assert!(!out.stderr.contains("operation "), "--coordinator local runs in-process: {out}");

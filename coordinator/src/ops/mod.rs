@@ -373,6 +373,7 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             if *dry_run {
                 let slot = SlotName::parse(slot)?;
                 let (_, n) = inv.node(node)?;
+                slots::check_droppable(n, &slot, *force, d).await?;
                 let steps = slots::drop_plan(n, &slot, *force);
                 let mut s = format!("plan (dry run, nothing changed): drop slot {slot} on {node}\n");
                 for (i, step) in steps.iter().enumerate() {

@@ -60,7 +60,8 @@ fn record_of(state: &State, id: &str) -> Result<Option<ops::store::OpRecord>, St
 
 impl CoordinatorService {
     fn gate<T>(&self, req: &Request<T>, method: &'static str) -> Result<Caller, Status> {
-        let caller = auth::caller_of(req, self.state.tls)?;
+        let caller = auth::caller_of(req, self.state.tls)
+            .inspect_err(|s| self.state.audit.record_unidentified(method, s))?;
         if !self.state.leadership.is_leader() {
             // Only the leader acts and keeps running operations' events:
             // the caller is pointed at it (the CLI follows).
@@ -189,22 +190,62 @@ impl CoordinatorService {
     }
 }
 
-fn req_from_rebuild(r: pb::RebuildRequest) -> OpRequest {
-    if !r.all_replicas_of.is_empty() {
-        return OpRequest::RebuildAll {
+/// The API's rebuild message as the one request type; the combinations
+/// the CLI cannot express are refused here as it would refuse them.
+fn req_from_rebuild(r: pb::RebuildRequest) -> Result<OpRequest, Status> {
+    if r.all_replicas || !r.all_replicas_of.is_empty() {
+        if !r.node.is_empty() || r.from.is_some() || r.slot.is_some() || !r.tablespace_mappings.is_empty() {
+            return Err(Status::invalid_argument(
+                "a rebuild of every replica takes no node, from, slot or tablespace_mappings: \
+                 send either node (one replica) or all_replicas (every replica)",
+            ));
+        }
+        return Ok(OpRequest::RebuildAll {
             cluster: r.all_replicas_of,
             spread_checkpoint: r.spread_checkpoint,
             dry_run: r.dry_run,
-        };
+        });
     }
-    OpRequest::Rebuild {
+    if r.node.is_empty() {
+        return Err(Status::invalid_argument("name the node to rebuild, or set all_replicas"));
+    }
+    Ok(OpRequest::Rebuild {
         node: r.node,
         from: r.from,
         slot: r.slot,
         tablespace_mappings: r.tablespace_mappings,
         spread_checkpoint: r.spread_checkpoint,
         dry_run: r.dry_run,
+    })
+}
+
+/// The API's sync message as the one request type, refusing what the CLI
+/// refuses: standbys with off, an unknown method. (A num_sync of 0 goes on
+/// to the same check the CLI's `--num 0` meets.)
+fn req_from_set_sync(r: pb::SetSyncRequest) -> Result<OpRequest, Status> {
+    let method = match pb::SyncMethod::try_from(r.method) {
+        Ok(pb::SyncMethod::Any) => "any",
+        Ok(pb::SyncMethod::First | pb::SyncMethod::Unspecified) => "first",
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown synchronous method {}: use SYNC_METHOD_FIRST or SYNC_METHOD_ANY",
+                r.method
+            )));
+        }
+    };
+    if r.off && (!r.standbys.is_empty() || r.num_sync != 0 || r.method != 0) {
+        return Err(Status::invalid_argument(
+            "off turns synchronous replication off: send it without standbys, method or num_sync",
+        ));
     }
+    Ok(OpRequest::Sync {
+        cluster: r.cluster,
+        spec: (!r.off).then(|| ops::SyncRequest {
+            method: method.into(),
+            num: r.num_sync,
+            standbys: r.standbys,
+        }),
+    })
 }
 
 #[tonic::async_trait]
@@ -273,23 +314,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn rebuild(&self, req: Request<pb::RebuildRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "Rebuild")?;
-        self.start(&caller, "Rebuild", req_from_rebuild(req.into_inner())).await
+        let op = match req_from_rebuild(req.into_inner()) {
+            Ok(op) => op,
+            Err(s) => return self.audited(&caller, "Rebuild", "(invalid)", Err(s)),
+        };
+        self.start(&caller, "Rebuild", op).await
     }
 
     async fn set_sync(&self, req: Request<pb::SetSyncRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "SetSync")?;
-        let r = req.into_inner();
-        let method = match r.method() {
-            pb::SyncMethod::Any => "any",
-            _ => "first",
-        };
-        let op = OpRequest::Sync {
-            cluster: r.cluster,
-            spec: (!r.off).then(|| ops::SyncRequest {
-                method: method.into(),
-                num: r.num_sync.max(1),
-                standbys: r.standbys,
-            }),
+        let op = match req_from_set_sync(req.into_inner()) {
+            Ok(op) => op,
+            Err(s) => return self.audited(&caller, "SetSync", "(invalid)", Err(s)),
         };
         self.start(&caller, "SetSync", op).await
     }
@@ -338,6 +374,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             let stream = async_stream::try_stream! {
                 let mut changes = running.subscribe();
                 loop {
+                    // Read before the events: once finished, what they hold is all.
+                    let was_finished = running.finished();
                     let events = running.events_from(next);
                     next += events.len();
                     let mut done = false;
@@ -345,7 +383,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                         done |= matches!(ev.event, Some(pb::operation_event::Event::Finished(_)));
                         yield ev;
                     }
-                    if done {
+                    // Finished, and from_seq lay past its last event: there
+                    // is nothing more to wait for.
+                    if done || was_finished {
                         break;
                     }
                     if changes.changed().await.is_err() {
@@ -370,6 +410,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn list_operations(&self, req: Request<pb::ListOperationsRequest>) -> Result<Response<pb::ListOperationsResponse>, Status> {
         self.gate(&req, "ListOperations")?;
         let r = req.into_inner();
+        if !r.cluster.is_empty() {
+            // An unknown cluster is NOT_FOUND, not an empty list.
+            self.state
+                .inventory
+                .select(Some(r.cluster.as_str()))
+                .map_err(|e| Status::not_found(e.to_string()))?;
+        }
         let mut ops = ops::store::load(&self.state.inventory.store).map_err(|e| status(e.into()))?;
         ops.retain(|o| r.cluster.is_empty() || o.cluster == r.cluster);
         ops.reverse();

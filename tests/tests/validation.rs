@@ -1,0 +1,180 @@
+//! Hostile and malformed values through both doors: the agents' RPCs and
+//! `pgfleet serve` refuse them with INVALID_ARGUMENT, name what is wrong,
+//! echo at most 80 escaped characters, and change nothing (checked in
+//! PostgreSQL, pg_hba.conf and the agent's log and audit lines).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{exec, one, pgfleet, start_agents, start_primary};
+use pgfleet_proto::agent::v1 as pb;
+use pgfleet_proto::agent::v1::agent_client::AgentClient;
+use pgfleet_proto::coordinator::v1 as cpb;
+use pgfleet_proto::coordinator::v1::coordinator_client::CoordinatorClient;
+use pgfleet_tests::TestFleet;
+use tonic::Code;
+
+fn prepare(role: &str, address: &str) -> pb::PrepareUpstreamRequest {
+    pb::PrepareUpstreamRequest {
+        replication_role: role.into(),
+        replication_password: "irrelevant".into(),
+        replica_address: address.into(),
+        slot_name: "node1".into(),
+        dry_run: false,
+        operation_id: "validation-test".into(),
+        for_rewind: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_malformed_calls_and_changes_nothing() {
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let p = fleet.host(0);
+    let mut agent = AgentClient::new(p.agent_channel().await.unwrap());
+    exec(p, "create role sneaky superuser login password 'before'").await;
+    let sneaky_before = one(p, "select rolpassword from pg_authid where rolname = 'sneaky'").await;
+    let hba_before = std::fs::read_to_string(p.hba_path()).unwrap();
+    exec(p, "alter system set synchronous_standby_names = 'ANY 1 (node1)'").await;
+    exec(p, "select pg_reload_conf()").await;
+
+    // A SetSynchronousStandbys without its config is malformed, not "off".
+    let e = agent
+        .set_synchronous_standbys(pb::SetSynchronousStandbysRequest { config: None, operation_id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("config"), "{e:?}");
+    let many = pb::SyncConfig { method: "first".into(), num_sync: 1, names: (0..1000).map(|i| format!("n{i}")).collect() };
+    let e = agent
+        .set_synchronous_standbys(pb::SetSynchronousStandbysRequest { config: Some(many), operation_id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(one(p, "show synchronous_standby_names").await, "ANY 1 (node1)");
+
+    // Never the superuser, a predefined role or a role that is a superuser;
+    // an address is one host.
+    for (role, address) in [
+        ("postgres", "198.18.0.3"),
+        ("pg_monitor", "198.18.0.3"),
+        ("sneaky", "198.18.0.3"),
+        ("pgfleet_replication", "0.0.0.0"),
+        ("pgfleet_replication", "255.255.255.255"),
+        ("pgfleet_replication", "::ffff:0.0.0.0"),
+        ("pgfleet_replication", "::"),
+        ("pgfleet_replication", "224.0.0.1"),
+    ] {
+        let e = agent.prepare_upstream(prepare(role, address)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{role} {address}: {e:?}");
+    }
+    assert_eq!(std::fs::read_to_string(p.hba_path()).unwrap(), hba_before);
+    assert_eq!(one(p, "select rolpassword from pg_authid where rolname = 'sneaky'").await, sneaky_before);
+    assert_eq!(one(p, "select count(*) from pg_roles where rolname = 'pgfleet_replication'").await, "0");
+
+    // An operation id is checked before anything: no forged log line.
+    let e = agent
+        .create_slot(pb::CreateSlotRequest { slot_name: "forged".into(), operation_id: "op\nFORGED LINE".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(one(p, "select count(*) from pg_replication_slots").await, "0");
+    let log = std::fs::read_to_string(p.agent_log()).unwrap();
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "{log}");
+
+    // A 3 MB slot name is INVALID_ARGUMENT with a short message, and a short
+    // audit line.
+    let huge = "x".repeat(3 * 1024 * 1024);
+    let e = agent
+        .drop_slot(pb::DropSlotRequest { slot_name: huge.clone(), force: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().len() < 400, "{} bytes of message", e.message().len());
+    let audit = std::fs::read_to_string(p.dir().join("audit.jsonl")).unwrap();
+    let last = audit.lines().last().unwrap();
+    assert!(last.len() < 1000, "an audit line of {} bytes", last.len());
+    exec(p, "alter system reset synchronous_standby_names").await;
+    exec(p, "select pg_reload_conf()").await;
+
+    // The CLI's smaller refusals: exit 2 (bad input) or 1 (refused), nothing made.
+    let out = pgfleet(&fleet, &["--timeout", "0s", "status"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    let pki = fleet.pki_dir().display().to_string();
+    let out = pgfleet(&fleet, &["certs", "issue", "--dir", &pki, "--role", "agent", "odd", "--san", "x,IP:0.0.0.0"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(!fleet.pki_dir().join("odd.crt").exists());
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--tablespace-mapping", "/a=/b\nEVIL", "--dry-run"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    let out = pgfleet(&fleet, &["slots", "drop", "node0", "nosuchslot", "--dry-run"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("no replication slot named nosuchslot"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_refuses_what_the_cli_refuses() {
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let c = fleet.start_coordinator().unwrap();
+    let primary = fleet.host(0);
+
+    // The CLI's refusal, in-process and through the service: exit 2 both.
+    let local = pgfleet(&fleet, &["sync", "set", "--num", "0", "node1"]);
+    assert_eq!(local.code(), Some(2), "{local}");
+    let remote = pgfleet(&fleet, &["--coordinator", c.url.as_str(), "sync", "set", "--num", "0", "node1"]);
+    assert_eq!(remote.code(), Some(2), "{remote}");
+    assert_eq!(one(primary, "show synchronous_standby_names").await, "");
+
+    let mut api = CoordinatorClient::new(c.channel_as(&fleet.pki_dir(), "test-admin").await.unwrap());
+    let sync = |standbys: &[&str], method: i32, num_sync: u32, off: bool| cpb::SetSyncRequest {
+        cluster: String::new(),
+        standbys: standbys.iter().map(|s| s.to_string()).collect(),
+        method,
+        num_sync,
+        off,
+    };
+    for (what, req) in [
+        ("num_sync 0", sync(&["node1"], 1, 0, false)),
+        ("method 99", sync(&["node1"], 99, 1, false)),
+        ("off with standbys", sync(&["node1"], 0, 0, true)),
+    ] {
+        let e = api.set_sync(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+    }
+    assert_eq!(one(primary, "show synchronous_standby_names").await, "");
+
+    let before = one(fleet.host(1), "select pg_postmaster_start_time()::text").await;
+    let e = api
+        .rebuild(cpb::RebuildRequest { node: "node1".into(), all_replicas_of: "main".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(one(fleet.host(1), "select pg_postmaster_start_time()::text").await, before);
+
+    // --all-replicas without --cluster through the service: the only cluster.
+    let out = pgfleet(&fleet, &["--coordinator", c.url.as_str(), "rebuild", "--all-replicas", "--dry-run"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    // Watching a finished operation from past its end ends at once.
+    let out = pgfleet(&fleet, &["--coordinator", c.url.as_str(), "sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let list = api.list_operations(cpb::ListOperationsRequest::default()).await.unwrap().into_inner();
+    let id = list.operations.first().unwrap().id.clone();
+    let watch = async {
+        let mut s = api
+            .watch_operation(cpb::WatchOperationRequest { operation_id: id, from_seq: 1000 })
+            .await
+            .unwrap()
+            .into_inner();
+        while s.message().await.unwrap().is_some() {}
+    };
+    tokio::time::timeout(Duration::from_secs(5), watch)
+        .await
+        .expect("WatchOperation from past the end of a finished operation never ended");
+}
