@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use common::{exec, json, one, pgfleet, status_node};
 use pgfleet_proto::agent::v1 as pb;
 use pgfleet_proto::agent::v1::agent_client::AgentClient;
+use pgfleet_proto::coordinator::v1 as cpb;
+use pgfleet_proto::coordinator::v1::coordinator_client::CoordinatorClient;
 use pgfleet_tests::TestFleet;
 
 /// node0 an initdb'd primary, node1 rebuilt from it by pgfleet, agents up,
@@ -63,6 +65,15 @@ async fn a_lost_synchronous_standby_shows_as_blocked_writes_and_its_rebuild_rele
     );
     let table = pgfleet(&fleet, &["status"]);
     assert!(table.stdout.contains("writes are blocked on node0"), "{table}");
+    // The same through the coordinator's API (GetFleetStatus).
+    let c = fleet.start_coordinator().unwrap();
+    let mut api = CoordinatorClient::new(c.channel_as(&fleet.pki_dir(), "test-reader").await.unwrap());
+    let fs = api.get_fleet_status(cpb::GetFleetStatusRequest::default()).await.unwrap().into_inner();
+    let n0 = fs.clusters[0].nodes.iter().find(|n| n.name == "node0").unwrap();
+    assert_eq!(n0.sync_rep_waiting, 1, "{n0:?}");
+    assert_eq!(n0.missing_synchronous_standbys, ["node1"], "{n0:?}");
+    assert_eq!(n0.synchronous_standby_names.as_deref(), Some(r#"FIRST 1 ("node1")"#), "{n0:?}");
+    assert!(fs.clusters[0].warnings.iter().any(|w| w.contains("writes are blocked on node0")), "{fs:?}");
 
     let started = Instant::now();
     let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
