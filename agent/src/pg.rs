@@ -188,7 +188,7 @@ impl Pg {
                 Lane::Reads => "pgfleet-agent",
                 Lane::Changes => "pgfleet-agent-change",
             })
-            .options(&self.options(conn.lane))
+            .options(self.options(conn.lane))
             .connect_timeout(self.config.connect_timeout);
         let unavailable = |reason: String| PgError::Unavailable {
             socket: self.socket_display(),

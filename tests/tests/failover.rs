@@ -1147,7 +1147,7 @@ async fn debian_clusters_fail_over_rejoin_and_roll_without_losing_commits() {
         .iter()
         .find(|h| h.index() != 0 && h.node_name() != new_name)
         .unwrap();
-    assert_eq!(primaries(&fleet).await, [new_name.clone()]);
+    assert_eq!(primaries(&fleet).await, std::slice::from_ref(&new_name));
     assert_streaming(new, &[other]).await;
     // The new primary's own file, under /etc, admits the other standby.
     let hba = std::fs::read_to_string(new.hba_path()).unwrap();
