@@ -602,9 +602,21 @@ pub async fn run_local(inventory: &Inventory, mut req: OpRequest, d: Deadlines, 
     let (ctx, _, _) = crate::ops::begin(inventory, &mut req, &crate::journal::local_caller(), Some(tx), Default::default())?;
     let view = tokio::spawn(render_events(rx, display));
     let result = crate::ops::execute(inventory, &req, d, &ctx).await;
-    crate::ops::finish(ctx, &result, false);
+    let fin = crate::ops::finish(ctx, &result, false);
     let _ = view.await;
-    result
+    unjournaled(result, fin)
+}
+
+/// The result, unless its end could not be journaled (`finish` says so in
+/// the final event's error while the operation itself succeeded).
+fn unjournaled(result: Result<Rendered, CoordinatorError>, fin: pgfleet_proto::coordinator::v1::OperationFinished) -> Result<Rendered, CoordinatorError> {
+    match (result, fin.error) {
+        (Ok(_), Some(message)) => Err(CoordinatorError::Remote { message, exit_code: fin.exit_code.max(1) }),
+        (Err(e), Some(message)) if message != e.to_string() => {
+            Err(CoordinatorError::Remote { message, exit_code: fin.exit_code.max(1) })
+        }
+        (result, _) => result,
+    }
 }
 
 async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) -> Result<Outcome, CoordinatorError> {
@@ -653,9 +665,9 @@ async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) 
             } else {
                 crate::ops::resume::resume(inventory, &rec, &req, d, &ctx).await
             };
-            crate::ops::finish(ctx, &result, abort);
+            let fin = crate::ops::finish(ctx, &result, abort);
             let _ = view.await;
-            print_rendered(&result?, *json)?;
+            print_rendered(&unjournaled(result, fin)?, *json)?;
         }
     }
     Ok(Outcome::Done)

@@ -15,12 +15,11 @@
 //! the step code is synchronous, so writes wait on the runtime here
 //! (`block_in_place`): a step never acts before etcd acknowledged its line.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
 use serde::Deserialize;
-use tokio::sync::OnceCell;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,18 +64,43 @@ pub struct EtcdError {
     pub message: String,
 }
 
-/// A connection to etcd and this process's lease, both made on first use.
+/// A connection to etcd and this process's lease, both made on first use,
+/// and made again when the lease was lost.
 pub struct EtcdStore {
     pub config: EtcdConfig,
-    session: OnceCell<(Client, i64)>,
+    session: tokio::sync::Mutex<Option<Session>>,
+    /// One client per member, made on first use. Requests go to one member
+    /// at a time and move to the next when it fails: etcd-client's balanced
+    /// channel kept sending to a member that was gone.
+    members: tokio::sync::Mutex<Vec<Option<Client>>>,
+    /// The member the last successful request went through.
+    preferred: std::sync::atomic::AtomicUsize,
+}
+
+/// One lease and the client it was granted through. `valid_until` is when
+/// etcd may let the lease expire at the earliest: the moment the last
+/// successful keep-alive was *sent* plus the TTL etcd answered with, so
+/// the round trip counts against us, never for us.
+#[derive(Clone)]
+struct Session {
+    lease: i64,
+    valid_until: Arc<Mutex<Instant>>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Session {
+    fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn alive(&self) -> bool {
+        !self.lost.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < self.valid_until()
+    }
 }
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdStore")
-            .field("config", &self.config)
-            .field("lease", &self.session.get().map(|s| s.1))
-            .finish()
+        f.debug_struct("EtcdStore").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -86,8 +110,8 @@ impl std::fmt::Debug for EtcdStore {
 /// worker; here it is the lesser evil until the journal API is async: a
 /// journal line must be acknowledged before its step acts, the steps call
 /// the journal synchronously, and block_in_place at least hands this
-/// worker's other tasks to another one. Every etcd request has a 5 s
-/// deadline, which bounds the stall.
+/// worker's other tasks to another one. Every etcd request has a 2 s
+/// deadline and at most four attempts, which bounds the stall.
 #[allow(clippy::disallowed_methods)]
 pub fn block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
@@ -95,9 +119,12 @@ pub fn block<F: std::future::Future>(f: F) -> F::Output {
 
 impl EtcdStore {
     pub fn new(config: EtcdConfig) -> Arc<Self> {
+        let n = config.endpoints.len();
         Arc::new(EtcdStore {
             config,
-            session: OnceCell::new(),
+            session: tokio::sync::Mutex::new(None),
+            members: tokio::sync::Mutex::new(vec![None; n]),
+            preferred: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -112,84 +139,153 @@ impl EtcdStore {
         format!("{}/{rest}", self.config.prefix.trim_end_matches('/'))
     }
 
-    /// The client and this process's lease (kept alive in the background
-    /// for as long as the process lives).
+    /// The client and this process's lease, kept alive in the background;
+    /// a new lease when the last one was lost (etcd unreachable for longer
+    /// than its TTL, or the lease revoked), so locks and leadership taken
+    /// under the old one are never assumed to hold.
     pub async fn session(&self) -> Result<(Client, i64), EtcdError> {
-        let s = self
-            .session
-            .get_or_try_init(|| async {
-                let opts = ConnectOptions::new()
-                    .with_connect_timeout(Duration::from_secs(3))
-                    .with_timeout(Duration::from_secs(5));
-                let mut client = Client::connect(&self.config.endpoints, Some(opts)).await.map_err(|e| self.err(e))?;
-                let ttl = self.config.lease_ttl.as_secs() as i64;
-                let lease = client.lease_grant(ttl, None).await.map_err(|e| self.err(e))?.id();
-                let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.map_err(|e| self.err(e))?;
-                let every = self.config.lease_ttl / 3;
-                tokio::spawn(async move {
-                    loop {
-                        if keeper.keep_alive().await.is_err() {
-                            tracing::error!(lease, "cannot renew the etcd lease: locks and leadership will expire");
-                            return;
-                        }
-                        match responses.message().await {
-                            Ok(Some(r)) if r.ttl() > 0 => {}
-                            _ => {
-                                tracing::error!(lease, "the etcd lease expired: locks and leadership are lost");
-                                return;
-                            }
-                        }
-                        tokio::time::sleep(every).await;
-                    }
-                });
-                Ok::<_, EtcdError>((client, lease))
-            })
-            .await?;
-        Ok(s.clone())
+        let lease = self.lease().await?;
+        Ok((self.member(self.preferred()).await?, lease))
+    }
+
+    fn preferred(&self) -> usize {
+        self.preferred.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The client of member `i` (modulo their number), connected on first use.
+    async fn member(&self, i: usize) -> Result<Client, EtcdError> {
+        let mut members = self.members.lock().await;
+        let i = i % members.len().max(1);
+        if let Some(c) = members.get(i).and_then(Option::as_ref) {
+            return Ok(c.clone());
+        }
+        let c = connect(&self.config.endpoints[i..=i]).await.map_err(|e| self.err(e))?;
+        members[i] = Some(c.clone());
+        Ok(c)
+    }
+
+    /// This process's live lease, granted (through whichever member
+    /// answers) when there is none.
+    async fn lease(&self) -> Result<i64, EtcdError> {
+        let mut slot = self.session.lock().await;
+        if let Some(s) = slot.as_ref()
+            && s.alive()
+        {
+            return Ok(s.lease);
+        }
+        if let Some(s) = slot.take() {
+            tracing::warn!(lease = s.lease, "the etcd lease was lost; taking a new one");
+        }
+        let ttl = self.config.lease_ttl.as_secs() as i64;
+        let mut last = String::new();
+        for k in 0..self.config.endpoints.len() {
+            let i = self.preferred() + k;
+            let mut c = self.member(i).await?;
+            let sent = Instant::now();
+            match c.lease_grant(ttl, None).await {
+                Ok(granted) => {
+                    self.preferred.store(i % self.config.endpoints.len(), std::sync::atomic::Ordering::Relaxed);
+                    let session = Session {
+                        lease: granted.id(),
+                        valid_until: Arc::new(Mutex::new(sent + Duration::from_secs(granted.ttl().max(0) as u64))),
+                        lost: Arc::default(),
+                    };
+                    tokio::spawn(keep_alive(session.clone(), self.config.endpoints.clone(), i, self.config.lease_ttl));
+                    *slot = Some(session.clone());
+                    return Ok(session.lease);
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(self.err(format!("granting a lease: {last}")))
+    }
+
+    /// Until when this process's lease is sure to be alive in etcd (see
+    /// [`Session`]); `None` when there is no live lease.
+    pub async fn lease_valid_until(&self, lease: i64) -> Option<Instant> {
+        let slot = self.session.lock().await;
+        slot.as_ref().filter(|s| s.lease == lease && s.alive()).map(Session::valid_until)
     }
 
     /// A client without a request deadline, for calls that wait as long as
-    /// they must (an election campaign waits for the current leader to go).
-    pub async fn waiting_client(&self) -> Result<Client, EtcdError> {
-        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(3));
-        Client::connect(&self.config.endpoints, Some(opts)).await.map_err(|e| self.err(e))
+    /// they must (an election campaign waits for the current leader to go),
+    /// through member `attempt` after the preferred one.
+    pub async fn waiting_client(&self, attempt: usize) -> Result<Client, EtcdError> {
+        let i = (self.preferred() + attempt) % self.config.endpoints.len().max(1);
+        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        Client::connect(&self.config.endpoints[i..=i], Some(opts)).await.map_err(|e| self.err(e))
+    }
+
+    /// Runs one etcd request with this process's client and lease, again
+    /// (up to [`ATTEMPTS`] times, with a growing pause) when it fails: a
+    /// member that just died, or a raft election in progress, fails a
+    /// request that the next attempt, through another member, completes.
+    /// Every request here is idempotent (puts of the same value, a lock
+    /// that recognizes its own holder).
+    async fn retrying<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client, i64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            let i = self.preferred() + attempt as usize - 1;
+            let outcome = match (self.lease().await, self.member(i).await) {
+                (Ok(lease), Ok(c)) => f(c, lease).await.map_err(|e| e.to_string()),
+                (Err(e), _) | (_, Err(e)) => Err(e.message),
+            };
+            match outcome {
+                Ok(v) => {
+                    self.preferred.store(i % self.config.endpoints.len().max(1), std::sync::atomic::Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    tracing::warn!(what, attempt, error = %e, "etcd request failed");
+                    last = e;
+                }
+            }
+            if attempt < ATTEMPTS {
+                tokio::time::sleep(RETRY_PAUSE * attempt).await;
+            }
+        }
+        Err(self.err(format!("{what}: {last} (tried {ATTEMPTS} times)")))
     }
 
     /// Takes `lock/CLUSTER` for `holder` unless someone holds it; returns
     /// the holder otherwise.
     pub fn try_lock(&self, cluster: &str, holder: &str) -> Result<Result<(), String>, EtcdError> {
-        block(async {
-            let (mut c, lease) = self.session().await?;
-            let key = self.key(&format!("lock/{cluster}"));
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.clone(), holder, Some(PutOptions::new().with_lease(lease)))])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let r = c.txn(txn).await.map_err(|e| self.err(e))?;
-            if r.succeeded() {
-                return Ok(Ok(()));
+        let key = self.key(&format!("lock/{cluster}"));
+        block(self.retrying("taking the cluster lock", |mut c, lease| {
+            let key = key.clone();
+            async move {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.clone(), holder, Some(PutOptions::new().with_lease(lease)))])
+                    .or_else([TxnOp::get(key.clone(), None)]);
+                if c.txn(txn).await?.succeeded() {
+                    return Ok(Ok(()));
+                }
+                let now = c.get(key, None).await?;
+                let held_by = now.kvs().first().and_then(|kv| kv.value_str().ok()).unwrap_or("unknown").to_owned();
+                // An earlier attempt that took it, whose answer was lost.
+                Ok(if held_by == holder { Ok(()) } else { Err(held_by) })
             }
-            let now = c.get(key, None).await.map_err(|e| self.err(e))?;
-            Ok(Err(now
-                .kvs()
-                .first()
-                .and_then(|kv| kv.value_str().ok())
-                .unwrap_or("unknown")
-                .to_owned()))
-        })
+        }))
     }
 
     /// Releases `lock/CLUSTER` if `holder` still holds it.
     pub fn unlock(&self, cluster: &str, holder: &str) -> Result<(), EtcdError> {
-        block(async {
-            let (mut c, _) = self.session().await?;
-            let key = self.key(&format!("lock/{cluster}"));
-            let txn = Txn::new()
-                .when([Compare::value(key.clone(), CompareOp::Equal, holder)])
-                .and_then([TxnOp::delete(key, None)]);
-            c.txn(txn).await.map_err(|e| self.err(e))?;
-            Ok(())
-        })
+        let key = self.key(&format!("lock/{cluster}"));
+        block(self.retrying("releasing the cluster lock", |mut c, _| {
+            let key = key.clone();
+            async move {
+                let txn = Txn::new()
+                    .when([Compare::value(key.clone(), CompareOp::Equal, holder)])
+                    .and_then([TxnOp::delete(key, None)]);
+                c.txn(txn).await?;
+                Ok(())
+            }
+        }))
     }
 
     pub fn lock_holder(&self, cluster: &str) -> Result<Option<String>, EtcdError> {
@@ -197,40 +293,128 @@ impl EtcdStore {
     }
 
     pub fn get(&self, rest: &str) -> Result<Option<String>, EtcdError> {
-        block(async {
-            let (mut c, _) = self.session().await?;
-            let r = c.get(self.key(rest), None).await.map_err(|e| self.err(e))?;
-            Ok(r.kvs().first().and_then(|kv| kv.value_str().ok()).map(str::to_owned))
-        })
+        let key = self.key(rest);
+        block(self.retrying("reading", |mut c, _| {
+            let key = key.clone();
+            async move {
+                let r = c.get(key, None).await?;
+                Ok(r.kvs().first().and_then(|kv| kv.value_str().ok()).map(str::to_owned))
+            }
+        }))
     }
 
     pub fn put(&self, rest: &str, value: &str) -> Result<(), EtcdError> {
-        block(async {
-            let (mut c, _) = self.session().await?;
-            c.put(self.key(rest), value, None).await.map_err(|e| self.err(e))?;
-            Ok(())
-        })
+        let key = self.key(rest);
+        block(self.retrying("writing", |mut c, _| {
+            let key = key.clone();
+            async move {
+                c.put(key, value, None).await?;
+                Ok(())
+            }
+        }))
     }
 
     /// Every value under `rest`, in key order.
     pub fn list(&self, rest: &str) -> Result<Vec<String>, EtcdError> {
-        block(async {
-            let (mut c, _) = self.session().await?;
-            let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Key, SortOrder::Ascend);
-            let r = c.get(self.key(rest), Some(opts)).await.map_err(|e| self.err(e))?;
-            Ok(r.kvs().iter().filter_map(|kv| kv.value_str().ok()).map(str::to_owned).collect())
-        })
+        let key = self.key(rest);
+        block(self.retrying("listing", |mut c, _| {
+            let key = key.clone();
+            async move {
+                let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Key, SortOrder::Ascend);
+                let r = c.get(key, Some(opts)).await?;
+                Ok(r.kvs().iter().filter_map(|kv| kv.value_str().ok()).map(str::to_owned).collect())
+            }
+        }))
     }
 
     /// How many keys are under `rest`.
     pub fn count(&self, rest: &str) -> Result<usize, EtcdError> {
-        block(async {
-            let (mut c, _) = self.session().await?;
-            let r = c
-                .get(self.key(rest), Some(GetOptions::new().with_prefix().with_count_only()))
-                .await
-                .map_err(|e| self.err(e))?;
-            Ok(usize::try_from(r.count()).unwrap_or(0))
-        })
+        let key = self.key(rest);
+        block(self.retrying("counting", |mut c, _| {
+            let key = key.clone();
+            async move {
+                let r = c.get(key, Some(GetOptions::new().with_prefix().with_count_only())).await?;
+                Ok(usize::try_from(r.count()).unwrap_or(0))
+            }
+        }))
+    }
+}
+
+/// A client of `endpoints` with the request deadline every call here has.
+async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(REQUEST_TIMEOUT);
+    Client::connect(endpoints, Some(opts)).await
+}
+
+/// How many times one etcd request is tried, and the pause after the first
+/// failure (then twice, three times as long): with a request deadline of
+/// [`REQUEST_TIMEOUT`], a request gives up after about 12 s.
+const ATTEMPTS: u32 = 4;
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Renews the lease every third of its TTL. A keep-alive stream that
+/// breaks (the member it ran through died) is opened again through the
+/// client, which reaches the remaining members, until the lease could have
+/// expired: then the session is marked lost and the next `session()` takes
+/// a new lease.
+async fn keep_alive(session: Session, endpoints: Vec<String>, first: usize, ttl: Duration) {
+    use std::sync::atomic::Ordering;
+    let lease = session.lease;
+    let every = ttl / 3;
+    let mut member = first;
+    let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    loop {
+        if Instant::now() >= session.valid_until() {
+            tracing::error!(lease, "the etcd lease may have expired unrenewed: locks and leadership under it are lost");
+            session.lost.store(true, Ordering::SeqCst);
+            return;
+        }
+        if stream.is_none() {
+            // Through the next member each time: the last one may be gone.
+            let i = member % endpoints.len().max(1);
+            member += 1;
+            let opened = tokio::time::timeout(every, async {
+                let mut c = connect(&endpoints[i..=i]).await?;
+                c.lease_keep_alive(lease).await
+            })
+            .await;
+            match opened {
+                Ok(Ok(s)) => {
+                    member = i;
+                    stream = Some(s);
+                }
+                Ok(Err(e)) => tracing::warn!(lease, member = %endpoints[i], error = %e, "cannot open the etcd lease keep-alive; trying another member"),
+                Err(_) => tracing::warn!(lease, member = %endpoints[i], "opening the etcd lease keep-alive timed out; trying another member"),
+            }
+        }
+        let mut renewed = false;
+        if let Some((keeper, responses)) = stream.as_mut() {
+            let sent = Instant::now();
+            let answer = tokio::time::timeout(every, async {
+                keeper.keep_alive().await?;
+                responses.message().await
+            })
+            .await;
+            match answer {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                    *session.valid_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        sent + Duration::from_secs(r.ttl() as u64);
+                    renewed = true;
+                }
+                Ok(Ok(Some(_))) => {
+                    tracing::error!(lease, "etcd says the lease is gone: locks and leadership under it are lost");
+                    session.lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                    tracing::warn!(lease, "the etcd lease keep-alive broke (a member gone?); reopening it");
+                    stream = None;
+                }
+            }
+        }
+        tokio::time::sleep(if renewed { every } else { Duration::from_millis(200) }).await;
     }
 }

@@ -194,17 +194,25 @@ impl Operation {
     }
 
     /// The last line: `outcome` is "succeeded", "failed", "cancelled",
-    /// "aborted"; `detail` the error or what was left behind.
-    pub fn end(mut self, outcome: &str, detail: &str) {
-        self.finish(outcome, detail);
+    /// "aborted"; `detail` the error or what was left behind. An end that
+    /// cannot be written (tried twice: the second attempt may reach another
+    /// etcd member) is an error the caller must report: the journal will
+    /// show the operation as interrupted.
+    pub fn end(mut self, outcome: &str, detail: &str) -> Result<(), JournalError> {
+        self.finish(outcome, detail)
     }
 
-    fn finish(&mut self, outcome: &str, detail: &str) {
+    fn finish(&mut self, outcome: &str, detail: &str) -> Result<(), JournalError> {
         if self.ended {
-            return;
+            return Ok(());
         }
         self.ended = true;
-        let _ = self.record("end", outcome, detail);
+        let written = self
+            .record("end", outcome, detail)
+            .or_else(|e| {
+                tracing::warn!(error = %e, "cannot journal the end of the operation; trying once more");
+                self.record("end", outcome, detail)
+            });
         match &mut self.lock {
             // The lock file names the running operation only while it runs.
             Lock::File(f) => {
@@ -216,6 +224,7 @@ impl Operation {
                 }
             }
         }
+        written
     }
 }
 
@@ -224,7 +233,9 @@ impl Operation {
 /// start, which is how an interrupted operation reads.)
 impl Drop for Operation {
     fn drop(&mut self) {
-        self.finish("failed", "");
+        if let Err(e) = self.finish("failed", "") {
+            tracing::error!(error = %e, "cannot journal the end of a failed operation: it will read as interrupted");
+        }
     }
 }
 
@@ -320,8 +331,8 @@ mod tests {
         assert_eq!(me.state, "running");
         assert_eq!(me.caller, "tester");
         assert_eq!(me.request.as_ref().unwrap()["kind"], "switchover");
-        op.end("succeeded", "");
-        other.end("failed", "boom");
+        op.end("succeeded", "").unwrap();
+        other.end("failed", "boom").unwrap();
         let again = Operation::begin(&store, "main", "rebuild", "node2", "tester", &req).unwrap();
         let id = again.id.clone();
         // A process that dies leaves no end line and no lock: interrupted.
@@ -373,7 +384,7 @@ mod tests {
         nix::unistd::chown(&dir, Some(nobody), Some(nix::unistd::Gid::from_raw(65534))).unwrap();
         let store = Store::Files(dir.clone());
         let op = Operation::begin(&store, "c", "rebuild", "n", "root", &serde_json::json!({})).unwrap();
-        op.end("succeeded", "");
+        op.end("succeeded", "").unwrap();
         remember_sync(&store, "c", "FIRST 1 (a)").unwrap();
         for f in ["c.lock", "c.journal", "c.sync"] {
             assert_eq!(std::fs::metadata(dir.join(f)).unwrap().uid(), 65534, "{f}");

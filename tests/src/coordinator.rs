@@ -145,6 +145,11 @@ impl Coordinator {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the process still runs (it was not killed and did not exit).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

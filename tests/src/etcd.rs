@@ -16,6 +16,9 @@ const ETCD: &str = "/usr/bin/etcd";
 #[derive(Debug)]
 pub struct EtcdCluster {
     members: Vec<Option<Child>>,
+    /// How each member was started, to start it again after a kill (its
+    /// data directory makes it rejoin as the same member).
+    argv: Vec<Vec<std::ffi::OsString>>,
     /// http://127.0.0.1:PORT of each member.
     pub client_urls: Vec<String>,
     dir: PathBuf,
@@ -38,26 +41,29 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let token = format!("pgfleet-test-{}", std::process::id());
-        let mut cluster = EtcdCluster { members: Vec::new(), client_urls: Vec::new(), dir: dir.to_owned() };
+        let mut cluster = EtcdCluster { members: Vec::new(), argv: Vec::new(), client_urls: Vec::new(), dir: dir.to_owned() };
         for (i, (client, peer)) in ports.iter().enumerate() {
             let data = dir.join(format!("m{i}"));
             std::fs::create_dir_all(&data)?;
-            let log = std::fs::File::create(dir.join(format!("m{i}.log")))?;
             let client_url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let mut cmd = Command::new(ETCD);
-            cmd.args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(&data)
-                .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", &token])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            die_with_parent(&mut cmd);
-            cluster.members.push(Some(cmd.spawn().context("starting etcd")?));
+            let mut argv: Vec<std::ffi::OsString> = Vec::new();
+            for a in ["--name", &format!("m{i}"), "--data-dir"] {
+                argv.push(a.into());
+            }
+            argv.push(data.into_os_string());
+            for a in [
+                "--listen-client-urls", &client_url, "--advertise-client-urls", &client_url,
+                "--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url,
+                "--initial-cluster", &initial, "--initial-cluster-state", "new",
+                "--initial-cluster-token", &token,
+            ] {
+                argv.push(a.into());
+            }
+            cluster.argv.push(argv);
+            cluster.members.push(None);
             cluster.client_urls.push(client_url);
+            cluster.spawn(i)?;
         }
         let started = Instant::now();
         for (client, _) in &ports {
@@ -84,6 +90,76 @@ impl EtcdCluster {
             let _ = c.wait();
         }
     }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("m{i}.log")))?;
+        let mut cmd = Command::new(ETCD);
+        cmd.args(&self.argv[i]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        die_with_parent(&mut cmd);
+        self.members[i] = Some(cmd.spawn().context("starting etcd")?);
+        Ok(())
+    }
+
+    /// Starts a killed member again (it rejoins from its data directory)
+    /// and waits until it listens.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        self.spawn(i)?;
+        let port: u16 = self.client_urls[i].rsplit(':').next().and_then(|p| p.parse().ok()).context("member port")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let started = Instant::now();
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("etcd member m{i} did not listen again within 20s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The index of the member that is raft leader now, asked of the live
+    /// members through etcd's JSON gateway (`/v3/maintenance/status`).
+    pub fn raft_leader(&self) -> Option<usize> {
+        let mut ids = Vec::new();
+        let mut leader = None;
+        for (i, url) in self.client_urls.iter().enumerate() {
+            if self.members[i].is_none() {
+                ids.push(None);
+                continue;
+            }
+            let status = http_post_json(url, "/v3/maintenance/status", "{}").ok();
+            let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+            ids.push(status.as_ref().and_then(|v| v.get("header").and_then(|h| field(h, "member_id"))));
+            if leader.is_none() {
+                leader = status.as_ref().and_then(|v| field(v, "leader"));
+            }
+        }
+        let leader = leader?;
+        ids.iter().position(|id| id.as_deref() == Some(leader.as_str()))
+    }
+}
+
+/// A minimal HTTP/1.1 POST to a loopback etcd member, for its JSON gateway.
+fn http_post_json(base: &str, path: &str, body: &str) -> Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let host = base.trim_start_matches("http://");
+    let mut s = TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    // The gateway may answer chunked: the JSON object is what lies between
+    // the first '{' and the last '}'.
+    let (start, end) = (json.find('{').context("no JSON")?, json.rfind('}').context("no JSON")?);
+    Ok(serde_json::from_str(&json[start..=end])?)
 }
 
 impl Drop for EtcdCluster {

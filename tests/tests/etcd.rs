@@ -7,8 +7,13 @@
 mod common;
 use std::time::{Duration, Instant};
 
-use common::{exec, json, one, start_agents, start_primary};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::{exec, json, one, pgfleet, start_agents, start_primary};
 use pgfleet_tests::{CliOutput, Coordinator, EtcdCluster, TestFleet};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 const CLI_WAIT: Duration = Duration::from_secs(120);
 const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -73,9 +78,13 @@ async fn two_coordinators_on_etcd_one_acts_and_the_other_takes_over_and_resumes(
     assert!(elected(&leader) && !elected(&follower));
 
     // The follower does not act: it names the leader, and the CLI goes there.
-    let out = remote(&fleet, &follower.url, &["status"]);
+    let out = remote(&fleet, &follower.url, &["ops", "list"]);
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(out.stderr.contains(&format!("{} is a follower; the leader is {}", follower.url, leader.url)), "{out}");
+    // A view of the fleet needs no leader: the follower answers it itself.
+    let out = remote(&fleet, &follower.url, &["status"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(!out.stderr.contains("is a follower"), "{out}");
 
     // A rebuild on the leader; the leader dies in the middle of the copy.
     let args = ["--coordinator", leader.url.as_str(), "rebuild", "node1", "--json"];
@@ -110,4 +119,142 @@ async fn two_coordinators_on_etcd_one_acts_and_the_other_takes_over_and_resumes(
     assert!(out.stdout.starts_with("rebuilt node1 from node0"), "{out}");
     assert_eq!(one(fleet.host(1), "select pg_is_in_recovery()").await, "t");
     assert_eq!(op_state(&fleet, &follower.url, &id).as_deref(), Some("succeeded"));
+}
+
+/// Whether the coordinator behind `ch` says SERVING for the empty service
+/// name (what a load balancer's probe asks); an unanswered probe is not.
+async fn serving(ch: &tonic::transport::Channel) -> bool {
+    let mut h = HealthClient::new(ch.clone());
+    let asked = h.check(HealthCheckRequest { service: String::new() });
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), asked).await,
+        Ok(Ok(r)) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    )
+}
+
+/// Asks both coordinators every 100 ms, from now until stopped: each look
+/// is (a serving, b serving).
+struct Poller {
+    stop: Arc<AtomicBool>,
+    looks: Arc<Mutex<Vec<(bool, bool)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Poller {
+    fn start(a: tonic::transport::Channel, b: tonic::transport::Channel) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let looks: Arc<Mutex<Vec<(bool, bool)>>> = Arc::default();
+        let (s, l) = (stop.clone(), looks.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                let (x, y) = tokio::join!(serving(&a), serving(&b));
+                l.lock().unwrap().push((x, y));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Poller { stop, looks, task }
+    }
+
+    /// How many looks so far, and in how many both served.
+    fn tally(&self) -> (usize, usize) {
+        let looks = self.looks.lock().unwrap();
+        (looks.len(), looks.iter().filter(|(x, y)| *x && *y).count())
+    }
+
+    /// Waits (up to `within`) until the last look shows exactly one serving.
+    async fn wait_one_serving(&self, within: Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some((x, y)) = self.looks.lock().unwrap().last().copied()
+                && x != y
+            {
+                return;
+            }
+            assert!(started.elapsed() < within, "no coordinator SERVING within {within:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let tally = self.tally();
+        self.task.await.unwrap();
+        tally
+    }
+}
+
+/// Two coordinators on a 3-member etcd ride through etcd's own faults:
+/// each member killed in turn (the raft leader first) while operations run
+/// through the coordinators, then two members down at once (no quorum) and
+/// back. Asked every 100 ms, never two coordinators say SERVING; neither
+/// coordinator exits; operations journaled during a one-member loss finish;
+/// after quorum returns one coordinator leads again and acts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_ride_through_etcd_faults_and_never_two_serve() {
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    let mut etcd = EtcdCluster::start(&fleet.dir().join("etcd"), 3).unwrap();
+    let inventory = fleet.inventory_toml("main", &[]).unwrap() + &etcd.inventory_toml(&format!("{}s", LEASE_TTL.as_secs()));
+    std::fs::write(fleet.inventory_path(), inventory).unwrap();
+    let mut a = fleet.start_coordinator_named("coordinator-a").unwrap();
+    let mut b = fleet.start_coordinator_named("coordinator-b").unwrap();
+    wait_for_leader(&[&a, &b], Duration::from_secs(30));
+    let pki = fleet.pki_dir();
+    let poller = Poller::start(
+        a.channel_as(&pki, "test-reader").await.unwrap(),
+        b.channel_as(&pki, "test-reader").await.unwrap(),
+    );
+    poller.wait_one_serving(Duration::from_secs(10)).await;
+
+    let raft_leader = etcd.raft_leader().expect("no raft leader among the etcd members");
+    let mut order = vec![raft_leader];
+    order.extend((0..3).filter(|&i| i != raft_leader));
+    for (round, member) in order.into_iter().enumerate() {
+        eprintln!("killing etcd member m{member}");
+        etcd.kill(member);
+        // An operation through the coordinators while the member is gone
+        // (the CLI follows a follower's redirect to the leader).
+        let args: &[&str] = if round % 2 == 0 { &["sync", "set", "node1"] } else { &["sync", "set", "--off"] };
+        let out = remote(&fleet, &a.url, args);
+        assert_eq!(out.code(), Some(0), "with m{member} down: {out}");
+        // Longer than two lease TTLs: a coordinator that could not renew
+        // would have stepped down or gone by now.
+        tokio::time::sleep(LEASE_TTL * 2 + Duration::from_secs(1)).await;
+        assert!(a.is_running() && b.is_running(), "a coordinator exited:\n{}\n{}", a.log_text(), b.log_text());
+        poller.wait_one_serving(Duration::from_secs(10)).await;
+        etcd.restart(member).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    // Two members down: no quorum, no lease renewal. The leader stops
+    // acting before its lease can expire; nobody exits.
+    eprintln!("killing etcd members m0 and m1");
+    etcd.kill(0);
+    etcd.kill(1);
+    tokio::time::sleep(LEASE_TTL + Duration::from_secs(2)).await;
+    let (looks, both) = poller.tally();
+    let last = poller.looks.lock().unwrap().last().copied().unwrap();
+    assert_eq!(last, (false, false), "a coordinator still serves without an etcd quorum ({looks} looks)");
+    assert!(a.is_running() && b.is_running(), "a coordinator exited:\n{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(both, 0);
+    etcd.restart(0).unwrap();
+    etcd.restart(1).unwrap();
+    poller.wait_one_serving(Duration::from_secs(30)).await;
+    let out = remote(&fleet, &b.url, &["sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "after quorum came back: {out}");
+
+    let (looks, both) = poller.finish().await;
+    eprintln!("{looks} looks at both coordinators, {both} with both SERVING");
+    assert!(looks > 100, "only {looks} looks");
+    assert_eq!(both, 0, "two coordinators said SERVING at the same look");
+    assert!(a.is_running() && b.is_running());
+    // Every operation's end is in the journal: none reads as interrupted.
+    let out = remote(&fleet, &b.url, &["ops", "list", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let states: Vec<String> = json(&out).as_array().unwrap().iter().map(|o| o["state"].as_str().unwrap().to_owned()).collect();
+    assert!(states.iter().all(|s| s == "succeeded"), "{states:?}");
 }

@@ -249,10 +249,19 @@ pub fn finish(mut ctx: OpCtx, result: &Result<Rendered, CoordinatorError>, abort
         Err(e) if e.is_cancelled() => (OperationState::Cancelled, "cancelled", e.to_string()),
         Err(e) => (OperationState::Failed, "failed", e.to_string()),
     };
-    if let Some(j) = ctx.take_journal() {
-        j.end(outcome, &detail);
-    }
-    let fin = match result {
+    // An end the journal did not take is said, with the exit code of a
+    // failure: `ops list` will show the operation as interrupted.
+    let unjournaled = ctx
+        .take_journal()
+        .and_then(|j| j.end(outcome, &detail).err())
+        .map(|e| {
+            format!(
+                "the operation {outcome}, but its end could not be written to the journal ({e}): \
+                 `pgfleet ops list` shows it as interrupted; check the cluster with `pgfleet status`, \
+                 then `pgfleet ops abort` it"
+            )
+        });
+    let mut fin = match result {
         Ok(r) => pb::OperationFinished {
             state: state as i32,
             text: r.text.clone(),
@@ -268,6 +277,14 @@ pub fn finish(mut ctx: OpCtx, result: &Result<Rendered, CoordinatorError>, abort
             exit_code: if e.is_usage() { 2 } else { 1 },
         },
     };
+    if let Some(note) = unjournaled {
+        tracing::error!("{note}");
+        fin.error = Some(match fin.error.take() {
+            Some(e) => format!("{e}; {note}"),
+            None => note,
+        });
+        fin.exit_code = fin.exit_code.max(1);
+    }
     ctx.emit(pb::operation_event::Event::Finished(fin.clone()));
     fin
 }

@@ -94,16 +94,30 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
     };
     let leadership = match &store {
         crate::journal::Store::Etcd(e) => {
-            // Followers are NOT_SERVING until elected.
+            // Followers are NOT_SERVING until elected, under the service's
+            // name and "" alike (probes that ask for "" must not route to a
+            // follower).
             health_reporter
                 .set_not_serving::<CoordinatorServer<service::CoordinatorService>>()
                 .await;
+            health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             let (reporter, store) = (health_reporter.clone(), store.clone());
-            leader::Leadership::elect(e.clone(), config.advertise_url(), move || {
+            leader::Leadership::elect(e.clone(), config.advertise_url(), move |elected| {
+                let (reporter, store) = (reporter.clone(), store.clone());
                 tokio::spawn(async move {
-                    reporter.set_serving::<CoordinatorServer<service::CoordinatorService>>().await;
-                    // A dead leader's operations show here: its lease is gone.
-                    report_interrupted(&store);
+                    let status = if elected {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    reporter.set_service_status("", status).await;
+                    if elected {
+                        reporter.set_serving::<CoordinatorServer<service::CoordinatorService>>().await;
+                        // A dead leader's operations show here: its lease is gone.
+                        report_interrupted(&store);
+                    } else {
+                        reporter.set_not_serving::<CoordinatorServer<service::CoordinatorService>>().await;
+                    }
                 });
             })
         }

@@ -62,9 +62,11 @@ impl CoordinatorService {
     fn gate<T>(&self, req: &Request<T>, method: &'static str) -> Result<Caller, Status> {
         let caller = auth::caller_of(req, self.state.tls)
             .inspect_err(|s| self.state.audit.record_unidentified(method, s))?;
-        if !self.state.leadership.is_leader() {
-            // Only the leader acts and keeps running operations' events:
-            // the caller is pointed at it (the CLI follows).
+        // Views of the fleet need no etcd and no leader: any coordinator
+        // answers them. Only the leader acts and keeps running operations'
+        // events: for the rest the caller is pointed at it (the CLI follows).
+        let fleet_view = matches!(method, "GetFleetStatus" | "WatchFleet" | "GetSlots" | "GetWal" | "GetSync");
+        if !fleet_view && !self.state.leadership.is_leader() {
             let leader = self.state.leadership.leader_url();
             let mut s = Status::unavailable(match &leader {
                 Some(l) => format!("this coordinator is a follower; the leader is at {l}"),
