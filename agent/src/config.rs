@@ -195,17 +195,8 @@ impl AgentConfig {
         if let Some(p) = &self.postgres.config_file {
             return Some(p.clone());
         }
-        let debian = |version: &str, cluster: &str| {
-            PathBuf::from(format!("/etc/postgresql/{version}/{cluster}/postgresql.conf"))
-        };
-        match &self.service {
-            ServiceConfig::PgCtl { .. } => None,
-            ServiceConfig::PgCtlcluster { version, cluster, .. } => Some(debian(version, cluster)),
-            ServiceConfig::Systemd { unit, .. } => {
-                let (version, cluster) = debian_instance(unit)?;
-                Some(debian(version, cluster))
-            }
-        }
+        let (version, cluster) = self.debian_cluster()?;
+        Some(PathBuf::from(format!("/etc/postgresql/{version}/{cluster}/postgresql.conf")))
     }
 
     /// Where the server writes its log, when it can be known (see
@@ -214,16 +205,20 @@ impl AgentConfig {
         if let Some(p) = &self.postgres.log_file {
             return Some(p.clone());
         }
-        let debian = |version: &str, cluster: &str| {
-            PathBuf::from(format!("/var/log/postgresql/postgresql-{version}-{cluster}.log"))
-        };
+        if let ServiceConfig::PgCtl { log_file, .. } = &self.service {
+            return Some(log_file.clone());
+        }
+        let (version, cluster) = self.debian_cluster()?;
+        Some(PathBuf::from(format!("/var/log/postgresql/postgresql-{version}-{cluster}.log")))
+    }
+
+    /// VERSION and CLUSTER when the service is a Debian cluster: the
+    /// `pg_ctlcluster` backend, or a `postgresql@VERSION-CLUSTER` unit.
+    fn debian_cluster(&self) -> Option<(&str, &str)> {
         match &self.service {
-            ServiceConfig::PgCtl { log_file, .. } => Some(log_file.clone()),
-            ServiceConfig::PgCtlcluster { version, cluster, .. } => Some(debian(version, cluster)),
-            ServiceConfig::Systemd { unit, .. } => {
-                let (version, cluster) = debian_instance(unit)?;
-                Some(debian(version, cluster))
-            }
+            ServiceConfig::PgCtl { .. } => None,
+            ServiceConfig::PgCtlcluster { version, cluster, .. } => Some((version, cluster)),
+            ServiceConfig::Systemd { unit, .. } => debian_instance(unit),
         }
     }
 }

@@ -711,6 +711,39 @@ const INITDB_AUTH: [&str; 3] = [
     "--no-sync",
 ];
 
+/// A bin_dir for an agent (`AgentOptions::bin_dir`) whose `postgres` is
+/// a shell wrapper: the real programs of [`PG_BIN_DIR`] as symlinks, except
+/// pg_ctl (a copy: it looks for `postgres` next to its own resolved path)
+/// and postgres, a script that runs `wrapper` (sh code; `$REAL` is the real
+/// postgres) unless asked for its version, which pg_ctl checks first.
+pub fn wrapped_bin_dir(dir: &Path, wrapper: &str) -> Result<()> {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let real = Path::new(PG_BIN_DIR);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    for entry in std::fs::read_dir(real).with_context(|| format!("listing {PG_BIN_DIR}"))? {
+        let name = entry?.file_name();
+        let to = dir.join(&name);
+        if name == "pg_ctl" {
+            std::fs::copy(real.join(&name), &to)?;
+        } else if name == "postgres" {
+            std::fs::write(
+                &to,
+                format!(
+                    "#!/bin/sh\nREAL={real}/postgres\n\
+                     case \"$1\" in -V|--version) exec \"$REAL\" \"$@\";; esac\n{wrapper}\n",
+                    real = real.display()
+                ),
+            )?;
+        } else {
+            symlink(real.join(&name), &to)?;
+            continue;
+        }
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
 /// Runs a command as root in the root namespace; fails with its output
 /// unless it exits 0 within the run timeout.
 fn run_root(argv: &[&OsStr]) -> Result<Output> {

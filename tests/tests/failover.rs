@@ -1180,41 +1180,18 @@ async fn debian_clusters_fail_over_rejoin_and_roll_without_losing_commits() {
     }
 }
 
-/// A bin_dir for an agent: the real programs, except that while `marker`
-/// exists `postgres` starts with `primary_conninfo` pointing at `bad`
-/// (a port nobody listens on): a standby that cannot come back, whose
-/// server log says why. pg_ctl is a copy (it looks for postgres next to
-/// its own resolved path), the rest symlinks.
+/// A bin_dir for an agent whose `postgres`, while `marker` exists, starts
+/// with `primary_conninfo` pointing at `bad` (a port nobody listens on): a
+/// standby that cannot come back, whose server log says why.
 fn unreachable_upstream_bin_dir(dir: &Path, marker: &Path, bad: &str) {
-    use std::os::unix::fs::{PermissionsExt, symlink};
-    let real = Path::new(pgfleet_tests::host::PG_BIN_DIR);
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for entry in std::fs::read_dir(real).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-        let to = dir.join(&name);
-        match name.as_str() {
-            "pg_ctl" => {
-                std::fs::copy(real.join(&name), &to).unwrap();
-            }
-            "postgres" => std::fs::write(
-                &to,
-                format!(
-                    "#!/bin/sh\n\
-                     case \"$1\" in -V|--version) exec {real}/postgres \"$@\";; esac\n\
-                     if [ -e {marker} ]; then exec {real}/postgres \"$@\" -c \"primary_conninfo={bad}\"; fi\n\
-                     exec {real}/postgres \"$@\"\n",
-                    real = real.display(),
-                    marker = marker.display(),
-                ),
-            )
-            .unwrap(),
-            _ => symlink(real.join(&name), &to).unwrap(),
-        }
-        if name == "pg_ctl" || name == "postgres" {
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-    }
+    pgfleet_tests::host::wrapped_bin_dir(
+        dir,
+        &format!(
+            "if [ -e {marker} ]; then exec \"$REAL\" \"$@\" -c \"primary_conninfo={bad}\"; fi\nexec \"$REAL\" \"$@\"",
+            marker = marker.display()
+        ),
+    )
+    .unwrap();
 }
 
 /// The policy when the only synchronous standby cannot come back: the old

@@ -1296,34 +1296,7 @@ async fn rebuild_fails_cleanly_when_primary_stops_mid_copy() {
 /// would): symlinks to every program, except pg_ctl (a copy: it looks for
 /// `postgres` next to its own resolved path) and postgres (a wrapper).
 fn slow_postgres_bin_dir(dir: &Path, delay: &str) {
-    use std::os::unix::fs::symlink;
-    let real = Path::new(pgfleet_tests::host::PG_BIN_DIR);
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for name in names(real) {
-        let to = dir.join(&name);
-        match name.as_str() {
-            "pg_ctl" => {
-                std::fs::copy(real.join(&name), &to).unwrap();
-            }
-            "postgres" => std::fs::write(
-                &to,
-                format!(
-                    "#!/bin/sh\n\
-                     # pg_ctl checks the version first: answer at once.\n\
-                     case \"$1\" in -V|--version) exec {real}/postgres \"$@\";; esac\n\
-                     sleep {delay}\n\
-                     exec {real}/postgres \"$@\"\n",
-                    real = real.display()
-                ),
-            )
-            .unwrap(),
-            _ => symlink(real.join(&name), &to).unwrap(),
-        }
-        if name == "pg_ctl" || name == "postgres" {
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-    }
+    pgfleet_tests::host::wrapped_bin_dir(dir, &format!("sleep {delay}\nexec \"$REAL\" \"$@\"")).unwrap();
 }
 
 /// `pg_ctl -W start` returns as soon as it has forked the server, before
