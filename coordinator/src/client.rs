@@ -117,6 +117,15 @@ impl AgentCallError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, AgentCallError::Unreachable { .. })
     }
+
+    /// The gRPC code to pass on: an unreachable agent is UNAVAILABLE, an
+    /// agent's own answer keeps its code.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            AgentCallError::Unreachable { .. } => tonic::Code::Unavailable,
+            AgentCallError::Status { code, .. } => *code,
+        }
+    }
 }
 
 /// Deadlines for talking to agents.

@@ -61,6 +61,29 @@ impl CoordinatorError {
         }
     }
 
+    /// The gRPC code of this error, every kind named (no catch-all): bad
+    /// input INVALID_ARGUMENT, an unknown name NOT_FOUND, a refusal
+    /// FAILED_PRECONDITION, a held lock ABORTED, an unreachable agent or
+    /// etcd UNAVAILABLE (DESIGN.md, "Both doors, one check").
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            CoordinatorError::Inventory(_) => Code::FailedPrecondition,
+            CoordinatorError::UnknownName(_) => Code::NotFound,
+            CoordinatorError::InvalidArgument(_) | CoordinatorError::Usage(_) => Code::InvalidArgument,
+            CoordinatorError::Agent(e) => e.code(),
+            CoordinatorError::Rebuild(e) => e.code(),
+            CoordinatorError::Sync(e) => e.code(),
+            CoordinatorError::Move(e) => e.code(),
+            CoordinatorError::Journal(e) => e.code(),
+            CoordinatorError::Cancelled(_) => Code::Cancelled,
+            CoordinatorError::Remote { exit_code: 2, .. } => Code::InvalidArgument,
+            CoordinatorError::Remote { .. } => Code::Unknown,
+            CoordinatorError::NotLeader { .. } => Code::Unavailable,
+            CoordinatorError::Output(_) => Code::Internal,
+        }
+    }
+
     /// Stopped by CancelOperation at a safe point.
     pub fn is_cancelled(&self) -> bool {
         matches!(
@@ -70,5 +93,28 @@ impl CoordinatorError {
                 | CoordinatorError::Move(crate::failover::MoveError::Cancelled(_))
                 | CoordinatorError::Sync(crate::sync::SyncError::Cancelled(_))
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn refusals_locks_and_unreachable_agents_have_their_own_codes() {
+        let busy = CoordinatorError::Journal(JournalError::Busy { cluster: "main".into(), holder: "op".into() });
+        assert_eq!(busy.code(), Code::Aborted);
+        let refused = CoordinatorError::Move(MoveError::Refused("no".into()));
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        let gone = CoordinatorError::Agent(AgentCallError::Unreachable {
+            node: "n".into(),
+            endpoint: "https://x".into(),
+            reason: "refused".into(),
+        });
+        assert_eq!(gone.code(), Code::Unavailable);
+        let unknown = CoordinatorError::UnknownName(UnknownName { kind: "node", name: "x".into(), known: Vec::new() });
+        assert_eq!(unknown.code(), Code::NotFound);
+        assert_eq!(CoordinatorError::Usage("bad".into()).code(), Code::InvalidArgument);
     }
 }

@@ -69,6 +69,20 @@ impl MoveError {
     pub fn is_usage(&self) -> bool {
         matches!(self, MoveError::Invalid { .. })
     }
+
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            MoveError::Invalid { .. } => Code::InvalidArgument,
+            MoveError::Refused(_) | MoveError::DataLossRisk { .. } => Code::FailedPrecondition,
+            MoveError::Agent(e) => e.code(),
+            MoveError::Journal(e) => e.code(),
+            MoveError::Password(e) => e.code(),
+            // A step that failed midway: the operation stopped there.
+            MoveError::Step { .. } => Code::Aborted,
+            MoveError::Cancelled(_) => Code::Cancelled,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

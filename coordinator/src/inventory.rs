@@ -338,6 +338,13 @@ pub enum PasswordError {
     Invalid { cluster: String },
 }
 
+impl PasswordError {
+    /// The coordinator's own setup is wrong: FAILED_PRECONDITION.
+    pub fn code(&self) -> tonic::Code {
+        tonic::Code::FailedPrecondition
+    }
+}
+
 impl Cluster {
     /// The replication password: PGFLEET_REPLICATION_PASSWORD, else the
     /// cluster's password file (refused when group or others may read it).

@@ -58,6 +58,18 @@ pub enum JournalError {
     Etcd(#[from] EtcdError),
 }
 
+impl JournalError {
+    /// A held lock is ABORTED (try again later), an unreachable etcd
+    /// UNAVAILABLE, a state directory that cannot be written INTERNAL.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            JournalError::Io { .. } => tonic::Code::Internal,
+            JournalError::Busy { .. } => tonic::Code::Aborted,
+            JournalError::Etcd(_) => tonic::Code::Unavailable,
+        }
+    }
+}
+
 /// Held for the whole operation; dropping it releases the cluster.
 #[derive(Debug)]
 pub struct Operation {

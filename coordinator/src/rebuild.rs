@@ -33,6 +33,8 @@ pub enum RebuildError {
     InvalidMapping { value: String, reason: &'static str },
     #[error("--from {from}: {reason}")]
     InvalidUpstream { from: String, reason: String },
+    #[error("--slot {slot}: {reason}")]
+    InvalidSlot { slot: String, reason: String },
     #[error(
         "{node} is the running primary of cluster {cluster}: a rebuild never stops, overwrites or \
          demotes a running primary; switch over or fail over first"
@@ -107,12 +109,38 @@ fn stderr_section(lines: &[String]) -> String {
 }
 
 impl RebuildError {
+    /// Every variant's gRPC code, named one by one: a new kind of error
+    /// must choose its code here rather than fall through to INTERNAL.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            RebuildError::InvalidArgument(_)
+            | RebuildError::InvalidMapping { .. }
+            | RebuildError::InvalidUpstream { .. }
+            | RebuildError::InvalidSlot { .. }
+            | RebuildError::Address { .. } => Code::InvalidArgument,
+            RebuildError::TargetIsPrimary { .. }
+            | RebuildError::NoUpstream { .. }
+            | RebuildError::SystemIdentifierMismatch { .. }
+            | RebuildError::UnknownIdentity { .. } => Code::FailedPrecondition,
+            RebuildError::Unreachable { .. } => Code::Unavailable,
+            RebuildError::Password(e) => e.code(),
+            RebuildError::Agent(e) => e.code(),
+            RebuildError::JobFailed { .. } => Code::Aborted,
+            RebuildError::Cancelled(_) => Code::Cancelled,
+            RebuildError::Journal(e) => e.code(),
+            RebuildError::StreamEnded { .. } => Code::Unavailable,
+            RebuildError::NotConfirmed { .. } => Code::DeadlineExceeded,
+        }
+    }
+
     /// Refused before anything changed, because of what was typed.
     pub fn is_usage(&self) -> bool {
         match self {
             RebuildError::InvalidArgument(_)
             | RebuildError::InvalidMapping { .. }
-            | RebuildError::InvalidUpstream { .. } => true,
+            | RebuildError::InvalidUpstream { .. }
+            | RebuildError::InvalidSlot { .. } => true,
             RebuildError::Agent(a) => a.is_invalid_argument(),
             RebuildError::TargetIsPrimary { .. }
             | RebuildError::NoUpstream { .. }
@@ -199,6 +227,15 @@ pub async fn preflight<'a>(
         Some(s) => SlotName::parse(s)?,
         None => node.name.default_slot(),
     };
+    // Another node's slot is that node's: its holder may stream from the
+    // same address (several clusters on one Debian host), so the upstream
+    // could not tell it from the node being rebuilt and would drop it.
+    if let Some(owner) = cluster.nodes.iter().find(|n| n.name != node.name && n.name.default_slot() == slot) {
+        return Err(RebuildError::InvalidSlot {
+            slot: slot.to_string(),
+            reason: format!("it is {}'s slot; choose a name no other node of cluster {} uses", owner.name, cluster.name),
+        });
+    }
     let mappings = req
         .tablespace_mappings
         .iter()

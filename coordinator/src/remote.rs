@@ -28,6 +28,9 @@ fn from_status(s: tonic::Status) -> CoordinatorError {
     {
         return CoordinatorError::NotLeader { leader: leader.to_owned(), message: s.message().to_owned() };
     }
+    if s.metadata().get(crate::serve::ELECTION_HEADER).is_some() {
+        return CoordinatorError::NotLeader { leader: String::new(), message: s.message().to_owned() };
+    }
     let exit_code = if s.code() == tonic::Code::InvalidArgument { 2 } else { 1 };
     let message = if std::error::Error::source(&s).is_some() {
         format!("the coordinator cannot be reached: {}", crate::client::error_chain(&s))
@@ -160,14 +163,30 @@ fn start_request(c: &mut CoordinatorClient<Channel>, req: crate::ops::OpRequest)
 /// Runs the command on the coordinator at `url`; a follower's answer names
 /// the leader, and the command goes there instead (once).
 pub async fn run(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
-    match run_at(cli, url).await {
-        Err(CoordinatorError::NotLeader { leader, .. }) if leader != url => {
-            eprintln!("{url} is a follower; the leader is {leader}");
-            run_at(cli, &leader).await
+    // While an election is under way (no leader known yet, or the leader
+    // stepping down and campaigning again) the call is tried again for a
+    // while: an etcd fault should cost a caller a few seconds, not a failure.
+    let deadline = std::time::Instant::now() + ELECTION_WAIT;
+    loop {
+        match run_at(cli, url).await {
+            Err(CoordinatorError::NotLeader { leader, .. }) if !leader.is_empty() && leader != url => {
+                eprintln!("{url} is a follower; the leader is {leader}");
+                return run_at(cli, &leader).await;
+            }
+            Err(e @ CoordinatorError::NotLeader { .. }) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                tracing::info!(error = %e, "no coordinator leads yet; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            other => return other,
         }
-        other => other,
     }
 }
+
+/// How long the CLI waits for a coordinator to be elected.
+const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
     let mut c = connect(cli, url).await?;

@@ -50,6 +50,19 @@ impl SyncError {
     pub fn is_usage(&self) -> bool {
         matches!(self, SyncError::Invalid { .. })
     }
+
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            SyncError::Invalid { .. } => Code::InvalidArgument,
+            SyncError::NoPrimary { .. } => Code::FailedPrecondition,
+            SyncError::Agent(e) => e.code(),
+            SyncError::Journal(e) => e.code(),
+            SyncError::Password(e) => e.code(),
+            SyncError::Cancelled(_) => Code::Cancelled,
+            SyncError::NotReached { .. } => Code::DeadlineExceeded,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

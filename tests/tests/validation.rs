@@ -109,6 +109,11 @@ async fn the_agent_refuses_malformed_calls_and_changes_nothing() {
     assert!(!fleet.pki_dir().join("odd.crt").exists());
     let out = pgfleet(&fleet, &["rebuild", "node1", "--tablespace-mapping", "/a=/b\nEVIL", "--dry-run"]);
     assert_eq!(out.code(), Some(2), "{out}");
+    // Another node's slot is refused by name: its holder may share the
+    // rebuilt node's address.
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--slot", "node0", "--dry-run"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("it is node0's slot"), "{out}");
     let out = pgfleet(&fleet, &["slots", "drop", "node0", "nosuchslot", "--dry-run"]);
     assert_eq!(out.code(), Some(1), "{out}");
     assert!(out.stderr.contains("no replication slot named nosuchslot"), "{out}");

@@ -18,7 +18,7 @@ use pgfleet_proto::coordinator::v1::coordinator_server::CoordinatorServer;
 use tracing::info;
 
 pub use config::{ConfigError, ServeConfig};
-pub use service::LEADER_HEADER;
+pub use service::{ELECTION_HEADER, LEADER_HEADER};
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
@@ -49,7 +49,7 @@ pub struct State {
     pub deadlines: Deadlines,
     pub tls: bool,
     pub audit: pgfleet_proto::auth::Audit,
-    pub registry: registry::Registry,
+    pub registry: Arc<registry::Registry>,
     pub leadership: Arc<leader::Leadership>,
 }
 
@@ -92,6 +92,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
             tracing::warn!(operation = %id, "interrupted operation in the journal: resume or abort it (pgfleet ops resume|abort)");
         }
     };
+    let registry = Arc::new(registry::Registry::default());
     let leadership = match &store {
         crate::journal::Store::Etcd(e) => {
             // Followers are NOT_SERVING until elected, under the service's
@@ -101,8 +102,20 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
                 .set_not_serving::<CoordinatorServer<service::CoordinatorService>>()
                 .await;
             health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-            let (reporter, store) = (health_reporter.clone(), store.clone());
+            let (reporter, store, running) = (health_reporter.clone(), store.clone(), registry.clone());
             leader::Leadership::elect(e.clone(), config.advertise_url(), move |elected| {
+                if !elected {
+                    // No longer sure to lead: what can still stop, stops at
+                    // its next safe point; what is past its point of no
+                    // return finishes its steps (its journal writes fail if
+                    // etcd is gone, and it then reads interrupted).
+                    for op in running.unfinished() {
+                        match op.cancel.request() {
+                            Ok(()) => tracing::warn!(operation = %op.id, "leadership lost: the operation stops at its next safe point"),
+                            Err(why) => tracing::warn!(operation = %op.id, %why, "leadership lost while the operation is past its point of no return: it finishes its steps"),
+                        }
+                    }
+                }
                 let (reporter, store) = (reporter.clone(), store.clone());
                 tokio::spawn(async move {
                     let status = if elected {
@@ -134,7 +147,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
         deadlines: d,
         tls: server_tls.is_some(),
         audit,
-        registry: registry::Registry::default(),
+        registry,
         leadership,
     });
     let reflection = tonic_reflection::server::Builder::configure()

@@ -92,4 +92,15 @@ impl Registry {
     pub fn get(&self, id: &str) -> Option<Arc<Running>> {
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
+
+    /// The operations not finished yet.
+    pub fn unfinished(&self) -> Vec<Arc<Running>> {
+        self.ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|r| !r.finished())
+            .cloned()
+            .collect()
+    }
 }

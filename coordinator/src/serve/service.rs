@@ -15,7 +15,6 @@ use tonic::{Request, Response, Status};
 use super::registry::Running;
 use super::{State, convert};
 use crate::error::CoordinatorError;
-use crate::journal::JournalError;
 use crate::ops::{self, CancelState, OpRequest};
 
 #[derive(Debug)]
@@ -31,6 +30,9 @@ impl CoordinatorService {
 
 /// Metadata a follower's refusal carries: the leader's URL.
 pub const LEADER_HEADER: &str = "pgfleet-leader";
+/// Set on a follower's refusal while no leader is known (an election is
+/// under way): the CLI waits and tries again.
+pub const ELECTION_HEADER: &str = "pgfleet-election";
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -46,12 +48,9 @@ fn access(method: &str) -> Access {
 /// The library's errors as gRPC statuses: bad input is INVALID_ARGUMENT, a
 /// busy cluster FAILED_PRECONDITION, the rest carries its message.
 pub fn status(e: CoordinatorError) -> Status {
-    match &e {
-        CoordinatorError::Journal(JournalError::Busy { .. }) => Status::failed_precondition(e.to_string()),
-        e if e.is_usage() => Status::invalid_argument(e.to_string()),
-        CoordinatorError::Agent(a) if a.is_unreachable() => Status::unavailable(e.to_string()),
-        _ => Status::internal(e.to_string()),
-    }
+    // is_usage() also counts an agent's INVALID_ARGUMENT as the caller's.
+    let code = if e.is_usage() { tonic::Code::InvalidArgument } else { e.code() };
+    Status::new(code, e.to_string())
 }
 
 fn record_of(state: &State, id: &str) -> Result<Option<ops::store::OpRecord>, Status> {
@@ -72,8 +71,13 @@ impl CoordinatorService {
                 Some(l) => format!("this coordinator is a follower; the leader is at {l}"),
                 None => "this coordinator is a follower and no leader is elected yet; retry in a few seconds".into(),
             });
-            if let Some(l) = leader.and_then(|l| l.parse().ok()) {
-                s.metadata_mut().insert(LEADER_HEADER, l);
+            match leader.and_then(|l| l.parse().ok()) {
+                Some(l) => {
+                    s.metadata_mut().insert(LEADER_HEADER, l);
+                }
+                None => {
+                    s.metadata_mut().insert(ELECTION_HEADER, tonic::metadata::MetadataValue::from_static("pending"));
+                }
             }
             return Err(s);
         }
