@@ -251,6 +251,20 @@ impl EtcdStore {
         Err(self.err(format!("{what}: {last} (tried {ATTEMPTS} times)")))
     }
 
+    /// The value the current leader of the election at `rest` campaigned
+    /// with (the leader's URL), through whichever member answers.
+    pub async fn election_leader(&self, rest: &str) -> Result<Option<String>, EtcdError> {
+        let key = self.key(rest);
+        self.retrying("asking who leads", |mut c, _| {
+            let key = key.clone();
+            async move {
+                let r = c.leader(key).await?;
+                Ok(r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_owned))
+            }
+        })
+        .await
+    }
+
     /// Takes `lock/CLUSTER` for `holder` unless someone holds it; returns
     /// the holder otherwise.
     pub fn try_lock(&self, cluster: &str, holder: &str) -> Result<Result<(), String>, EtcdError> {

@@ -214,6 +214,11 @@ async fn coordinators_ride_through_etcd_faults_and_never_two_serve() {
         b.channel_as(&pki, "test-reader").await.unwrap(),
     );
     poller.wait_one_serving(Duration::from_secs(10)).await;
+    // Both know who leads (the follower's redirect works) before the faults.
+    for c in [&a, &b] {
+        let out = remote(&fleet, &c.url, &["ops", "list"]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
 
     let raft_leader = etcd.raft_leader().expect("no raft leader among the etcd members");
     let mut order = vec![raft_leader];

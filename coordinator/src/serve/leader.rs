@@ -56,12 +56,9 @@ impl Leadership {
         tokio::spawn(async move {
             loop {
                 if !m.is_leader()
-                    && let Ok((mut c, _)) = s.session().await
-                    && let Ok(r) = c.leader(s.key("leader")).await
-                    && let Some(kv) = r.kv()
-                    && let Ok(v) = kv.value_str()
+                    && let Ok(Some(v)) = s.election_leader("leader").await
                 {
-                    *m.leader_url.lock().unwrap_or_else(|p| p.into_inner()) = Some(v.to_owned());
+                    *m.leader_url.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
