@@ -105,10 +105,13 @@ pub fn why_not(own: &pb::NodeStatus) -> String {
 /// standbys are missing and why, from each one's own status.
 pub async fn sync_met(primary: &Node, cluster: &[Node], d: Deadlines, deadline: Duration) -> Result<String, String> {
     let until = Instant::now() + deadline;
+    // The setting the operation just made: read once, not on every look.
+    let text = client::call(primary, d, async |c| c.get_settings(pb::GetSettingsRequest {}).await)
+        .await
+        .map_err(|e| e.to_string())?
+        .synchronous_standby_names;
+    let spec = pgfleet_proto::sync::SyncSpec::parse(&text).ok();
     loop {
-        let settings = client::call(primary, d, async |c| c.get_settings(pb::GetSettingsRequest {}).await)
-            .await
-            .map_err(|e| e.to_string())?;
         let info = client::call(primary, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await)
             .await
             .map_err(|e| e.to_string())?;
@@ -118,11 +121,7 @@ pub async fn sync_met(primary: &Node, cluster: &[Node], d: Deadlines, deadline: 
             .filter(|w| w.state == "streaming")
             .map(|w| w.application_name.clone())
             .collect();
-        let text = settings.synchronous_standby_names;
-        let missing = match pgfleet_proto::sync::SyncSpec::parse(&text) {
-            Ok(spec) => spec.missing(&streaming),
-            Err(_) => None,
-        };
+        let missing = spec.as_ref().and_then(|spec| spec.missing(&streaming));
         let Some(missing) = missing else {
             return Ok(if text.is_empty() {
                 "asynchronous".to_owned()
