@@ -208,6 +208,9 @@ pub enum SyncAction {
         off: bool,
         /// The synchronous standbys, in priority order.
         nodes: Vec<String>,
+        /// Show the steps without changing anything.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -426,7 +429,7 @@ pub fn op_request(command: &Command) -> Option<(OpRequest, bool, Display)> {
             (req, a.json, display(a.json, a.no_progress_bar))
         }
         Command::Sync(SyncArgs {
-            action: SyncAction::Set { cluster, method, num, off, nodes, json },
+            action: SyncAction::Set { cluster, method, num, off, nodes, dry_run, json },
         }) => (
             OpRequest::Sync {
                 cluster: cluster.clone().unwrap_or_default(),
@@ -435,6 +438,7 @@ pub fn op_request(command: &Command) -> Option<(OpRequest, bool, Display)> {
                     num: *num,
                     standbys: nodes.clone(),
                 }),
+                dry_run: *dry_run,
             },
             *json,
             display(*json, true),

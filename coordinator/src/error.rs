@@ -5,7 +5,7 @@ use pgfleet_proto::ParseError;
 
 use crate::client::AgentCallError;
 use crate::inventory::{InventoryError, UnknownName};
-use crate::failover::MoveError;
+use crate::ops::exec::MoveError;
 use crate::journal::JournalError;
 use crate::rebuild::RebuildError;
 use crate::sync::SyncError;
@@ -29,7 +29,7 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
-    Cancelled(#[from] crate::ops::Cancelled),
+    Cancelled(#[from] crate::ops::ctx::Cancelled),
     #[error("{message}")]
     Remote { message: String, exit_code: u32 },
     #[error("{message}")]
@@ -90,7 +90,7 @@ impl CoordinatorError {
             self,
             CoordinatorError::Cancelled(_)
                 | CoordinatorError::Rebuild(crate::rebuild::RebuildError::Cancelled(_))
-                | CoordinatorError::Move(crate::failover::MoveError::Cancelled(_))
+                | CoordinatorError::Move(crate::ops::exec::MoveError::Cancelled(_))
                 | CoordinatorError::Sync(crate::sync::SyncError::Cancelled(_))
         )
     }

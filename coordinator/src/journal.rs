@@ -174,6 +174,12 @@ impl Operation {
         self.write(json!({ "step": step, "event": event, "detail": detail }))
     }
 
+    /// A line of a planned step: `index` is its place in the journaled plan,
+    /// which is how `ops resume` knows which steps ran.
+    pub fn record_step(&self, index: usize, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
+        self.write(json!({ "step": step, "event": event, "detail": detail, "index": index }))
+    }
+
     fn write(&self, fields: serde_json::Value) -> Result<(), JournalError> {
         let mut line = json!({
             "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),

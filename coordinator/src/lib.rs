@@ -12,7 +12,6 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod etcd;
-pub mod failover;
 pub mod fleet_status;
 pub mod inventory;
 pub mod journal;

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::fleet_status::{self, Role};
 use crate::inventory::{Cluster, Inventory, Node, PasswordError};
-use crate::ops::OpCtx;
+use crate::ops::ctx::OpCtx;
 
 /// How long the upstream may take to show the new standby streaming.
 const VERIFY_DEADLINE: Duration = Duration::from_secs(60);

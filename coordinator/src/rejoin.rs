@@ -10,10 +10,10 @@ use pgfleet_proto::agent::v1 as pb;
 use serde::Serialize;
 
 use crate::client::{self, Deadlines};
-use crate::failover::{MoveError, StepTiming};
+use crate::ops::exec::{MoveError, StepTiming};
 use crate::fleet_status::{self, Role};
 use crate::inventory::{Inventory, Node};
-use crate::ops::OpCtx;
+use crate::ops::ctx::OpCtx;
 use crate::rebuild;
 
 #[derive(Debug, Clone, Serialize)]

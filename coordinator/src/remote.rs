@@ -138,7 +138,7 @@ fn start_request(c: &mut CoordinatorClient<Channel>, req: crate::ops::OpRequest)
                 })
                 .await
             }
-            R::Sync { cluster, spec } => {
+            R::Sync { cluster, spec, dry_run } => {
                 let (off, method, num, standbys) = match spec {
                     None => (true, pb::SyncMethod::Unspecified, 0, Vec::new()),
                     Some(s) => (
@@ -148,7 +148,7 @@ fn start_request(c: &mut CoordinatorClient<Channel>, req: crate::ops::OpRequest)
                         s.standbys,
                     ),
                 };
-                c.set_sync(pb::SetSyncRequest { cluster, standbys, method: method as i32, num_sync: num, off }).await
+                c.set_sync(pb::SetSyncRequest { cluster, standbys, method: method as i32, num_sync: num, off, dry_run }).await
             }
             R::Switchover { cluster, to, dry_run } => c.switchover(pb::SwitchoverRequest { cluster, to, dry_run }).await,
             R::Failover { cluster, to, fenced, accept_data_loss, dry_run } => {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgfleet_proto::NodeName;
+use pgfleet_proto::{NodeName, SlotName};
 use pgfleet_proto::agent::v1 as pb;
 use pgfleet_proto::sync::{SyncMethod, SyncSpec};
 use serde::Serialize;
@@ -14,8 +14,10 @@ use serde::Serialize;
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::fleet_status::{self, ClusterReport, Role};
 use crate::inventory::{Cluster, Inventory, Node, PasswordError};
-use crate::journal::{self, JournalError};
-use crate::ops::{Cancelled, OpCtx};
+use crate::journal::JournalError;
+use crate::ops::ctx::{Cancelled, OpCtx};
+use crate::ops::exec::MoveError;
+use crate::ops::plan::{FollowerSlot, Plan, Step};
 use crate::table::Table;
 
 const SYNC_WAIT: Duration = Duration::from_secs(30);
@@ -35,6 +37,8 @@ pub enum SyncError {
     Password(#[from] PasswordError),
     #[error(transparent)]
     Cancelled(#[from] Cancelled),
+    #[error(transparent)]
+    Step(#[from] MoveError),
     #[error(
         "synchronous_standby_names is set to {value:?} on {primary}, but within {}s pg_stat_replication shows: {seen}",
         SYNC_WAIT.as_secs()
@@ -48,7 +52,10 @@ pub enum SyncError {
 
 impl SyncError {
     pub fn is_usage(&self) -> bool {
-        matches!(self, SyncError::Invalid { .. })
+        match self {
+            SyncError::Step(e) => e.is_usage(),
+            e => matches!(e, SyncError::Invalid { .. }),
+        }
     }
 
     pub fn code(&self) -> tonic::Code {
@@ -60,6 +67,7 @@ impl SyncError {
             SyncError::Journal(e) => e.code(),
             SyncError::Password(e) => e.code(),
             SyncError::Cancelled(_) => Code::Cancelled,
+            SyncError::Step(e) => e.code(),
             SyncError::NotReached { .. } => Code::DeadlineExceeded,
         }
     }
@@ -197,14 +205,16 @@ pub fn validate(c: &Cluster, spec: Option<(SyncMethod, u32, Vec<String>)>) -> Re
     })
 }
 
-/// Sets the cluster's synchronous standbys (`None`: asynchronous).
-pub async fn set(
-    inventory: &Inventory,
+/// Setting the cluster's synchronous standbys (`None`: asynchronous), as
+/// steps: each named standby that does not connect with its node name as
+/// application_name is admitted by the primary and reconnected; then the
+/// primary's setting, and pgfleet's record of it.
+pub async fn plan<'a>(
+    inventory: &'a Inventory,
     cluster: &str,
     spec: Option<(SyncMethod, u32, Vec<String>)>,
     d: Deadlines,
-    op: &OpCtx,
-) -> Result<SyncReport, SyncError> {
+) -> Result<(&'a Node, Plan), SyncError> {
     let invalid = |what, reason: String| SyncError::Invalid { what, reason };
     let c = inventory
         .select(Some(cluster))
@@ -219,6 +229,7 @@ pub async fn set(
             format!("{} is the primary; name its standbys", primary.name),
         ));
     }
+    let mut steps = Vec::new();
     // Each named standby must connect with application_name = its name.
     for name in &spec.names {
         let Some(r) = cr.nodes.iter().find(|r| &r.name == name) else { continue };
@@ -233,65 +244,49 @@ pub async fn set(
             continue;
         }
         let node = c.nodes.iter().find(|n| n.name.as_str() == name).ok_or_else(|| invalid("standby", name.clone()))?;
-        let in_use = r.wal_receiver.as_ref().and_then(|w| w.slot_name.clone());
-        let slot = in_use.clone().unwrap_or_else(|| node.name.default_slot().to_string());
-        op.point_of_no_return("synchronous replication is being reconfigured")?;
-        let t = op.start(name, "application-name", &format!("reconnect {name} with application_name={name}"))?;
+        let in_use = r.wal_receiver.as_ref().and_then(|w| w.slot_name.as_deref()).and_then(|s| SlotName::parse(s).ok());
+        let slot = in_use.clone().unwrap_or_else(|| node.name.default_slot());
         // It reconnects as the inventory's replication role, which a
         // standby made by hand may not use yet: the primary must admit it
         // (role, pg_hba.conf line) and hold its slot, or it stops streaming.
-        let address = crate::rebuild::resolve(node).await.map_err(|e| invalid("standby", e.to_string()))?;
-        let mut pc = client::connect(primary, d).await?;
-        pc.prepare_upstream(pb::PrepareUpstreamRequest {
-            replication_role: c.replication_role.to_string(),
-            replication_password: c.replication_password()?,
-            replica_address: address.to_string(),
-            slot_name: slot.clone(),
-            dry_run: false,
-            operation_id: op.id().to_owned(),
-            for_rewind: false,
-        })
-        .await
-        .map_err(|s| AgentCallError::from_status(primary, s))?;
-        if in_use.is_none() {
-            pc.create_slot(pb::CreateSlotRequest { slot_name: slot.clone(), operation_id: op.id().to_owned() })
-                .await
-                .map_err(|s| AgentCallError::from_status(primary, s))?;
-        }
-        let mut client = client::connect(node, d).await?;
-        client
-            .configure_standby(pb::ConfigureStandbyRequest {
-                upstream_host: primary.host.clone(),
-                upstream_port: u32::from(primary.port),
-                replication_role: c.replication_role.to_string(),
-                replication_password: c.replication_password()?,
-                slot_name: slot,
-                application_name: name.clone(),
-                reset_synchronous_standby_names: false,
-                operation_id: op.id().to_owned(),
-            })
-            .await
-            .map_err(|s| AgentCallError::from_status(node, s))?;
-        op.done(name, "application-name", t, "reconnected")?;
+        steps.push(Step::Admit {
+            upstream: primary.name.clone(),
+            role: c.replication_role.clone(),
+            followers: vec![FollowerSlot { node: node.name.clone(), slot: slot.clone() }],
+        });
+        steps.push(Step::Reconnect {
+            node: node.name.clone(),
+            upstream: primary.name.clone(),
+            slot,
+            slot_in_use: in_use.is_some(),
+        });
     }
-    op.point_of_no_return("synchronous replication is being reconfigured")?;
-    let t = op.start(primary.name.as_str(), "synchronous_standby_names", &format!("ALTER SYSTEM SET synchronous_standby_names = '{spec}'; reload"))?;
-    let mut pc = client::connect(primary, d).await?;
-    pc.set_synchronous_standbys(pb::SetSynchronousStandbysRequest {
-        config: Some(pb::SyncConfig {
-            method: match spec.method {
-                SyncMethod::First => "first".into(),
-                SyncMethod::Any => "any".into(),
-            },
-            num_sync: spec.num_sync,
-            names: spec.names.clone(),
-        }),
-        operation_id: op.id().to_owned(),
-    })
-    .await
-    .map_err(|s| AgentCallError::from_status(primary, s))?;
-    op.done(primary.name.as_str(), "synchronous_standby_names", t, &spec.to_string())?;
-    journal::remember_sync(&inventory.store, c.name.as_str(), &spec.to_string())?;
+    steps.push(Step::SyncConfig { node: primary.name.clone(), value: spec.to_string() });
+    steps.push(Step::RememberSync { value: spec.to_string() });
+    Ok((
+        primary,
+        Plan {
+            title: format!("set synchronous_standby_names of {} to '{spec}'", c.name),
+            steps,
+            no_return: Some((0, "synchronous replication is being reconfigured".into())),
+            warnings: Vec::new(),
+        },
+    ))
+}
+
+/// Sets the cluster's synchronous standbys (`None`: asynchronous) and
+/// waits until pg_stat_replication shows what the setting implies.
+pub async fn set(
+    inventory: &Inventory,
+    cluster: &str,
+    spec: Option<(SyncMethod, u32, Vec<String>)>,
+    d: Deadlines,
+    op: &OpCtx,
+) -> Result<SyncReport, SyncError> {
+    let (primary, plan) = plan(inventory, cluster, spec.clone(), d).await?;
+    let c = inventory.select(Some(cluster)).map_err(|e| SyncError::Invalid { what: "cluster", reason: e.to_string() })?[0];
+    let spec = validate(c, spec)?;
+    crate::ops::exec::run(inventory, c, &plan, d, op).await?;
 
     let deadline = Instant::now() + SYNC_WAIT;
     loop {

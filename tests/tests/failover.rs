@@ -271,6 +271,36 @@ fn plan_steps(out: &CliOutput) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The steps an operation ran, in order, as `(host, step)`: from its
+/// result, and from its journal, whose lines name each step's index in the
+/// journaled plan. Both must be the plan the dry run showed.
+fn assert_ran_as_planned(fleet: &TestFleet, result: &serde_json::Value, planned: &[(String, String)]) {
+    let ran: Vec<(String, String)> = result["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no steps in {result:#}"))
+        .iter()
+        .map(|s| (s["host"].as_str().unwrap().to_owned(), s["step"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(ran, planned, "the steps executed are not the steps planned");
+    let id = result["operation"].as_str().unwrap();
+    let out = pgfleet(fleet, &["ops", "show", id, "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let journal = json(&out);
+    let started: Vec<(String, String)> = journal["journal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "start" || e["event"] == "skipped")
+        .filter_map(|e| {
+            let i = e["index"].as_u64()? as usize;
+            let (host, step) = planned.get(i).unwrap_or_else(|| panic!("index {i} beyond the plan: {e}"));
+            assert_eq!(e["step"], step.as_str(), "journal line {e} is not step {i} of the plan");
+            Some((host.clone(), step.clone()))
+        })
+        .collect();
+    assert_eq!(started, planned, "the journal's steps are not the steps planned: {journal:#}");
+}
+
 fn position(steps: &[(String, String)], host: &str, step: &str) -> usize {
     steps
         .iter()
@@ -529,6 +559,9 @@ async fn switchover_and_back_repeatedly_loses_no_acknowledged_commit() {
         let r = json(&out);
         assert_eq!(r["old_primary"], old, "{r:#}");
         assert_eq!(r["new_primary"], new, "{r:#}");
+        if i == 0 {
+            assert_ran_as_planned(&fleet, &r, &steps);
+        }
         let unavailable = r["write_unavailable_seconds"]
             .as_f64()
             .unwrap_or_else(|| panic!("no write_unavailable_seconds in {r:#}"));
@@ -794,6 +827,7 @@ async fn failover_after_primary_sigkill_keeps_every_acknowledged_commit_then_rej
     assert_eq!(r["old_primary"], "node0", "{r:#}");
     assert_eq!(r["new_primary"], "node1", "{r:#}");
     assert_eq!(r["timeline"], 2, "{r:#}");
+    assert_ran_as_planned(&fleet, &r, &steps);
     assert_eq!(primaries(&fleet).await, ["node1"]);
     // The old primary is fenced: down, and a standby should anything start it.
     assert_eq!(role(node0).await, "down");

@@ -26,6 +26,14 @@ async fn interrupted_switchover() -> TestFleet {
         assert_eq!(out.code(), Some(0), "{out}");
     }
     exec(fleet.host(0), "create table t (i int); insert into t values (1)").await;
+    // The plan the coordinator journals first: exactly what the dry run
+    // shows, read back by resume and abort to know what was done.
+    let out = pgfleet(&fleet, &["switchover", "--to", "node1", "--dry-run", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let plan = json(&out);
+    let index = |step: &str| {
+        plan["steps"].as_array().unwrap().iter().position(|s| s["step"] == step).unwrap_or_else(|| panic!("no {step} in {plan}"))
+    };
     let mut agent = AgentClient::new(fleet.host(0).agent_channel().await.unwrap());
     let fenced = agent
         .fence(pb::FenceRequest { operation_id: OP.into(), immediate: false })
@@ -34,16 +42,24 @@ async fn interrupted_switchover() -> TestFleet {
         .into_inner();
     let checkpoint = fenced.checkpoint_lsn.unwrap();
     let line = |step: &str, event: &str, detail: &str| {
-        format!(
-            r#"{{"time":"2026-11-29T07:00:00.000Z","op":"{OP}","kind":"switchover","cluster":"main","step":"{step}","event":"{event}","detail":"{detail}"}}"#
-        )
+        serde_json::json!({
+            "time": "2026-11-29T07:00:00.000Z", "op": OP, "kind": "switchover", "cluster": "main",
+            "step": step, "event": event, "detail": detail, "index": index(step),
+        })
+        .to_string()
     };
+    let planned = serde_json::json!({
+        "time": "2026-11-29T07:00:00.000Z", "op": OP, "kind": "switchover", "cluster": "main",
+        "step": "plan", "event": "planned", "detail": plan.to_string(),
+    })
+    .to_string();
     let begin = format!(
         r#"{{"time":"2026-11-29T07:00:00.000Z","op":"{OP}","kind":"switchover","cluster":"main","step":"begin","event":"started","detail":"to node1","caller":"crashed coordinator","request":{{"kind":"switchover","cluster":"main","to":"node1","dry_run":false}}}}"#
     );
     let journal = [
         begin,
-        line("sync-config", "start", "node1: FIRST 1 (\\\"node0\\\")"),
+        planned,
+        line("sync-config", "start", "node1: FIRST 1 (\"node0\")"),
         line("sync-config", "done", "set"),
         line("fence", "start", "node0: fast shutdown, standby.signal"),
         line("fence", "done", &format!("stopped; shutdown checkpoint at {checkpoint}")),

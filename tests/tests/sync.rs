@@ -67,6 +67,27 @@ async fn sync_set_first_any_and_off_show_in_pg_stat_replication() {
         )
     );
 
+    // --dry-run: the steps, and the primary's setting is untouched.
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2", "--dry-run", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let plan = json(&out);
+    assert_eq!(plan["dry_run"], true, "{plan:#}");
+    let steps: Vec<(String, String)> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["host"].as_str().unwrap().to_owned(), s["step"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        steps,
+        [("node0".to_owned(), "sync-config".to_owned()), (String::new(), "remember-sync".to_owned())],
+        "{plan:#}"
+    );
+    assert_eq!(plan["steps"][0]["value"], r#"FIRST 1 ("node1", "node2")"#, "{plan:#}");
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2", "--dry-run"]);
+    assert!(out.stdout.starts_with("plan (dry run, nothing changed)"), "{out}");
+    assert_eq!(one(primary, "show synchronous_standby_names").await, "");
+
     // FIRST 1: node1 confirms each commit, node2 takes over if it goes.
     let out = pgfleet(&fleet, &["sync", "set", "node1", "node2", "--json"]);
     assert_eq!(out.code(), Some(0), "{out}");

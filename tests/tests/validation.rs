@@ -143,6 +143,7 @@ async fn the_service_refuses_what_the_cli_refuses() {
         method,
         num_sync,
         off,
+        dry_run: false,
     };
     for (what, req) in [
         ("num_sync 0", sync(&["node1"], 1, 0, false)),

@@ -12,6 +12,7 @@ use pgfleet_proto::coordinator::v1::operation_event::Event;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::journal::{JournalError, Operation};
+use crate::ops::plan::{Plan, Step};
 
 /// Returned at a cancel point once CancelOperation was accepted.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -130,6 +131,45 @@ impl OpCtx {
         self.record(step, "done", detail)?;
         self.step_event(host, step, "done", detail, seconds);
         Ok(seconds)
+    }
+
+    fn record_step(&self, index: usize, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
+        match &self.journal {
+            Some(j) => j.record_step(index, step, event, detail),
+            None => Ok(()),
+        }
+    }
+
+    /// Journals the plan, as one line, before its first step acts.
+    pub fn planned(&self, plan: &Plan) -> Result<(), JournalError> {
+        self.record("plan", "planned", &serde_json::to_string(plan).unwrap_or_default())
+    }
+
+    /// Journals (with its index in the plan), then shows, a planned step
+    /// about to act.
+    pub fn start_step(&self, index: usize, step: &Step) -> Result<Instant, JournalError> {
+        let what = step.describe();
+        self.record_step(index, step.name(), "start", &format!("{}: {what}", step.host()))?;
+        self.step_event(step.host(), step.name(), "start", &what, 0.0);
+        Ok(Instant::now())
+    }
+
+    pub fn done_step(&self, index: usize, step: &Step, t: Instant, detail: &str) -> Result<f64, JournalError> {
+        let seconds = t.elapsed().as_secs_f64();
+        self.record_step(index, step.name(), "done", detail)?;
+        self.step_event(step.host(), step.name(), "done", detail, seconds);
+        Ok(seconds)
+    }
+
+    pub fn skipped_step(&self, index: usize, step: &Step, detail: &str) -> Result<(), JournalError> {
+        self.record_step(index, step.name(), "skipped", detail)?;
+        self.step_event(step.host(), step.name(), "skipped", detail, 0.0);
+        Ok(())
+    }
+
+    pub fn failed_step(&self, index: usize, step: &Step, detail: &str) {
+        let _ = self.record_step(index, step.name(), "failed", detail);
+        self.step_event(step.host(), step.name(), "failed", detail, 0.0);
     }
 
     pub fn failed(&self, host: &str, step: &str, detail: &str) {

@@ -9,10 +9,14 @@
 //! journaling each step before it acts; `finish` writes the outcome.
 
 pub mod ctx;
+pub mod exec;
+pub mod failover;
+pub mod plan;
 pub mod render;
 pub mod resume;
 pub mod rolling;
 pub mod store;
+pub mod switchover;
 
 use std::sync::Arc;
 
@@ -29,7 +33,7 @@ use crate::error::CoordinatorError;
 use crate::fleet_status;
 use crate::inventory::Inventory;
 use crate::journal::Operation;
-use crate::{failover, rebuild, rejoin, slots};
+use crate::{rebuild, rejoin, slots};
 
 /// What an operator or a system asked for. Journaled as JSON at the start
 /// of the operation, so an interrupted one can be resumed from it.
@@ -54,6 +58,8 @@ pub enum OpRequest {
         cluster: String,
         /// None: asynchronous.
         spec: Option<SyncRequest>,
+        #[serde(default)]
+        dry_run: bool,
     },
     Switchover {
         cluster: String,
@@ -124,8 +130,8 @@ impl OpRequest {
             | OpRequest::Switchover { dry_run, .. }
             | OpRequest::Failover { dry_run, .. }
             | OpRequest::Rejoin { dry_run, .. }
-            | OpRequest::DropSlot { dry_run, .. } => *dry_run,
-            OpRequest::Sync { .. } => false,
+            | OpRequest::DropSlot { dry_run, .. }
+            | OpRequest::Sync { dry_run, .. } => *dry_run,
         }
     }
 
@@ -152,7 +158,7 @@ impl OpRequest {
                 *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
                 (cluster.clone(), "every replica, one at a time".into())
             }
-            OpRequest::Sync { cluster, spec } => {
+            OpRequest::Sync { cluster, spec, .. } => {
                 *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
                 let c = inv.select(Some(cluster.as_str()))?[0];
                 crate::sync::validate(c, sync_spec(spec)?)?;
@@ -321,30 +327,24 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             spread_checkpoint,
             dry_run,
         } => rolling::rebuild_all(inv, cluster, *spread_checkpoint, *dry_run, d, ctx).await,
-        OpRequest::Sync { cluster, spec } => {
+        OpRequest::Sync { cluster, spec, dry_run } => {
+            if *dry_run {
+                let (_, plan) = crate::sync::plan(inv, cluster, sync_spec(spec)?, d).await?;
+                return Ok(Rendered::pretty(plan.render(), &plan.to_json()));
+            }
             let report = crate::sync::set(inv, cluster, sync_spec(spec)?, d, ctx).await?;
             Ok(Rendered::pretty(crate::sync::render(&report), &report))
         }
         OpRequest::Switchover { cluster, to, dry_run } => {
-            let plan = failover::switchover_preflight(inv, cluster, to.as_deref(), d).await?;
+            let p = switchover::preflight(inv, cluster, to.as_deref(), d).await?;
             if *dry_run {
-                let lines = failover::switchover_plan_lines(&plan);
-                let mut s = failover::render_plan(
-                    &format!("switch over {} from {} to {}", plan.cluster.name, plan.old.name, plan.new.name),
-                    &lines,
-                );
-                for w in &plan.warnings {
-                    s += &format!("warning: {w}\n");
-                }
-                return Ok(Rendered::pretty(
-                    s,
-                    &serde_json::json!({ "dry_run": true, "warnings": plan.warnings, "steps": lines }),
-                ));
+                let plan = switchover::plan(&p);
+                return Ok(Rendered::pretty(plan.render(), &plan.to_json()));
             }
-            for w in &plan.warnings {
+            for w in &p.warnings {
                 ctx.warning(w);
             }
-            let r = failover::switchover(inv, plan, d, ctx).await?;
+            let r = switchover::switchover(inv, p, d, ctx).await?;
             Ok(Rendered::pretty(failover::render(&r), &r))
         }
         OpRequest::Failover {
@@ -361,13 +361,15 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
                 accept_data_loss: *accept_data_loss,
                 dry_run: *dry_run,
             };
-            match failover::failover(inv, &req, d, ctx).await? {
-                Ok(r) => Ok(Rendered::pretty(failover::render(&r), &r)),
-                Err(lines) => Ok(Rendered::pretty(
-                    failover::render_plan(&format!("fail over {cluster}"), &lines),
-                    &serde_json::json!({ "dry_run": true, "steps": lines }),
-                )),
+            let (c, plan) = failover::plan(inv, &req, d).await?;
+            if *dry_run {
+                return Ok(Rendered::pretty(plan.render(), &plan.to_json()));
             }
+            for w in &plan.warnings {
+                ctx.warning(w);
+            }
+            let r = failover::run(inv, c, plan, d, ctx).await?;
+            Ok(Rendered::pretty(failover::render(&r), &r))
         }
         OpRequest::Rejoin {
             node,

@@ -26,8 +26,10 @@ use crate::error::CoordinatorError;
 use crate::fleet_status::{self, Role};
 use crate::inventory::Inventory;
 use crate::journal::Operation;
-use crate::ops::store::{self, OpRecord};
-use crate::ops::{CancelState, OpCtx, OpRequest, Rendered};
+use crate::ops::plan::Step;
+use crate::ops::store::{self, OpRecord, Progress};
+use crate::ops::ctx::{CancelState, OpCtx};
+use crate::ops::{OpRequest, Rendered};
 use crate::rebuild::{self, RebuildError};
 
 /// Takes the lock of an interrupted operation's cluster again.
@@ -67,19 +69,6 @@ fn last_job(rec: &OpRecord) -> Option<(String, String)> {
         .map(|(n, j)| (n.to_owned(), j.to_owned()))
 }
 
-/// The host a journaled step started on ("HOST: what" in its start line).
-fn started_on(rec: &OpRecord, steps: &[&str]) -> Option<String> {
-    rec.journal
-        .iter()
-        .find(|e| steps.contains(&e.step.as_str()) && e.event == "start")
-        .and_then(|e| e.detail.split_once(':'))
-        .map(|(h, _)| h.to_owned())
-}
-
-fn step_done(rec: &OpRecord, step: &str) -> bool {
-    rec.journal.iter().any(|e| e.step == step && e.event == "done")
-}
-
 pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<Rendered, CoordinatorError> {
     match req {
         OpRequest::Rebuild { node, from, slot, .. } => {
@@ -106,13 +95,23 @@ pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlin
 }
 
 /// The target the interrupted move had chosen: `--to`, else the node its
-/// journal promoted or fenced for.
-fn move_target(rec: &OpRecord, to: Option<&str>) -> Option<String> {
+/// journaled plan promotes.
+fn move_target(progress: Option<&Progress>, to: Option<&str>) -> Option<String> {
     match to {
         Some(t) => Some(t.to_owned()),
-        // The steps that act on the new primary name it.
-        None => started_on(rec, &["catch-up", "promote", "sync-config"]),
+        None => progress.and_then(|p| p.plan.promotes()).map(|n| n.to_string()),
     }
+}
+
+/// The node the interrupted move fenced, if its fence step started.
+fn fenced(progress: Option<&Progress>) -> Option<String> {
+    let p = progress?;
+    let node = p.plan.fences()?;
+    p.started(|s| matches!(s, Step::Fence { .. } | Step::FencedByOperator { .. })).then(|| node.to_string())
+}
+
+fn fence_done(progress: Option<&Progress>) -> bool {
+    progress.is_some_and(|p| p.done(|s| matches!(s, Step::Fence { .. } | Step::FencedByOperator { .. })))
 }
 
 async fn converge(
@@ -126,28 +125,28 @@ async fn converge(
 ) -> Result<Rendered, CoordinatorError> {
     let c = inv.select(Some(cluster))?[0];
     let cr = fleet_status::gather_cluster(c, d).await;
-    let fenced_old = started_on(rec, &["fence"]);
-    let Some(target) = move_target(rec, to) else {
-        // Nothing was changed before the interruption: run it again.
+    let progress = rec.progress();
+    let fenced_old = fenced(progress.as_ref());
+    let Some(target) = move_target(progress.as_ref(), to) else {
+        // No plan was journaled: nothing was changed. Run it again.
         return crate::ops::execute(inv, req, d, ctx).await;
     };
     let mut text = String::new();
     if cr.primary.as_deref() != Some(target.as_str()) {
-        if cr.primary.is_some() && !step_done(rec, "fence") {
+        if cr.primary.is_some() && !fence_done(progress.as_ref()) {
             // Interrupted before the fence: the cluster is as it was.
             return crate::ops::execute(inv, req, d, ctx).await;
         }
         ctx.note(&target, &format!("{target} is not the primary yet: failing over to it (the old primary is fenced)"));
-        let fr = crate::failover::FailoverRequest {
+        let fr = crate::ops::failover::FailoverRequest {
             cluster: cluster.to_owned(),
             to: Some(target.clone()),
             fenced: false,
             accept_data_loss: false,
             dry_run: false,
         };
-        if let Ok(r) = crate::failover::failover(inv, &fr, d, ctx).await? {
-            text += &crate::failover::render(&r);
-        }
+        let r = crate::ops::failover::failover(inv, &fr, d, ctx).await?;
+        text += &crate::ops::failover::render(&r);
     }
     // Everyone but the new primary (and a failover's fenced old primary)
     // streams from it.
@@ -228,9 +227,10 @@ pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadline
         OpRequest::Switchover { cluster, .. } | OpRequest::Failover { cluster, .. } => {
             let c = inv.select(Some(cluster))?[0];
             let cr = fleet_status::gather_cluster(c, d).await;
-            let fenced = started_on(rec, &["fence"]);
-            match (&cr.primary, fenced) {
-                (None, Some(old)) if matches!(req, OpRequest::Switchover { .. }) && !step_done(rec, "promote") => {
+            let progress = rec.progress();
+            let promoted = progress.as_ref().is_some_and(|p| p.done(|s| matches!(s, Step::Promote { .. })));
+            match (&cr.primary, fenced(progress.as_ref())) {
+                (None, Some(old)) if matches!(req, OpRequest::Switchover { .. }) && !promoted => {
                     let (_, n) = inv.node(&old)?;
                     let t = ctx.start(&old, "unfence", "start it again as the primary: nobody was promoted")?;
                     let id = ctx.id().to_owned();

@@ -11,6 +11,7 @@ use pgfleet_proto::coordinator::v1::OperationState;
 use serde::Serialize;
 
 use crate::journal::{JournalError, Store};
+use crate::ops::plan::{Plan, Step};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -18,6 +19,9 @@ pub struct Entry {
     pub step: String,
     pub event: String,
     pub detail: String,
+    /// The step's place in the journaled plan.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
 }
 
 /// One operation as its journal lines tell it.
@@ -38,7 +42,48 @@ pub struct OpRecord {
     pub state: &'static str,
 }
 
+/// How far an operation got through its plan, as its journal says.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub plan: Plan,
+    /// Per step: its start (or skip) was journaled.
+    pub started: Vec<bool>,
+    /// Per step: its end was journaled.
+    pub done: Vec<bool>,
+}
+
+impl Progress {
+    /// Whether a step matching `f` started (it may have acted).
+    pub fn started(&self, f: impl Fn(&Step) -> bool) -> bool {
+        self.plan.steps.iter().zip(&self.started).any(|(s, st)| *st && f(s))
+    }
+
+    pub fn done(&self, f: impl Fn(&Step) -> bool) -> bool {
+        self.plan.steps.iter().zip(&self.done).any(|(s, d)| *d && f(s))
+    }
+}
+
 impl OpRecord {
+    /// The operation's first plan (a resume may journal more) and which of
+    /// its steps ran; None for an operation that made no plan, or whose
+    /// plan line does not read back.
+    pub fn progress(&self) -> Option<Progress> {
+        let at = self.journal.iter().position(|e| e.step == "plan" && e.event == "planned")?;
+        let plan: Plan = serde_json::from_str(&self.journal[at].detail).ok()?;
+        let n = plan.steps.len();
+        let (mut started, mut done) = (vec![false; n], vec![false; n]);
+        for e in self.journal[at + 1..].iter().take_while(|e| e.step != "plan") {
+            let Some(i) = e.index.filter(|i| *i < n) else { continue };
+            match e.event.as_str() {
+                "start" => started[i] = true,
+                // The operator did it (e.g. --fenced).
+                "skipped" | "done" => (started[i], done[i]) = (true, true),
+                _ => {}
+            }
+        }
+        Some(Progress { plan, started, done })
+    }
+
     pub fn state(&self) -> OperationState {
         match self.state {
             "running" => OperationState::Running,
@@ -162,6 +207,7 @@ pub fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
                 step,
                 event,
                 detail: s(&v, "detail"),
+                index: v.get("index").and_then(|i| i.as_u64()).and_then(|i| usize::try_from(i).ok()),
             });
         }
     }

@@ -251,6 +251,7 @@ fn req_from_set_sync(r: pb::SetSyncRequest) -> Result<OpRequest, Status> {
             num: r.num_sync,
             standbys: r.standbys,
         }),
+        dry_run: r.dry_run,
     })
 }
 

@@ -1,0 +1,441 @@
+//! The one executor of planned steps. It journals the plan, then each step
+//! (with its index) before it acts, emits its events, checks for a cancel
+//! before every step and refuses one from the plan's point of no return on
+//! (DESIGN.md invariants 5-7 and 11-12 are kept by the steps themselves:
+//! admit before follow, catch up before promote, fence before promote).
+
+use std::time::{Duration, Instant};
+
+use pgfleet_proto::agent::v1 as pb;
+use pgfleet_proto::sync::{SyncMethod, SyncSpec};
+use pgfleet_proto::{Lsn, NodeName, SlotName};
+use serde::Serialize;
+
+use crate::admit::{self, Follower};
+use crate::client::{self, AgentCallError, Deadlines};
+use crate::inventory::{Cluster, Inventory, Node, PasswordError};
+use crate::journal::{self, JournalError};
+use crate::ops::ctx::{Cancelled, OpCtx};
+use crate::ops::plan::{Plan, Step};
+
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(30);
+/// How long, after the primary moved, every standby has to stream and
+/// synchronous_standby_names to be met before the operation reports which
+/// standby is missing and why (DESIGN.md invariant 12). A standby restarts
+/// and connects in about a second; twenty leave room for a slow disk
+/// without hiding a standby that cannot connect at all.
+pub const SETTLE_DEADLINE: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+    #[error("refused before any change: {0}")]
+    Refused(String),
+    #[error(
+        "no candidate is known to hold every acknowledged commit: {reason}. \
+         The best candidate, {candidate}, is {behind} behind {reference}. \
+         Run again with --accept-data-loss to promote it anyway"
+    )]
+    DataLossRisk {
+        reason: String,
+        candidate: String,
+        behind: String,
+        reference: String,
+    },
+    #[error(transparent)]
+    Agent(#[from] AgentCallError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Password(#[from] PasswordError),
+    #[error("{step}: {detail}")]
+    Step { step: &'static str, detail: String },
+    #[error(transparent)]
+    Cancelled(#[from] Cancelled),
+}
+
+impl MoveError {
+    pub fn is_usage(&self) -> bool {
+        matches!(self, MoveError::Invalid { .. })
+    }
+
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            MoveError::Invalid { .. } => Code::InvalidArgument,
+            MoveError::Refused(_) | MoveError::DataLossRisk { .. } => Code::FailedPrecondition,
+            MoveError::Agent(e) => e.code(),
+            MoveError::Journal(e) => e.code(),
+            MoveError::Password(e) => e.code(),
+            // A step that failed midway: the operation stopped there.
+            MoveError::Step { .. } => Code::Aborted,
+            MoveError::Cancelled(_) => Code::Cancelled,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTiming {
+    pub step: String,
+    pub host: String,
+    pub seconds: f64,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveReport {
+    pub operation: String,
+    pub cluster: String,
+    pub old_primary: String,
+    pub new_primary: String,
+    pub timeline: u32,
+    pub steps: Vec<StepTiming>,
+    /// From the old primary's stop to the new primary accepting writes
+    /// (and, with synchronous replication, its first synchronous standby).
+    pub write_unavailable_seconds: Option<f64>,
+    pub synchronous_standby_names: String,
+    pub warnings: Vec<String>,
+    pub seconds: f64,
+}
+
+/// What running a plan measured.
+#[derive(Debug, Default)]
+pub struct Executed {
+    pub steps: Vec<StepTiming>,
+    /// The promoted node's new timeline.
+    pub timeline: Option<u32>,
+    /// From the fence's start to the new primary taking writes (with
+    /// synchronous replication: to its first synchronous standby).
+    pub write_unavailable: Option<Duration>,
+}
+
+pub async fn call<T>(
+    n: &Node,
+    d: Deadlines,
+    f: impl AsyncFnOnce(&mut pgfleet_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>) -> Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, MoveError> {
+    Ok(client::call(n, d, f).await?)
+}
+
+pub fn sync_request(spec: &SyncSpec, op: &str) -> pb::SetSynchronousStandbysRequest {
+    pb::SetSynchronousStandbysRequest {
+        config: Some(pb::SyncConfig {
+            method: match spec.method {
+                SyncMethod::First => "first".into(),
+                SyncMethod::Any => "any".into(),
+            },
+            num_sync: spec.num_sync,
+            names: if spec.is_synchronous() { spec.names.clone() } else { Vec::new() },
+        }),
+        operation_id: op.to_owned(),
+    }
+}
+
+/// Runs `plan` on `cluster`, step by step.
+pub async fn run(inventory: &Inventory, cluster: &Cluster, plan: &Plan, d: Deadlines, op: &OpCtx) -> Result<Executed, MoveError> {
+    let mut ex = Exec {
+        inventory,
+        op,
+        cluster,
+        d,
+        password: None,
+        out: Executed::default(),
+        fenced_at: None,
+        checkpoint: None,
+        sync: None,
+    };
+    op.planned(plan)?;
+    for (i, step) in plan.steps.iter().enumerate() {
+        match &plan.no_return {
+            Some((at, why)) if *at == i => op.point_of_no_return(why)?,
+            _ => op.checkpoint()?,
+        }
+        if let Err(e) = ex.step(i, step).await {
+            op.failed_step(i, step, &e.to_string());
+            return Err(e);
+        }
+    }
+    Ok(ex.out)
+}
+
+struct Exec<'a> {
+    inventory: &'a Inventory,
+    op: &'a OpCtx,
+    cluster: &'a Cluster,
+    d: Deadlines,
+    password: Option<String>,
+    out: Executed,
+    /// What earlier steps learnt that later ones need.
+    fenced_at: Option<Instant>,
+    checkpoint: Option<Lsn>,
+    sync: Option<SyncSpec>,
+}
+
+impl<'a> Exec<'a> {
+    fn node(&self, name: &NodeName) -> Result<&'a Node, MoveError> {
+        self.cluster.nodes.iter().find(|n| n.name == *name).ok_or_else(|| {
+            MoveError::Refused(format!("{name} is not a node of cluster {} in the inventory", self.cluster.name))
+        })
+    }
+
+    fn password(&mut self) -> Result<String, MoveError> {
+        if self.password.is_none() {
+            self.password = Some(self.cluster.replication_password()?);
+        }
+        Ok(self.password.clone().unwrap_or_default())
+    }
+
+    fn done(&mut self, i: usize, step: &Step, t: Instant, detail: String) -> Result<(), MoveError> {
+        let seconds = self.op.done_step(i, step, t, &detail)?;
+        self.out.steps.push(StepTiming {
+            step: step.name().to_owned(),
+            host: step.host().to_owned(),
+            seconds,
+            detail,
+        });
+        Ok(())
+    }
+
+    /// `node` streams from `upstream` through `slot` (made there first
+    /// unless `create_slot` is false: a slot in use cannot be made again).
+    async fn point_at(
+        &mut self,
+        node: &NodeName,
+        upstream: &NodeName,
+        slot: &SlotName,
+        reset_sync: bool,
+        create_slot: bool,
+    ) -> Result<pb::ConfigureStandbyResponse, MoveError> {
+        let (n, up, d) = (self.node(node)?, self.node(upstream)?, self.d);
+        if create_slot {
+            let slot_req = pb::CreateSlotRequest { slot_name: slot.to_string(), operation_id: self.op.id().to_owned() };
+            call(up, d, async |c| c.create_slot(slot_req).await).await?;
+        }
+        let req = pb::ConfigureStandbyRequest {
+            upstream_host: up.host.clone(),
+            upstream_port: u32::from(up.port),
+            replication_role: self.cluster.replication_role.to_string(),
+            replication_password: self.password()?,
+            slot_name: slot.to_string(),
+            application_name: n.name.to_string(),
+            reset_synchronous_standby_names: reset_sync,
+            operation_id: self.op.id().to_owned(),
+        };
+        call(n, d, async |c| c.configure_standby(req).await).await
+    }
+
+    async fn step(&mut self, i: usize, step: &Step) -> Result<(), MoveError> {
+        let d = self.d;
+        if let Step::FencedByOperator { .. } = step {
+            // Journaled, not timed: nothing acted.
+            self.op.skipped_step(i, step, "--fenced: the operator made sure the old primary is down")?;
+            return Ok(());
+        }
+        let t = self.op.start_step(i, step)?;
+        if let Step::Fence { .. } = step {
+            // Writes stop here.
+            self.fenced_at = Some(t);
+        }
+        let detail = match step {
+            Step::Admit { upstream, followers, .. } => {
+                let up = self.node(upstream)?;
+                let mut fs = Vec::new();
+                for f in followers {
+                    fs.push(Follower { node: self.node(&f.node)?, slot: f.slot.clone() });
+                }
+                let password = self.password()?;
+                let done = admit::admit(self.cluster, up, &fs, &password, self.op.id(), d)
+                    .await
+                    .map_err(|e| MoveError::Refused(e.to_string()))?;
+                done.iter().map(admit::Admitted::describe).collect::<Vec<_>>().join("; ")
+            }
+            Step::Replay { standby, primary } => {
+                let (s, p) = (self.node(standby)?, self.node(primary)?);
+                replayed(p, s, d).await?
+            }
+            Step::Choose { node, received, data_loss } => {
+                if let Some(loss) = data_loss {
+                    self.op.record("choose", "data-loss-accepted", loss)?;
+                }
+                format!("{node} (received {received})")
+            }
+            Step::SyncConfig { node, value } => {
+                let n = self.node(node)?;
+                let spec = SyncSpec::parse(value).map_err(|e| MoveError::Step { step: "sync-config", detail: e.to_string() })?;
+                let req = sync_request(&spec, self.op.id());
+                call(n, d, async |c| c.set_synchronous_standbys(req).await).await?;
+                self.sync = Some(spec);
+                format!("synchronous_standby_names = '{value}'")
+            }
+            Step::Fence { node, immediate } => {
+                let n = self.node(node)?;
+                let op_id = self.op.id().to_owned();
+                let immediate = *immediate;
+                let f = call(n, d, async |c| c.fence(pb::FenceRequest { operation_id: op_id, immediate }).await).await?;
+                self.checkpoint = f.checkpoint_lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
+                match (immediate, self.checkpoint) {
+                    (true, _) => format!("fenced ({})", f.cluster_state.unwrap_or_default()),
+                    (false, Some(c)) => format!("stopped; shutdown checkpoint at {c}"),
+                    (false, None) => {
+                        return Err(MoveError::Step { step: "fence", detail: "pg_controldata gave no checkpoint location".into() });
+                    }
+                }
+            }
+            Step::FencedByOperator { .. } => unreachable!("handled above"),
+            Step::CatchUp { node, fenced } => {
+                let (new, old) = (self.node(node)?, self.node(fenced)?);
+                let checkpoint = self.checkpoint.ok_or_else(|| MoveError::Step {
+                    step: "catch-up",
+                    detail: format!("no shutdown checkpoint of {fenced} is known: the plan fences it first"),
+                })?;
+                catch_up(self.op, new, old, checkpoint, d).await?
+            }
+            Step::Promote { node } => {
+                let n = self.node(node)?;
+                let op_id = self.op.id().to_owned();
+                let promoted = call(n, d, async |c| c.promote(pb::PromoteRequest { operation_id: op_id }).await).await?;
+                self.out.timeline = Some(promoted.timeline);
+                self.out.write_unavailable = self.fenced_at.map(|f| f.elapsed());
+                format!("primary on timeline {}", promoted.timeline)
+            }
+            Step::Follow { node, upstream, slot, reset_sync } => {
+                let r = self.point_at(node, upstream, slot, *reset_sync, true).await?;
+                format!("{}primary_conninfo = {}", if r.started { "started as a standby; " } else { "" }, r.primary_conninfo)
+            }
+            Step::Reconnect { node, upstream, slot, slot_in_use } => {
+                self.point_at(node, upstream, slot, false, !slot_in_use).await?;
+                "reconnected".into()
+            }
+            Step::RememberSync { value } => {
+                journal::remember_sync(&self.inventory.store, self.cluster.name.as_str(), value)?;
+                format!("synchronous_standby_names = '{value}'")
+            }
+            Step::Writes { node } => {
+                let n = self.node(node)?;
+                let until = t + SETTLE_DEADLINE;
+                if self.fenced_at.is_some() && self.sync.as_ref().is_some_and(SyncSpec::is_synchronous) {
+                    // With synchronous replication, commits wait for a
+                    // synchronous standby: writes are really back once
+                    // one streams.
+                    if first_sync_standby(n, d, until).await? {
+                        self.out.write_unavailable = self.fenced_at.map(|f| f.elapsed());
+                    }
+                }
+                let left = until.saturating_duration_since(Instant::now());
+                crate::verify::sync_met(n, &self.cluster.nodes, d, left).await.map_err(|why| MoveError::Step {
+                    step: "writes",
+                    detail: format!(
+                        "{why}, {}s after the move. {node} is the primary now; pgfleet never lowers synchronous replication \
+                         on its own: its commits wait until that standby streams (fix what its log says, or `pgfleet rejoin` it) \
+                         or until you choose otherwise (`pgfleet sync set` naming standbys that stream, or `pgfleet sync set --off`)",
+                        SETTLE_DEADLINE.as_secs(),
+                    ),
+                })?
+            }
+            Step::DropOldSlots { node } => {
+                let n = self.node(node)?;
+                let info = call(n, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;
+                let mut dropped = Vec::new();
+                for s in info.slots.iter().filter(|s| s.slot_type == "physical" && !s.active) {
+                    let name = s.slot_name.clone();
+                    call(n, d, async |c| c.drop_slot(pb::DropSlotRequest { slot_name: name, force: false }).await).await?;
+                    dropped.push(s.slot_name.clone());
+                }
+                if dropped.is_empty() { "none".into() } else { format!("dropped {}", dropped.join(", ")) }
+            }
+            Step::Verify { node, standbys } => {
+                let n = self.node(node)?;
+                let mut ss = Vec::new();
+                for s in standbys {
+                    ss.push(self.node(s)?);
+                }
+                crate::verify::streaming(n, &ss, d, SETTLE_DEADLINE).await.map_err(|why| MoveError::Step {
+                    step: "verify",
+                    detail: format!(
+                        "{why} after {}s; the new primary {node} is up: run `pgfleet rejoin` for the node named",
+                        SETTLE_DEADLINE.as_secs(),
+                    ),
+                })?
+            }
+        };
+        self.done(i, step, t, detail)
+    }
+}
+
+/// Waits until `standby` has replayed what `primary` has written so far
+/// (e.g. the replication role's password, just set there).
+async fn replayed(primary: &Node, standby: &Node, d: Deadlines) -> Result<String, MoveError> {
+    let st = call(primary, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+    let Some(target) = st.current_lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) else {
+        return Ok(format!("{} reports no WAL position", primary.name));
+    };
+    let deadline = Instant::now() + CATCH_UP_DEADLINE;
+    loop {
+        let s = call(standby, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+        if s.replayed_lsn.as_deref().and_then(|l| Lsn::parse(l).ok()).is_some_and(|r| r >= target) {
+            return Ok(format!("replayed up to {target}"));
+        }
+        if Instant::now() >= deadline {
+            return Err(MoveError::Refused(format!(
+                "{} did not replay {}'s WAL up to {target} within {}s",
+                standby.name,
+                primary.name,
+                CATCH_UP_DEADLINE.as_secs()
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// No acknowledged commit lost: the candidate has everything up to and
+/// including the old primary's shutdown checkpoint before it is promoted.
+/// If it does not get there, the old primary is started again: it is the
+/// only copy of what the candidate did not get.
+async fn catch_up(op: &OpCtx, new: &Node, old: &Node, checkpoint: Lsn, d: Deadlines) -> Result<String, MoveError> {
+    let deadline = Instant::now() + CATCH_UP_DEADLINE;
+    loop {
+        let st = call(new, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+        let r = st.replayed_lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
+        if let Some(r) = r
+            && r > checkpoint
+        {
+            return Ok(format!("replayed up to {r}"));
+        }
+        if Instant::now() >= deadline {
+            let op_id = op.id().to_owned();
+            let undo = call(old, d, async |c| c.unfence(pb::UnfenceRequest { operation_id: op_id }).await).await;
+            op.record("catch-up", "failed", "rolled back")?;
+            return Err(MoveError::Step {
+                step: "catch-up",
+                detail: format!(
+                    "{} replayed only up to {} of {}'s shutdown checkpoint {checkpoint} within {}s; {}",
+                    new.name,
+                    r.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+                    old.name,
+                    CATCH_UP_DEADLINE.as_secs(),
+                    match undo {
+                        Ok(_) => format!("{} was started again as the primary; nothing else changed", old.name),
+                        Err(e) => format!("restarting {} as the primary also failed ({e}): the cluster has no primary now", old.name),
+                    }
+                ),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Whether a synchronous standby streams from `primary` before `until`.
+async fn first_sync_standby(primary: &Node, d: Deadlines, until: Instant) -> Result<bool, MoveError> {
+    loop {
+        let info = call(primary, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;
+        if info.standbys.iter().any(|w| w.sync_state == "sync" || w.sync_state == "quorum") {
+            return Ok(true);
+        }
+        if Instant::now() >= until {
+            return Ok(false);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}

@@ -1,0 +1,277 @@
+//! An operation as a value: the steps it will take, in order, each acting
+//! on one node. A planner (switchover, failover, sync) builds the plan from
+//! what it checked before anything changes; `--dry-run` shows that value;
+//! the one executor (`ops::exec`) journals the whole plan, then each step
+//! with its index before it acts; `ops resume` reads the steps back from the
+//! journal instead of guessing from step names.
+
+use pgfleet_proto::{NodeName, RoleName, SlotName};
+use serde::{Deserialize, Serialize};
+
+/// A node that will stream from an upstream, through `slot` there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowerSlot {
+    pub node: NodeName,
+    pub slot: SlotName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    /// `upstream` admits its future followers: the replication role with
+    /// the cluster's password, a pg_hba.conf line per follower, their slots
+    /// (DESIGN.md invariant 11). Checked for all with a dry run first.
+    Admit {
+        upstream: NodeName,
+        role: RoleName,
+        followers: Vec<FollowerSlot>,
+    },
+    /// `standby` replays everything `primary` wrote so far (e.g. the role's
+    /// password just set there).
+    Replay { standby: NodeName, primary: NodeName },
+    /// Records which standby failover promotes and on what proof.
+    Choose {
+        node: NodeName,
+        received: String,
+        data_loss: Option<String>,
+    },
+    /// ALTER SYSTEM SET synchronous_standby_names on `node` (on a standby
+    /// it takes effect when promoted).
+    SyncConfig { node: NodeName, value: String },
+    /// Stop PostgreSQL and leave standby.signal: it cannot come back as a
+    /// primary. `immediate` for a failover (no clean shutdown to wait for).
+    Fence { node: NodeName, immediate: bool },
+    /// The old primary's agent does not answer: the operator said it is
+    /// down (`--fenced`).
+    FencedByOperator { node: NodeName },
+    /// `node` replays past `fenced`'s shutdown checkpoint: no acknowledged
+    /// commit is left behind (DESIGN.md invariant 5).
+    CatchUp { node: NodeName, fenced: NodeName },
+    Promote { node: NodeName },
+    /// A slot on `upstream` and `node` streaming from it through that slot.
+    Follow {
+        node: NodeName,
+        upstream: NodeName,
+        slot: SlotName,
+        /// The old primary keeps no synchronous_standby_names as a standby.
+        reset_sync: bool,
+    },
+    /// `node` reconnects to `upstream` with its node name as
+    /// application_name (what synchronous_standby_names lists), through
+    /// the slot it uses (`slot_in_use`) or a new one.
+    #[serde(rename = "application-name")]
+    Reconnect {
+        node: NodeName,
+        upstream: NodeName,
+        slot: SlotName,
+        slot_in_use: bool,
+    },
+    /// pgfleet's own record of the setting, read when the primary is lost.
+    RememberSync { value: String },
+    /// synchronous_standby_names on `node` is met by streaming standbys
+    /// (DESIGN.md invariant 12): its commits do not wait.
+    Writes { node: NodeName },
+    /// The slots a former primary kept for its standbys, which it would now
+    /// keep WAL for forever.
+    #[serde(rename = "old-slots")]
+    DropOldSlots { node: NodeName },
+    /// Every standby streams from `node`.
+    Verify { node: NodeName, standbys: Vec<NodeName> },
+}
+
+impl Step {
+    /// The step's name in the journal and in events: its JSON tag, except
+    /// that a fence the operator made is journaled as a skipped "fence".
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Admit { .. } => "admit",
+            Step::Replay { .. } => "replay",
+            Step::Choose { .. } => "choose",
+            Step::SyncConfig { .. } => "sync-config",
+            Step::Fence { .. } | Step::FencedByOperator { .. } => "fence",
+            Step::CatchUp { .. } => "catch-up",
+            Step::Promote { .. } => "promote",
+            Step::Follow { .. } => "follow",
+            Step::Reconnect { .. } => "application-name",
+            Step::RememberSync { .. } => "remember-sync",
+            Step::Writes { .. } => "writes",
+            Step::DropOldSlots { .. } => "old-slots",
+            Step::Verify { .. } => "verify",
+        }
+    }
+
+    /// The node the step acts on ("" for pgfleet's own record).
+    pub fn host(&self) -> &str {
+        match self {
+            Step::Admit { upstream, .. } => upstream.as_str(),
+            Step::Replay { standby, .. } => standby.as_str(),
+            Step::Choose { node, .. }
+            | Step::SyncConfig { node, .. }
+            | Step::Fence { node, .. }
+            | Step::FencedByOperator { node }
+            | Step::CatchUp { node, .. }
+            | Step::Promote { node }
+            | Step::Follow { node, .. }
+            | Step::Reconnect { node, .. }
+            | Step::Writes { node }
+            | Step::DropOldSlots { node }
+            | Step::Verify { node, .. } => node.as_str(),
+            Step::RememberSync { .. } => "",
+        }
+    }
+
+    /// What the step will do, for people (the dry run, the step's start).
+    pub fn describe(&self) -> String {
+        let names = |v: &mut dyn Iterator<Item = &NodeName>| v.map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+        match self {
+            Step::Admit { role, followers, .. } => format!(
+                "replication role {role} with the cluster's password; a `host replication {role} ADDR/32 scram-sha-256` \
+                 line in its own pg_hba.conf (checked, reloaded) and a slot, for {}",
+                names(&mut followers.iter().map(|f| &f.node))
+            ),
+            Step::Replay { primary, .. } => format!("replay what {primary} has written so far"),
+            Step::Choose { node, received, data_loss } => match data_loss {
+                None => format!("promote {node}: it holds every acknowledged commit (received up to {received})"),
+                Some(why) => format!("promote {node} (received up to {received}), accepting data loss: {why}"),
+            },
+            Step::SyncConfig { value, .. } => format!("ALTER SYSTEM SET synchronous_standby_names = '{value}'; reload"),
+            Step::Fence { immediate: false, .. } => {
+                "stop PostgreSQL (fast shutdown: sessions end, shutdown checkpoint), leave standby.signal".into()
+            }
+            Step::Fence { immediate: true, .. } => "stop PostgreSQL if it runs (immediate), leave standby.signal".into(),
+            Step::FencedByOperator { .. } => "skipped: --fenced says the operator made sure it is down".into(),
+            Step::CatchUp { fenced, .. } => format!("wait until pg_last_wal_replay_lsn() passes {fenced}'s shutdown checkpoint"),
+            Step::Promote { .. } => "SELECT pg_promote(true, 60)".into(),
+            Step::Follow { upstream, slot, reset_sync, .. } => format!(
+                "slot {slot} on {upstream}; primary_conninfo to {upstream}; {}",
+                if *reset_sync { "start as a standby (no pg_rewind needed)" } else { "reload" }
+            ),
+            Step::Reconnect { node, upstream, slot, slot_in_use } => format!(
+                "reconnect to {upstream} with application_name={node}, through {} slot {slot}; reload",
+                if *slot_in_use { "its" } else { "a new" }
+            ),
+            Step::RememberSync { value } => format!("pgfleet's record: synchronous_standby_names = '{value}'"),
+            Step::Writes { .. } => "wait until synchronous_standby_names is met by streaming standbys".into(),
+            Step::DropOldSlots { .. } => "drop the slots it kept for its former standbys".into(),
+            Step::Verify { standbys, .. } => format!("wait until {} stream from it", names(&mut standbys.iter())),
+        }
+    }
+
+    /// The step as a JSON object: its journaled form (the tag `step` and the
+    /// typed fields) plus `host` and `description`: what `--dry-run --json`
+    /// prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("host".into(), self.host().into());
+            o.insert("description".into(), self.describe().into());
+        }
+        v
+    }
+}
+
+/// A whole operation's steps, decided before the first one acts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// E.g. "switch over main from node0 to node1".
+    pub title: String,
+    pub steps: Vec<Step>,
+    /// The index of the first step that cannot be cancelled (the cluster
+    /// would be left half-moved), and why.
+    #[serde(default)]
+    pub no_return: Option<(usize, String)>,
+    /// Said before the first step, and in the result.
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// The node the plan promotes, if it promotes one.
+    pub fn promotes(&self) -> Option<&NodeName> {
+        self.steps.iter().find_map(|s| match s {
+            Step::Promote { node } => Some(node),
+            _ => None,
+        })
+    }
+
+    /// The node the plan fences, if it fences one.
+    pub fn fences(&self) -> Option<&NodeName> {
+        self.steps.iter().find_map(|s| match s {
+            Step::Fence { node, .. } | Step::FencedByOperator { node } => Some(node),
+            _ => None,
+        })
+    }
+
+    pub fn index_of(&self, f: impl Fn(&Step) -> bool) -> Option<usize> {
+        self.steps.iter().position(f)
+    }
+
+    /// `--dry-run`: the plan, and nothing changed.
+    pub fn render(&self) -> String {
+        let mut s = format!("plan (dry run, nothing changed): {}\n", self.title);
+        for (i, st) in self.steps.iter().enumerate() {
+            s += &format!("  {:>2}. [{}] {}: {}\n", i + 1, st.host(), st.name(), st.describe());
+        }
+        for w in &self.warnings {
+            s += &format!("warning: {w}\n");
+        }
+        s
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "dry_run": true,
+            "title": self.title,
+            "warnings": self.warnings,
+            "steps": self.steps.iter().map(Step::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> NodeName {
+        NodeName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_plan_reads_back_from_its_journal_form_as_the_same_value() {
+        let plan = Plan {
+            title: "switch over main from a to b".into(),
+            steps: vec![
+                Step::Admit {
+                    upstream: n("b"),
+                    role: RoleName::parse("replicator").unwrap(),
+                    followers: vec![FollowerSlot { node: n("a"), slot: n("a").default_slot() }],
+                },
+                Step::Fence { node: n("a"), immediate: false },
+                Step::CatchUp { node: n("b"), fenced: n("a") },
+                Step::Promote { node: n("b") },
+                Step::Follow { node: n("a"), upstream: n("b"), slot: n("a").default_slot(), reset_sync: true },
+                Step::Reconnect { node: n("c"), upstream: n("b"), slot: n("c").default_slot(), slot_in_use: true },
+                Step::DropOldSlots { node: n("a") },
+            ],
+            no_return: Some((1, "moving".into())),
+            warnings: vec![],
+        };
+        let text = serde_json::to_string(&plan).unwrap();
+        let back: Plan = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, plan);
+        assert_eq!(back.promotes(), Some(&n("b")));
+        assert_eq!(back.fences(), Some(&n("a")));
+        let j = plan.steps[1].to_json();
+        assert_eq!(j["step"], "fence");
+        assert_eq!(j["host"], "a");
+        // The tag is the journal's step name.
+        for s in &plan.steps {
+            assert_eq!(s.to_json()["step"], s.name(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_journaled_step_with_a_forged_node_name_does_not_read_back() {
+        let forged = r#"{"step":"promote","node":"x\ny"}"#;
+        assert!(serde_json::from_str::<Step>(forged).is_err());
+    }
+}
