@@ -13,6 +13,7 @@
 //! admitted, and a refusal leaves nothing changed.
 
 use pgfleet_proto::SlotName;
+use pgfleet_proto::secret::Secret;
 use pgfleet_proto::agent::v1 as pb;
 
 use crate::client::{self, AgentCallError, Deadlines};
@@ -68,7 +69,7 @@ pub async fn admit(
     cluster: &Cluster,
     upstream: &Node,
     followers: &[Follower<'_>],
-    password: &str,
+    password: &Secret,
     operation_id: &str,
     d: Deadlines,
 ) -> Result<Vec<Admitted>, AdmitError> {
@@ -81,7 +82,7 @@ pub async fn admit(
         })?;
         let req = pb::PrepareUpstreamRequest {
             replication_role: cluster.replication_role.to_string(),
-            replication_password: password.to_owned(),
+            replication_password: password.expose().to_owned(),
             replica_address: address.to_string(),
             slot_name: f.slot.to_string(),
             dry_run: true,

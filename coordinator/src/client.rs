@@ -14,14 +14,6 @@ use crate::inventory::{ClientTls, Node};
 /// the inventory (and --tls-cert/--tls-key).
 static CLIENT_TLS: OnceLock<ClientTlsConfig> = OnceLock::new();
 
-/// The certificate this process presents, as the journal names the caller.
-static CLIENT_CERT: OnceLock<String> = OnceLock::new();
-
-/// The client certificate in use (its file), for the journal.
-pub fn client_certificate() -> Option<&'static str> {
-    CLIENT_CERT.get().map(String::as_str)
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
     #[error("cannot read {path}: {source}")]
@@ -60,7 +52,6 @@ pub fn init_tls(tls: &ClientTls) -> Result<(), TlsSetupError> {
         .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
         .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
     let _ = CLIENT_TLS.set(config);
-    let _ = CLIENT_CERT.set(tls.cert.display().to_string());
     Ok(())
 }
 

@@ -18,6 +18,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use pgfleet_proto::secret::Secret;
 use pgfleet_proto::{ClusterName, NodeName, RoleName};
 use serde::Deserialize;
 
@@ -348,7 +349,7 @@ impl PasswordError {
 impl Cluster {
     /// The replication password: PGFLEET_REPLICATION_PASSWORD, else the
     /// cluster's password file (refused when group or others may read it).
-    pub fn replication_password(&self) -> Result<String, PasswordError> {
+    pub fn replication_password(&self) -> Result<Secret, PasswordError> {
         use std::os::unix::fs::PermissionsExt;
         let pw = match std::env::var("PGFLEET_REPLICATION_PASSWORD") {
             Ok(p) => p,
@@ -373,12 +374,9 @@ impl Cluster {
                 text.strip_suffix('\n').unwrap_or(&text).to_owned()
             }
         };
-        if pw.is_empty() || pw.contains(['\n', '\r', '\0']) {
-            return Err(PasswordError::Invalid {
-                cluster: self.name.to_string(),
-            });
-        }
-        Ok(pw)
+        Secret::new(pw).map_err(|_| PasswordError::Invalid {
+            cluster: self.name.to_string(),
+        })
     }
 }
 

@@ -289,21 +289,6 @@ pub fn new_id(kind: &str) -> String {
     )
 }
 
-/// Who runs a local operation: the OS user, and the client certificate the
-/// agents see.
-pub fn local_caller() -> String {
-    let uid = nix::unistd::getuid();
-    let user = nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| format!("uid {uid}"));
-    match crate::client::client_certificate() {
-        Some(cert) => format!("{user} with certificate {cert}"),
-        None => user,
-    }
-}
-
 /// The cluster's synchronous configuration as pgfleet last set or saw it.
 pub fn remember_sync(store: &Store, cluster: &str, value: &str) -> Result<(), JournalError> {
     let state_dir = match store {

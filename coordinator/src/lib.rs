@@ -18,8 +18,6 @@ pub mod journal;
 pub mod ops;
 pub mod progress;
 pub mod rebuild;
-pub mod rejoin;
-pub mod remote;
 pub mod serve;
 pub mod slots;
 pub mod status_render;

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use pgfleet_proto::secret::Secret;
 use pgfleet_proto::agent::v1 as pb;
 use pgfleet_proto::agent::v1::agent_client::AgentClient;
 use pgfleet_proto::agent::v1::job_event::Event;
@@ -83,7 +84,7 @@ pub enum RebuildError {
         slot_note: String,
     },
     #[error(transparent)]
-    Cancelled(#[from] crate::ops::Cancelled),
+    Cancelled(#[from] crate::ops::ctx::Cancelled),
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
     #[error("the event stream of job {job} on {node} ended before the job did; re-attach with: pgfleet rebuild {node} --attach {job}")]
@@ -209,7 +210,7 @@ pub struct Prepared<'a> {
     pub mappings: Vec<pb::TablespaceMapping>,
     pub cluster_system_identifier: String,
     pub replica_address: IpAddr,
-    pub password: String,
+    pub password: Secret,
 }
 
 /// Checks everything that can be checked from the fleet's status, in the
@@ -422,7 +423,7 @@ pub async fn plan(p: &Prepared<'_>, req: &RebuildRequest, d: Deadlines) -> Resul
 fn prepare_request(p: &Prepared<'_>, dry_run: bool, op: &str) -> pb::PrepareUpstreamRequest {
     pb::PrepareUpstreamRequest {
         replication_role: p.cluster.replication_role.to_string(),
-        replication_password: p.password.clone(),
+        replication_password: p.password.expose().to_owned(),
         replica_address: p.replica_address.to_string(),
         slot_name: p.slot.to_string(),
         dry_run,
@@ -442,7 +443,7 @@ fn start_request(
         upstream_host: p.upstream.host.clone(),
         upstream_port: u32::from(p.upstream.port),
         replication_role: p.cluster.replication_role.to_string(),
-        replication_password: p.password.clone(),
+        replication_password: p.password.expose().to_owned(),
         slot_name: p.slot.to_string(),
         application_name: p.node.name.to_string(),
         tablespace_mappings: p.mappings.clone(),

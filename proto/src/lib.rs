@@ -9,6 +9,7 @@ pub mod auth;
 pub mod identity;
 pub mod notify;
 mod redact;
+pub mod secret;
 pub mod sync;
 pub mod tls;
 pub mod types;

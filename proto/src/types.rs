@@ -211,6 +211,13 @@ macro_rules! string_newtype_impls {
                 f.write_str(&self.0)
             }
         }
+        // A validated name reads as the text it is, wherever a &str goes.
+        impl std::ops::Deref for $t {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
         impl FromStr for $t {
             type Err = ParseError;
             fn from_str(s: &str) -> Result<Self, ParseError> {

@@ -184,3 +184,77 @@ async fn the_service_refuses_what_the_cli_refuses() {
         .await
         .expect("WatchOperation from past the end of a finished operation never ended");
 }
+
+/// What the command said was wrong: stderr from its `error:` line on.
+fn error_of(out: &pgfleet_tests::CliOutput) -> String {
+    match out.stderr.find("error:") {
+        Some(i) => out.stderr[i..].trim_end().to_owned(),
+        None => panic!("no error line in:\n{out}"),
+    }
+}
+
+/// Both doors, one check: every bad-input refusal the suite makes of an
+/// operation command, run in-process and through `pgfleet serve` (the CLI
+/// with --coordinator sends the API message, which the service validates):
+/// the same exit code 2 and the same message, and nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cli_refusal_is_the_same_through_the_service() {
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let c = fleet.start_coordinator().unwrap();
+    let (primary, standby) = (fleet.host(0), fleet.host(1));
+    let before = (
+        one(primary, "show synchronous_standby_names").await,
+        one(standby, "select pg_postmaster_start_time()::text").await,
+        one(primary, "select string_agg(slot_name, ',' order by slot_name) from pg_replication_slots").await,
+    );
+    let long = "a".repeat(64);
+    let refusals: Vec<Vec<&str>> = vec![
+        vec!["switchover", "--to", "node9"],
+        vec!["switchover", "--cluster", "Main"],
+        vec!["failover", "--to", "node9"],
+        vec!["rejoin", "node9"],
+        vec!["rejoin", "Node1"],
+        vec!["sync", "set", "node1", "node9"],
+        vec!["sync", "set", "--num", "3", "node1"],
+        vec!["sync", "set", "--num", "0", "node1"],
+        vec!["sync", "set", "node1", "node1"],
+        vec!["sync", "set"],
+        vec!["sync", "set", "--off", "node1"],
+        vec!["sync", "set", "x\"); drop table t; --"],
+        vec!["sync", "set", "Node0"],
+        vec!["rebuild", "nosuchnode"],
+        vec!["rebuild", "node1", "--slot", "x'); drop table t; --"],
+        vec!["rebuild", "node1", "--slot", "R1"],
+        vec!["rebuild", "node1", "--slot", "node0", "--dry-run"],
+        vec!["rebuild", "node1", "--tablespace-mapping", "relative=/x"],
+        vec!["rebuild", "node1", "--tablespace-mapping", "/a=/b=/c"],
+        vec!["rebuild", "node1", "--tablespace-mapping", "/a/../etc=/x"],
+        vec!["rebuild", "node1", "--tablespace-mapping", "/a=/b\nEVIL", "--dry-run"],
+        vec!["rebuild", "node1", "--from", "node1"],
+        vec!["rebuild", "node1", "--from", "nosuch"],
+        vec!["slots", "drop", "node0", "R1"],
+        vec!["slots", "drop", "node0", "a-b", "--force"],
+        vec!["slots", "drop", "node0", &long, "--dry-run"],
+        vec!["slots", "drop", "node0", ""],
+        vec!["slots", "drop", "nodex", "r1"],
+    ];
+    for args in &refusals {
+        let local = pgfleet(&fleet, args);
+        let mut through = vec!["--coordinator", c.url.as_str()];
+        through.extend_from_slice(args);
+        let remote = pgfleet(&fleet, &through);
+        assert_eq!(local.code(), Some(2), "in-process {args:?}: {local}");
+        assert_eq!(remote.code(), Some(2), "through the service {args:?}: {remote}");
+        assert_eq!(error_of(&remote), error_of(&local), "{args:?} is refused differently through the service");
+    }
+    let after = (
+        one(primary, "show synchronous_standby_names").await,
+        one(standby, "select pg_postmaster_start_time()::text").await,
+        one(primary, "select string_agg(slot_name, ',' order by slot_name) from pg_replication_slots").await,
+    );
+    assert_eq!(after, before, "a refused request changed the fleet");
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use pgfleet_proto::agent::v1 as pb;
 use pgfleet_proto::sync::{SyncMethod, SyncSpec};
+use pgfleet_proto::secret::Secret;
 use pgfleet_proto::{Lsn, NodeName, SlotName};
 use serde::Serialize;
 
@@ -165,7 +166,7 @@ struct Exec<'a> {
     op: &'a OpCtx,
     cluster: &'a Cluster,
     d: Deadlines,
-    password: Option<String>,
+    password: Option<Secret>,
     out: Executed,
     /// What earlier steps learnt that later ones need.
     fenced_at: Option<Instant>,
@@ -180,11 +181,13 @@ impl<'a> Exec<'a> {
         })
     }
 
-    fn password(&mut self) -> Result<String, MoveError> {
-        if self.password.is_none() {
-            self.password = Some(self.cluster.replication_password()?);
+    fn password(&mut self) -> Result<Secret, MoveError> {
+        if let Some(p) = &self.password {
+            return Ok(p.clone());
         }
-        Ok(self.password.clone().unwrap_or_default())
+        let p = self.cluster.replication_password()?;
+        self.password = Some(p.clone());
+        Ok(p)
     }
 
     fn done(&mut self, i: usize, step: &Step, t: Instant, detail: String) -> Result<(), MoveError> {
@@ -217,7 +220,7 @@ impl<'a> Exec<'a> {
             upstream_host: up.host.clone(),
             upstream_port: u32::from(up.port),
             replication_role: self.cluster.replication_role.to_string(),
-            replication_password: self.password()?,
+            replication_password: self.password()?.expose().to_owned(),
             slot_name: slot.to_string(),
             application_name: n.name.to_string(),
             reset_synchronous_standby_names: reset_sync,

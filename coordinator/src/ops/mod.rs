@@ -12,87 +12,31 @@ pub mod ctx;
 pub mod exec;
 pub mod failover;
 pub mod plan;
+pub mod rejoin;
 pub mod render;
+pub mod request;
 pub mod resume;
 pub mod rolling;
 pub mod store;
 pub mod switchover;
+pub mod sync;
 
 use std::sync::Arc;
 
-use pgfleet_proto::SlotName;
 use pgfleet_proto::coordinator::v1 as pb;
 use pgfleet_proto::coordinator::v1::OperationState;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub use ctx::{CancelState, Cancelled, OpCtx};
+pub use request::{ApiRequest, OpRequest, SyncRequest, one_cluster, resolved};
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
 use crate::fleet_status;
 use crate::inventory::Inventory;
 use crate::journal::Operation;
-use crate::{rebuild, rejoin, slots};
-
-/// What an operator or a system asked for. Journaled as JSON at the start
-/// of the operation, so an interrupted one can be resumed from it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum OpRequest {
-    Rebuild {
-        node: String,
-        from: Option<String>,
-        slot: Option<String>,
-        tablespace_mappings: Vec<String>,
-        spread_checkpoint: bool,
-        dry_run: bool,
-    },
-    /// Every replica of a cluster, one at a time.
-    RebuildAll {
-        cluster: String,
-        spread_checkpoint: bool,
-        dry_run: bool,
-    },
-    Sync {
-        cluster: String,
-        /// None: asynchronous.
-        spec: Option<SyncRequest>,
-        #[serde(default)]
-        dry_run: bool,
-    },
-    Switchover {
-        cluster: String,
-        to: Option<String>,
-        dry_run: bool,
-    },
-    Failover {
-        cluster: String,
-        to: Option<String>,
-        fenced: bool,
-        accept_data_loss: bool,
-        dry_run: bool,
-    },
-    Rejoin {
-        node: String,
-        rebuild_if_needed: bool,
-        dry_run: bool,
-    },
-    DropSlot {
-        node: String,
-        slot: String,
-        force: bool,
-        dry_run: bool,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SyncRequest {
-    /// "first" or "any".
-    pub method: String,
-    pub num: u32,
-    pub standbys: Vec<String>,
-}
+use crate::{rebuild, slots};
 
 /// What the CLI prints when an operation succeeded: text for people, the
 /// `--json` document for programs.
@@ -108,120 +52,6 @@ impl Rendered {
             text,
             json: serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
         }
-    }
-}
-
-impl OpRequest {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            OpRequest::Rebuild { .. } | OpRequest::RebuildAll { .. } => "rebuild",
-            OpRequest::Sync { .. } => "sync",
-            OpRequest::Switchover { .. } => "switchover",
-            OpRequest::Failover { .. } => "failover",
-            OpRequest::Rejoin { .. } => "rejoin",
-            OpRequest::DropSlot { .. } => "drop-slot",
-        }
-    }
-
-    pub fn dry_run(&self) -> bool {
-        match self {
-            OpRequest::Rebuild { dry_run, .. }
-            | OpRequest::RebuildAll { dry_run, .. }
-            | OpRequest::Switchover { dry_run, .. }
-            | OpRequest::Failover { dry_run, .. }
-            | OpRequest::Rejoin { dry_run, .. }
-            | OpRequest::DropSlot { dry_run, .. }
-            | OpRequest::Sync { dry_run, .. } => *dry_run,
-        }
-    }
-
-    /// Checks the names against the inventory before anything else, fills
-    /// in the cluster when the inventory has only one, and returns the
-    /// cluster and a summary for people.
-    pub fn resolve(&mut self, inv: &Inventory) -> Result<(String, String), CoordinatorError> {
-        Ok(match self {
-            OpRequest::Rebuild { node, from, slot, tablespace_mappings, .. } => {
-                let (c, _) = inv.node(node)?;
-                if let Some(s) = slot {
-                    SlotName::parse(s)?;
-                }
-                for m in tablespace_mappings.iter() {
-                    rebuild::parse_mapping(m)?;
-                }
-                if let Some(f) = from {
-                    inv.node(f)?;
-                }
-                let from = from.as_deref().map(|f| format!(" from {f}")).unwrap_or_default();
-                (c.name.to_string(), format!("{node}{from}"))
-            }
-            OpRequest::RebuildAll { cluster, .. } => {
-                *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
-                (cluster.clone(), "every replica, one at a time".into())
-            }
-            OpRequest::Sync { cluster, spec, .. } => {
-                *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
-                let c = inv.select(Some(cluster.as_str()))?[0];
-                crate::sync::validate(c, sync_spec(spec)?)?;
-                let what = match spec {
-                    None => "asynchronous".to_owned(),
-                    Some(s) => format!("{} {} ({})", s.method.to_uppercase(), s.num, s.standbys.join(", ")),
-                };
-                (cluster.clone(), format!("set {what}"))
-            }
-            OpRequest::Switchover { cluster, to, .. } | OpRequest::Failover { cluster, to, .. } => {
-                *cluster = one_cluster(inv, Some(cluster.as_str()).filter(|c| !c.is_empty()))?;
-                if let Some(t) = to {
-                    let (tc, _) = inv.node(t)?;
-                    if tc.name.as_str() != cluster {
-                        return Err(CoordinatorError::Usage(format!("--to {t}: it is a node of cluster {}, not {cluster}", tc.name)));
-                    }
-                }
-                (cluster.clone(), to.as_deref().map(|t| format!("to {t}")).unwrap_or_else(|| "to the best candidate".into()))
-            }
-            OpRequest::Rejoin { node, .. } => {
-                let (c, _) = inv.node(node)?;
-                (c.name.to_string(), node.clone())
-            }
-            OpRequest::DropSlot { node, slot, .. } => {
-                SlotName::parse(slot)?;
-                let (c, _) = inv.node(node)?;
-                (c.name.to_string(), format!("slot {slot} on {node}"))
-            }
-        })
-    }
-}
-
-type SyncTriple = (pgfleet_proto::sync::SyncMethod, u32, Vec<String>);
-
-fn sync_spec(spec: &Option<SyncRequest>) -> Result<Option<SyncTriple>, CoordinatorError> {
-    let Some(s) = spec else { return Ok(None) };
-    if s.standbys.is_empty() {
-        return Err(CoordinatorError::Usage(
-            "name the synchronous standbys (sync set NODE...), or pass --off".into(),
-        ));
-    }
-    let m = match s.method.as_str() {
-        "first" => pgfleet_proto::sync::SyncMethod::First,
-        "any" => pgfleet_proto::sync::SyncMethod::Any,
-        other => {
-            return Err(CoordinatorError::Usage(format!(
-                "unknown synchronous method {other:?}: use first or any"
-            )));
-        }
-    };
-    Ok(Some((m, s.num, s.standbys.clone())))
-}
-
-/// `--cluster`, or the inventory's only cluster.
-pub fn one_cluster(inventory: &Inventory, cluster: Option<&str>) -> Result<String, CoordinatorError> {
-    match cluster {
-        Some(c) => Ok(inventory.select(Some(c))?[0].name.to_string()),
-        None if inventory.clusters.len() == 1 => Ok(inventory.clusters[0].name.to_string()),
-        None => Err(CoordinatorError::Usage(format!(
-            "the inventory has {} clusters; say which with --cluster ({})",
-            inventory.clusters.len(),
-            inventory.clusters.iter().map(|c| c.name.to_string()).collect::<Vec<_>>().join(", ")
-        ))),
     }
 }
 
@@ -308,10 +138,10 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             dry_run,
         } => {
             let r = rebuild::RebuildRequest {
-                node: node.clone(),
-                from: from.clone(),
-                slot: slot.clone(),
-                tablespace_mappings: tablespace_mappings.clone(),
+                node: node.to_string(),
+                from: from.as_ref().map(|f| f.to_string()),
+                slot: slot.as_ref().map(|s| s.to_string()),
+                tablespace_mappings: tablespace_mappings.iter().map(|m| m.as_str().to_owned()).collect(),
                 spread_checkpoint: *spread_checkpoint,
                 dry_run: *dry_run,
             };
@@ -326,17 +156,17 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             cluster,
             spread_checkpoint,
             dry_run,
-        } => rolling::rebuild_all(inv, cluster, *spread_checkpoint, *dry_run, d, ctx).await,
+        } => rolling::rebuild_all(inv, resolved(cluster)?, *spread_checkpoint, *dry_run, d, ctx).await,
         OpRequest::Sync { cluster, spec, dry_run } => {
             if *dry_run {
-                let (_, plan) = crate::sync::plan(inv, cluster, sync_spec(spec)?, d).await?;
+                let (_, plan) = sync::plan(inv, resolved(cluster)?, spec.as_ref(), d).await?;
                 return Ok(Rendered::pretty(plan.render(), &plan.to_json()));
             }
-            let report = crate::sync::set(inv, cluster, sync_spec(spec)?, d, ctx).await?;
+            let report = sync::set(inv, resolved(cluster)?, spec.as_ref(), d, ctx).await?;
             Ok(Rendered::pretty(crate::sync::render(&report), &report))
         }
         OpRequest::Switchover { cluster, to, dry_run } => {
-            let p = switchover::preflight(inv, cluster, to.as_deref(), d).await?;
+            let p = switchover::preflight(inv, resolved(cluster)?, to.as_ref().map(|t| t.as_str()), d).await?;
             if *dry_run {
                 let plan = switchover::plan(&p);
                 return Ok(Rendered::pretty(plan.render(), &plan.to_json()));
@@ -355,8 +185,8 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             dry_run,
         } => {
             let req = failover::FailoverRequest {
-                cluster: cluster.clone(),
-                to: to.clone(),
+                cluster: resolved(cluster)?.to_owned(),
+                to: to.as_ref().map(|t| t.to_string()),
                 fenced: *fenced,
                 accept_data_loss: *accept_data_loss,
                 dry_run: *dry_run,
@@ -376,7 +206,7 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             rebuild_if_needed,
             dry_run,
         } => {
-            let r = rejoin::rejoin(inv, node, *rebuild_if_needed, *dry_run, d, ctx).await?;
+            let r = rejoin::rejoin(inv, node.as_str(), *rebuild_if_needed, *dry_run, d, ctx).await?;
             let text = match &r.plan {
                 Some(p) => format!("{p}\n"),
                 None => format!("{} rejoined as a standby of {} ({}) in {:.2}s\n", r.node, r.primary, r.method, r.seconds),
@@ -390,10 +220,9 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             dry_run,
         } => {
             if *dry_run {
-                let slot = SlotName::parse(slot)?;
-                let (_, n) = inv.node(node)?;
-                slots::check_droppable(n, &slot, *force, d).await?;
-                let steps = slots::drop_plan(n, &slot, *force);
+                let (_, n) = inv.node(node.as_str())?;
+                slots::check_droppable(n, slot, *force, d).await?;
+                let steps = slots::drop_plan(n, slot, *force);
                 let mut s = format!("plan (dry run, nothing changed): drop slot {slot} on {node}\n");
                 for (i, step) in steps.iter().enumerate() {
                     s += &format!("  {}. {step}\n", i + 1);
@@ -401,9 +230,9 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
                 return Ok(Rendered::pretty(s, &serde_json::json!({ "dry_run": true, "steps": steps })));
             }
             ctx.point_of_no_return("the slot is being dropped")?;
-            let t = ctx.start(node, "drop-slot", &format!("pg_drop_replication_slot('{slot}')"))?;
-            let r = slots::drop(inv, node, slot, *force, d).await?;
-            ctx.done(node, "drop-slot", t, "dropped")?;
+            let t = ctx.start(node.as_str(), "drop-slot", &format!("pg_drop_replication_slot('{slot}')"))?;
+            let r = slots::drop(inv, node.as_str(), slot.as_str(), *force, d).await?;
+            ctx.done(node.as_str(), "drop-slot", t, "dropped")?;
             let mut s = format!("dropped replication slot {} on {}", r.slot, r.node);
             if let Some(b) = r.released_wal_bytes {
                 s += &format!(" ({} of WAL no longer retained)", fleet_status::bytes(b));

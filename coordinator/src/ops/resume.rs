@@ -72,7 +72,7 @@ fn last_job(rec: &OpRecord) -> Option<(String, String)> {
 pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<Rendered, CoordinatorError> {
     match req {
         OpRequest::Rebuild { node, from, slot, .. } => {
-            if let Some((job_node, job)) = last_job(rec).filter(|(n, _)| n == node) {
+            if let Some((job_node, job)) = last_job(rec).filter(|(n, _)| n.as_str() == node.as_str()) {
                 ctx.note(&job_node, &format!("re-attaching to job {job}"));
                 match rebuild::attach(inv, node, &job, from.as_deref(), slot.as_deref(), d, ctx).await {
                     Ok(report) => return Ok(crate::ops::rebuild_rendered(&report)),
@@ -88,7 +88,7 @@ pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlin
             crate::ops::execute(inv, req, d, ctx).await
         }
         OpRequest::Switchover { cluster, to, .. } | OpRequest::Failover { cluster, to, .. } => {
-            converge(inv, rec, req, cluster, to.as_deref(), d, ctx).await
+            converge(inv, rec, req, crate::ops::resolved(cluster)?, to.as_deref(), d, ctx).await
         }
         _ => crate::ops::execute(inv, req, d, ctx).await,
     }
@@ -157,7 +157,7 @@ async fn converge(
         if n.name == target || keep_fenced || streaming || n.role == Role::Primary {
             continue;
         }
-        let r = crate::rejoin::rejoin(inv, &n.name, false, false, d, ctx).await?;
+        let r = crate::ops::rejoin::rejoin(inv, &n.name, false, false, d, ctx).await?;
         text += &format!("{} rejoined as a standby of {} ({})\n", r.node, r.primary, r.method);
     }
     text += &format!("resumed {}: {target} is the primary of {cluster}\n", rec.id);
@@ -204,10 +204,10 @@ pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadline
                     said.push(format!("job {job} on {node} had finished: {node} runs as a standby"));
                 } else {
                     let (c, n) = inv.node(node)?;
-                    let upstream = from.clone().or_else(|| {
+                    let upstream = from.as_ref().map(|f| f.to_string()).or_else(|| {
                         c.nodes.iter().find(|k| k.name.as_str() != n.name.as_str()).map(|k| k.name.to_string())
                     });
-                    let slot_name = slot.clone().unwrap_or_else(|| n.name.default_slot().to_string());
+                    let slot_name = slot.as_ref().unwrap_or(&n.name.default_slot()).to_string();
                     if let Some(u) = upstream.and_then(|u| inv.node(&u).ok()) {
                         let s = slot_name.clone();
                         match client::call(u.1, d, async |c| c.drop_slot(apb::DropSlotRequest { slot_name: s, force: false }).await).await {
@@ -225,6 +225,7 @@ pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadline
             }
         }
         OpRequest::Switchover { cluster, .. } | OpRequest::Failover { cluster, .. } => {
+            let cluster = crate::ops::resolved(cluster)?;
             let c = inv.select(Some(cluster))?[0];
             let cr = fleet_status::gather_cluster(c, d).await;
             let progress = rec.progress();

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use super::registry::Running;
 use super::{State, convert};
 use crate::error::CoordinatorError;
-use crate::ops::{self, CancelState, OpRequest};
+use crate::ops::{self, ApiRequest, CancelState, OpRequest};
 
 #[derive(Debug)]
 pub struct CoordinatorService {
@@ -94,7 +94,13 @@ impl CoordinatorService {
 
     /// Begins an operation (validation, lock, journal) and runs it in the
     /// background; its id comes back at once.
-    async fn start(&self, caller: &Caller, method: &'static str, mut req: OpRequest) -> Result<Response<pb::OperationRef>, Status> {
+    /// The request is validated by the one conversion the CLI uses too, so
+    /// both refuse the same input with the same message.
+    async fn start(&self, caller: &Caller, method: &'static str, req: ApiRequest) -> Result<Response<pb::OperationRef>, Status> {
+        let mut req = match OpRequest::try_from(req) {
+            Ok(r) => r,
+            Err(e) => return self.audited(caller, method, "(invalid)", Err(status(e))),
+        };
         let target = serde_json::to_string(&req).unwrap_or_default();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = Arc::new(CancelState::default());
@@ -196,65 +202,6 @@ impl CoordinatorService {
     }
 }
 
-/// The API's rebuild message as the one request type; the combinations
-/// the CLI cannot express are refused here as it would refuse them.
-fn req_from_rebuild(r: pb::RebuildRequest) -> Result<OpRequest, Status> {
-    if r.all_replicas || !r.all_replicas_of.is_empty() {
-        if !r.node.is_empty() || r.from.is_some() || r.slot.is_some() || !r.tablespace_mappings.is_empty() {
-            return Err(Status::invalid_argument(
-                "a rebuild of every replica takes no node, from, slot or tablespace_mappings: \
-                 send either node (one replica) or all_replicas (every replica)",
-            ));
-        }
-        return Ok(OpRequest::RebuildAll {
-            cluster: r.all_replicas_of,
-            spread_checkpoint: r.spread_checkpoint,
-            dry_run: r.dry_run,
-        });
-    }
-    if r.node.is_empty() {
-        return Err(Status::invalid_argument("name the node to rebuild, or set all_replicas"));
-    }
-    Ok(OpRequest::Rebuild {
-        node: r.node,
-        from: r.from,
-        slot: r.slot,
-        tablespace_mappings: r.tablespace_mappings,
-        spread_checkpoint: r.spread_checkpoint,
-        dry_run: r.dry_run,
-    })
-}
-
-/// The API's sync message as the one request type, refusing what the CLI
-/// refuses: standbys with off, an unknown method. (A num_sync of 0 goes on
-/// to the same check the CLI's `--num 0` meets.)
-fn req_from_set_sync(r: pb::SetSyncRequest) -> Result<OpRequest, Status> {
-    let method = match pb::SyncMethod::try_from(r.method) {
-        Ok(pb::SyncMethod::Any) => "any",
-        Ok(pb::SyncMethod::First | pb::SyncMethod::Unspecified) => "first",
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "unknown synchronous method {}: use SYNC_METHOD_FIRST or SYNC_METHOD_ANY",
-                r.method
-            )));
-        }
-    };
-    if r.off && (!r.standbys.is_empty() || r.num_sync != 0 || r.method != 0) {
-        return Err(Status::invalid_argument(
-            "off turns synchronous replication off: send it without standbys, method or num_sync",
-        ));
-    }
-    Ok(OpRequest::Sync {
-        cluster: r.cluster,
-        spec: (!r.off).then(|| ops::SyncRequest {
-            method: method.into(),
-            num: r.num_sync,
-            standbys: r.standbys,
-        }),
-        dry_run: r.dry_run,
-    })
-}
-
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn get_fleet_status(&self, req: Request<pb::GetFleetStatusRequest>) -> Result<Response<pb::FleetStatus>, Status> {
@@ -308,7 +255,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn get_sync(&self, req: Request<pb::GetSyncRequest>) -> Result<Response<pb::Report>, Status> {
         self.gate(&req, "GetSync")?;
         let cluster = req.into_inner().cluster;
-        let c = ops::one_cluster(&self.state.inventory, Some(cluster.as_str()).filter(|c| !c.is_empty())).map_err(status)?;
+        let named = (!cluster.is_empty())
+            .then(|| pgfleet_proto::ClusterName::parse(&cluster))
+            .transpose()
+            .map_err(|e| status(e.into()))?;
+        let c = ops::one_cluster(&self.state.inventory, named.as_ref()).map_err(status)?;
         let r = crate::sync::show(&self.state.inventory, &c, self.state.deadlines)
             .await
             .map_err(|e| status(e.into()))?;
@@ -321,54 +272,32 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn rebuild(&self, req: Request<pb::RebuildRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "Rebuild")?;
-        let op = match req_from_rebuild(req.into_inner()) {
-            Ok(op) => op,
-            Err(s) => return self.audited(&caller, "Rebuild", "(invalid)", Err(s)),
-        };
-        self.start(&caller, "Rebuild", op).await
+        self.start(&caller, "Rebuild", ApiRequest::Rebuild(req.into_inner())).await
     }
 
     async fn set_sync(&self, req: Request<pb::SetSyncRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "SetSync")?;
-        let op = match req_from_set_sync(req.into_inner()) {
-            Ok(op) => op,
-            Err(s) => return self.audited(&caller, "SetSync", "(invalid)", Err(s)),
-        };
-        self.start(&caller, "SetSync", op).await
+        self.start(&caller, "SetSync", ApiRequest::SetSync(req.into_inner())).await
     }
 
     async fn switchover(&self, req: Request<pb::SwitchoverRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "Switchover")?;
-        let r = req.into_inner();
-        self.start(&caller, "Switchover", OpRequest::Switchover { cluster: r.cluster, to: r.to, dry_run: r.dry_run })
-            .await
+        self.start(&caller, "Switchover", ApiRequest::Switchover(req.into_inner())).await
     }
 
     async fn failover(&self, req: Request<pb::FailoverRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "Failover")?;
-        let r = req.into_inner();
-        let op = OpRequest::Failover {
-            cluster: r.cluster,
-            to: r.to,
-            fenced: r.fenced,
-            accept_data_loss: r.accept_data_loss,
-            dry_run: r.dry_run,
-        };
-        self.start(&caller, "Failover", op).await
+        self.start(&caller, "Failover", ApiRequest::Failover(req.into_inner())).await
     }
 
     async fn rejoin(&self, req: Request<pb::RejoinRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "Rejoin")?;
-        let r = req.into_inner();
-        let op = OpRequest::Rejoin { node: r.node, rebuild_if_needed: r.rebuild_if_needed, dry_run: r.dry_run };
-        self.start(&caller, "Rejoin", op).await
+        self.start(&caller, "Rejoin", ApiRequest::Rejoin(req.into_inner())).await
     }
 
     async fn drop_slot(&self, req: Request<pb::DropSlotRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "DropSlot")?;
-        let r = req.into_inner();
-        let op = OpRequest::DropSlot { node: r.node, slot: r.slot, force: r.force, dry_run: r.dry_run };
-        self.start(&caller, "DropSlot", op).await
+        self.start(&caller, "DropSlot", ApiRequest::DropSlot(req.into_inner())).await
     }
 
     type WatchOperationStream = EventStream<pb::OperationEvent>;

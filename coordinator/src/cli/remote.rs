@@ -9,8 +9,10 @@ use pgfleet_proto::coordinator::v1 as pb;
 use pgfleet_proto::coordinator::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::cli::{Cli, Command, OpsAction, Outcome, SlotsAction, SyncAction, display, op_request, print_text};
+use crate::cli::args::{Cli, Command, OpsAction, SlotsAction, SyncAction, op_request};
+use crate::cli::output::{Outcome, display, print_json, print_text};
 use crate::error::CoordinatorError;
+use crate::ops::ApiRequest;
 use crate::ops::render::OperationView;
 use crate::rebuild::Display;
 
@@ -121,42 +123,14 @@ pub async fn watch(c: &mut CoordinatorClient<Channel>, id: &str, json: bool, dis
     }
 }
 
-fn start_request(c: &mut CoordinatorClient<Channel>, req: crate::ops::OpRequest) -> impl std::future::Future<Output = Result<tonic::Response<pb::OperationRef>, tonic::Status>> + '_ {
-    use crate::ops::OpRequest as R;
-    async move {
-        match req {
-            R::Rebuild { node, from, slot, tablespace_mappings, spread_checkpoint, dry_run } => {
-                c.rebuild(pb::RebuildRequest { node, from, slot, tablespace_mappings, spread_checkpoint, dry_run, ..Default::default() }).await
-            }
-            R::RebuildAll { cluster, spread_checkpoint, dry_run } => {
-                c.rebuild(pb::RebuildRequest {
-                    all_replicas: true,
-                    all_replicas_of: cluster,
-                    spread_checkpoint,
-                    dry_run,
-                    ..Default::default()
-                })
-                .await
-            }
-            R::Sync { cluster, spec, dry_run } => {
-                let (off, method, num, standbys) = match spec {
-                    None => (true, pb::SyncMethod::Unspecified, 0, Vec::new()),
-                    Some(s) => (
-                        false,
-                        if s.method == "any" { pb::SyncMethod::Any } else { pb::SyncMethod::First },
-                        s.num,
-                        s.standbys,
-                    ),
-                };
-                c.set_sync(pb::SetSyncRequest { cluster, standbys, method: method as i32, num_sync: num, off, dry_run }).await
-            }
-            R::Switchover { cluster, to, dry_run } => c.switchover(pb::SwitchoverRequest { cluster, to, dry_run }).await,
-            R::Failover { cluster, to, fenced, accept_data_loss, dry_run } => {
-                c.failover(pb::FailoverRequest { cluster, to, fenced, accept_data_loss, dry_run }).await
-            }
-            R::Rejoin { node, rebuild_if_needed, dry_run } => c.rejoin(pb::RejoinRequest { node, rebuild_if_needed, dry_run }).await,
-            R::DropSlot { node, slot, force, dry_run } => c.drop_slot(pb::DropSlotRequest { node, slot, force, dry_run }).await,
-        }
+async fn start_request(c: &mut CoordinatorClient<Channel>, req: ApiRequest) -> Result<tonic::Response<pb::OperationRef>, tonic::Status> {
+    match req {
+        ApiRequest::Rebuild(r) => c.rebuild(r).await,
+        ApiRequest::SetSync(r) => c.set_sync(r).await,
+        ApiRequest::Switchover(r) => c.switchover(r).await,
+        ApiRequest::Failover(r) => c.failover(r).await,
+        ApiRequest::Rejoin(r) => c.rejoin(r).await,
+        ApiRequest::DropSlot(r) => c.drop_slot(r).await,
     }
 }
 
@@ -241,7 +215,7 @@ async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
                     .map_err(from_status)?
                     .into_inner();
                 if *json {
-                    crate::cli::print_json(&r.operations.iter().map(op_json).collect::<Vec<_>>())?;
+                    print_json(&r.operations.iter().map(op_json).collect::<Vec<_>>())?;
                 } else {
                     let mut t = crate::table::Table::new(&["OPERATION", "CLUSTER", "STATE", "STARTED", "SUMMARY", "CALLER"]);
                     for o in &r.operations {
@@ -254,7 +228,7 @@ async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
             OpsAction::Show { id, json } => {
                 let o = c.get_operation(pb::GetOperationRequest { operation_id: id.clone() }).await.map_err(from_status)?.into_inner();
                 if *json {
-                    crate::cli::print_json(&op_json(&o))?;
+                    print_json(&op_json(&o))?;
                 } else {
                     let mut s = format!("{} ({}) on cluster {}: {}\n  {}\n  started {} by {}\n", o.id, o.kind, o.cluster, state_name(o.state), o.summary, o.started_at, o.caller);
                     if let Some(e) = &o.ended_at {

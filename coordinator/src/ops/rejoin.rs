@@ -168,7 +168,7 @@ pub async fn rejoin(
             let t = op.start(name, "rewind", &format!("pg_rewind from {primary_name}"))?;
             let prep = pb::PrepareUpstreamRequest {
                 replication_role: c.replication_role.to_string(),
-                replication_password: password.clone(),
+                replication_password: password.expose().to_owned(),
                 replica_address: n.host.clone(),
                 slot_name: n.name.default_slot().to_string(),
                 dry_run: false,
@@ -180,7 +180,7 @@ pub async fn rejoin(
                 upstream_host: primary.host.clone(),
                 upstream_port: u32::from(primary.port),
                 replication_role: c.replication_role.to_string(),
-                replication_password: password.clone(),
+                replication_password: password.expose().to_owned(),
                 operation_id: op.id().to_owned(),
             };
             match call(n, d, async |c| c.rewind(rw).await).await {
@@ -223,7 +223,7 @@ pub async fn rejoin(
             upstream_host: primary.host.clone(),
             upstream_port: u32::from(primary.port),
             replication_role: c.replication_role.to_string(),
-            replication_password: password.clone(),
+            replication_password: password.expose().to_owned(),
             slot_name: slot.to_string(),
             application_name: name.to_owned(),
             reset_synchronous_standby_names: true,

@@ -1,22 +1,18 @@
-//! The `pgfleet` command line: argument definitions and dispatch. Output for
-//! people goes to stdout as tables, `--json` gives programs one JSON
-//! document; logs and progress go to stderr.
+//! The `pgfleet` command line's arguments (clap), and the operation request
+//! each command that changes the fleet makes: the same [`OpRequest`] that
+//! `pgfleet serve` builds from its API messages.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 
+use crate::cli::output::display;
 use crate::client::Deadlines;
-use crate::error::CoordinatorError;
-use crate::fleet_status;
-use crate::inventory::Inventory;
-use crate::ops::render::OperationView;
-use crate::ops::{OpCtx, OpRequest, Rendered, SyncRequest};
-use crate::rebuild::{self, Display};
-use crate::{slots, status_render, wal};
+use pgfleet_proto::coordinator::v1 as pb;
+
+use crate::ops::ApiRequest;
+use crate::rebuild::Display;
 
 /// pgfleet: rebuild replicas, run synchronous replication and move the
 /// primary role across a PostgreSQL fleet, through an agent on every host.
@@ -364,14 +360,6 @@ pub struct WalArgs {
     pub json: bool,
 }
 
-/// How a command ended, beyond success.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Done,
-    /// Some agents could not be reached; the output says which.
-    Partial,
-}
-
 impl Cli {
     pub fn deadlines(&self) -> Deadlines {
         Deadlines {
@@ -381,94 +369,69 @@ impl Cli {
     }
 }
 
-pub fn print_json<T: Serialize>(v: &T) -> Result<(), CoordinatorError> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v).map_err(std::io::Error::from)?;
-    writeln!(out)?;
-    Ok(())
-}
-
-pub fn print_text(s: &str) -> Result<(), CoordinatorError> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(s.as_bytes())?;
-    Ok(())
-}
-
-/// How events are shown for a command with these flags.
-pub fn display(json: bool, no_progress_bar: bool) -> Display {
-    use std::io::IsTerminal;
-    if json {
-        Display::Json
-    } else if !no_progress_bar && std::io::stderr().is_terminal() {
-        Display::Bar
-    } else {
-        Display::Plain
-    }
-}
-
-/// The operation a command asks for, and whether it wants JSON.
-pub fn op_request(command: &Command) -> Option<(OpRequest, bool, Display)> {
+/// The operation a command asks for, as the API message `pgfleet serve`
+/// takes (sent as it is with `--coordinator`, validated in-process by the
+/// same conversion into [`OpRequest`](crate::ops::OpRequest)), and whether
+/// it wants JSON.
+pub fn op_request(command: &Command) -> Option<(ApiRequest, bool, Display)> {
     Some(match command {
         Command::Rebuild(a) if a.attach.is_none() => {
-            let req = if a.all_replicas {
-                OpRequest::RebuildAll {
-                    cluster: a.cluster.clone().unwrap_or_default(),
-                    spread_checkpoint: a.checkpoint == "spread",
-                    dry_run: a.dry_run,
-                }
-            } else {
-                OpRequest::Rebuild {
-                    node: a.node.clone().unwrap_or_default(),
-                    from: a.from.clone(),
-                    slot: a.slot.clone(),
-                    tablespace_mappings: a.tablespace_mapping.clone(),
-                    spread_checkpoint: a.checkpoint == "spread",
-                    dry_run: a.dry_run,
-                }
+            let req = pb::RebuildRequest {
+                node: a.node.clone().unwrap_or_default(),
+                from: a.from.clone(),
+                slot: a.slot.clone(),
+                tablespace_mappings: a.tablespace_mapping.clone(),
+                spread_checkpoint: a.checkpoint == "spread",
+                dry_run: a.dry_run,
+                all_replicas: a.all_replicas,
+                all_replicas_of: if a.all_replicas { a.cluster.clone().unwrap_or_default() } else { String::new() },
             };
-            (req, a.json, display(a.json, a.no_progress_bar))
+            (ApiRequest::Rebuild(req), a.json, display(a.json, a.no_progress_bar))
         }
         Command::Sync(SyncArgs {
             action: SyncAction::Set { cluster, method, num, off, nodes, dry_run, json },
         }) => (
-            OpRequest::Sync {
+            ApiRequest::SetSync(pb::SetSyncRequest {
                 cluster: cluster.clone().unwrap_or_default(),
-                spec: (!off).then(|| SyncRequest {
-                    method: method.clone(),
-                    num: *num,
-                    standbys: nodes.clone(),
-                }),
+                standbys: nodes.clone(),
+                method: match (off, method.as_str()) {
+                    (true, _) => pb::SyncMethod::Unspecified,
+                    (false, "any") => pb::SyncMethod::Any,
+                    (false, _) => pb::SyncMethod::First,
+                } as i32,
+                num_sync: if *off { 0 } else { *num },
+                off: *off,
                 dry_run: *dry_run,
-            },
+            }),
             *json,
             display(*json, true),
         ),
         Command::Switchover(a) => (
-            OpRequest::Switchover {
+            ApiRequest::Switchover(pb::SwitchoverRequest {
                 cluster: a.cluster.clone().unwrap_or_default(),
                 to: a.to.clone(),
                 dry_run: a.dry_run,
-            },
+            }),
             a.json,
             display(a.json, true),
         ),
         Command::Failover(a) => (
-            OpRequest::Failover {
+            ApiRequest::Failover(pb::FailoverRequest {
                 cluster: a.cluster.clone().unwrap_or_default(),
                 to: a.to.clone(),
                 fenced: a.fenced,
                 accept_data_loss: a.accept_data_loss,
                 dry_run: a.dry_run,
-            },
+            }),
             a.json,
             display(a.json, true),
         ),
         Command::Rejoin(a) => (
-            OpRequest::Rejoin {
+            ApiRequest::Rejoin(pb::RejoinRequest {
                 node: a.node.clone(),
                 rebuild_if_needed: a.rebuild_if_needed,
                 dry_run: a.dry_run,
-            },
+            }),
             a.json,
             display(a.json, true),
         ),
@@ -476,229 +439,17 @@ pub fn op_request(command: &Command) -> Option<(OpRequest, bool, Display)> {
             action: Some(SlotsAction::Drop { node, slot, force, dry_run, json }),
             ..
         }) => (
-            OpRequest::DropSlot {
+            ApiRequest::DropSlot(pb::DropSlotRequest {
                 node: node.clone(),
                 slot: slot.clone(),
                 force: *force,
                 dry_run: *dry_run,
-            },
+            }),
             *json,
             display(*json, true),
         ),
         _ => return None,
     })
-}
-
-/// Prints an operation's result the way its command does.
-pub fn print_rendered(r: &Rendered, json: bool) -> Result<(), CoordinatorError> {
-    print_text(if json { &r.json } else { &r.text })
-}
-
-pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
-    let d = cli.deadlines();
-    match &cli.command {
-        Command::Certs(c) => return run_certs(c),
-        Command::Serve(s) => {
-            crate::serve::run(&s.config, d).await?;
-            return Ok(Outcome::Done);
-        }
-        _ => {}
-    }
-    match cli.coordinator.as_deref() {
-        Some("local") => {}
-        Some(url) => return crate::remote::run(&cli, url).await,
-        None => {}
-    }
-    let inventory = Inventory::load(&cli.inventory)?;
-    if cli.coordinator.is_none()
-        && let Some(url) = inventory.coordinator.clone()
-    {
-        return crate::remote::run(&cli, &url).await;
-    }
-    if let Some(mut tls) = inventory.tls.clone() {
-        if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
-            tls.cert = c.clone();
-            tls.key = k.clone();
-        }
-        crate::client::init_tls(&tls).map_err(|e| CoordinatorError::Usage(e.to_string()))?;
-    }
-    if let Some((req, json, display)) = op_request(&cli.command) {
-        let r = run_local(&inventory, req, d, display).await?;
-        print_rendered(&r, json)?;
-        return Ok(Outcome::Done);
-    }
-    match &cli.command {
-        Command::Status(a) => {
-            let clusters = inventory.select(a.cluster.as_deref())?;
-            let report = fleet_status::gather(&clusters, d).await;
-            if a.json {
-                print_json(&report)?;
-            } else {
-                print_text(&status_render::render(&report))?;
-            }
-            Ok(reachable(report.all_reachable))
-        }
-        Command::Slots(a) => {
-            let clusters = inventory.select(a.cluster.as_deref())?;
-            let report = slots::list(&clusters, a.inactive, d).await;
-            if a.json {
-                print_json(&report)?;
-            } else {
-                print_text(&slots::render(&report))?;
-            }
-            Ok(reachable(report.all_reachable))
-        }
-        Command::Sync(SyncArgs {
-            action: SyncAction::Show { cluster, json },
-        }) => {
-            let c = crate::ops::one_cluster(&inventory, cluster.as_deref())?;
-            let report = crate::sync::show(&inventory, &c, d).await?;
-            if *json {
-                print_json(&report)?;
-            } else {
-                print_text(&crate::sync::render(&report))?;
-            }
-            Ok(Outcome::Done)
-        }
-        Command::Rebuild(a) => {
-            // --attach: only watches a job, changes nothing.
-            let (job, node) = (a.attach.clone().unwrap_or_default(), a.node.clone().unwrap_or_default());
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let ctx = OpCtx::new(format!("attach-{job}"), None, Some(tx), Default::default());
-            let view = tokio::spawn(render_events(rx, display(a.json, a.no_progress_bar)));
-            let result = rebuild::attach(&inventory, &node, &job, a.from.as_deref(), a.slot.as_deref(), d, &ctx).await;
-            drop(ctx);
-            let _ = view.await;
-            print_rendered(&crate::ops::rebuild_rendered(&result?), a.json)?;
-            Ok(Outcome::Done)
-        }
-        Command::Wal(a) => {
-            let r = wal::get(&inventory, &a.node, d).await?;
-            if a.json {
-                print_json(&r)?;
-            } else {
-                print_text(&wal::render(&r))?;
-            }
-            Ok(Outcome::Done)
-        }
-        Command::Ops(o) => run_ops_local(&inventory, &o.action, d).await,
-        _ => Ok(Outcome::Done),
-    }
-}
-
-fn reachable(all: bool) -> Outcome {
-    if all { Outcome::Done } else { Outcome::Partial }
-}
-
-/// Shows events until the operation's sender is gone.
-pub async fn render_events(mut rx: tokio::sync::mpsc::UnboundedReceiver<pgfleet_proto::coordinator::v1::OperationEvent>, display: Display) {
-    let mut view = OperationView::new(display);
-    while let Some(ev) = rx.recv().await {
-        view.show(&ev);
-    }
-    view.finish();
-}
-
-/// Runs an operation in this process: the same begin, execute and finish
-/// `pgfleet serve` runs, its events shown as they come.
-pub async fn run_local(inventory: &Inventory, mut req: OpRequest, d: Deadlines, display: Display) -> Result<Rendered, CoordinatorError> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (ctx, _, _) = crate::ops::begin(inventory, &mut req, &crate::journal::local_caller(), Some(tx), Default::default())?;
-    let view = tokio::spawn(render_events(rx, display));
-    let result = crate::ops::execute(inventory, &req, d, &ctx).await;
-    let fin = crate::ops::finish(ctx, &result, false);
-    let _ = view.await;
-    unjournaled(result, fin)
-}
-
-/// The result, unless its end could not be journaled (`finish` says so in
-/// the final event's error while the operation itself succeeded).
-fn unjournaled(result: Result<Rendered, CoordinatorError>, fin: pgfleet_proto::coordinator::v1::OperationFinished) -> Result<Rendered, CoordinatorError> {
-    match (result, fin.error) {
-        (Ok(_), Some(message)) => Err(CoordinatorError::Remote { message, exit_code: fin.exit_code.max(1) }),
-        (Err(e), Some(message)) if message != e.to_string() => {
-            Err(CoordinatorError::Remote { message, exit_code: fin.exit_code.max(1) })
-        }
-        (result, _) => result,
-    }
-}
-
-async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) -> Result<Outcome, CoordinatorError> {
-    match action {
-        OpsAction::List { cluster, limit, json } => {
-            let mut ops = crate::ops::store::load(&inventory.store)?;
-            ops.retain(|o| cluster.as_ref().is_none_or(|c| &o.cluster == c));
-            ops.reverse();
-            ops.truncate(*limit as usize);
-            if *json {
-                print_json(&ops)?;
-            } else {
-                print_text(&crate::ops::store::render_list(&ops))?;
-            }
-        }
-        OpsAction::Show { id, json } => {
-            let o = crate::ops::store::find(&inventory.store, id)?
-                .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inventory.store)))?;
-            if *json {
-                print_json(&o)?;
-            } else {
-                print_text(&crate::ops::store::render_one(&o))?;
-            }
-        }
-        OpsAction::Watch { .. } | OpsAction::Cancel { .. } => {
-            return Err(CoordinatorError::Usage(
-                "watch and cancel act on operations running in `pgfleet serve`: pass --coordinator URL \
-                 (an operation run by the CLI shows its progress where it runs)"
-                    .into(),
-            ));
-        }
-        OpsAction::Resume { id, json } | OpsAction::Abort { id, json } => {
-            let abort = matches!(action, OpsAction::Abort { .. });
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let (ctx, rec, req) = crate::ops::resume::begin(
-                inventory,
-                id,
-                if abort { "abort" } else { "resume" },
-                &crate::journal::local_caller(),
-                Some(tx),
-                Default::default(),
-            )?;
-            let view = tokio::spawn(render_events(rx, display(*json, false)));
-            let result = if abort {
-                crate::ops::resume::abort(inventory, &rec, &req, d, &ctx).await
-            } else {
-                crate::ops::resume::resume(inventory, &rec, &req, d, &ctx).await
-            };
-            let fin = crate::ops::finish(ctx, &result, abort);
-            let _ = view.await;
-            print_rendered(&unjournaled(result, fin)?, *json)?;
-        }
-    }
-    Ok(Outcome::Done)
-}
-
-fn run_certs(c: &CertsArgs) -> Result<Outcome, CoordinatorError> {
-    let files = match &c.action {
-        CertsAction::Init { dir, days } => crate::certs::init(dir, *days),
-        CertsAction::Issue { dir, role, name, san, days } => {
-            let role = pgfleet_proto::identity::CertRole::parse(role)
-                .ok_or_else(|| CoordinatorError::Usage(format!("unknown role {role}")))?;
-            crate::certs::issue(
-                dir,
-                &crate::certs::IssueRequest {
-                    role,
-                    name: name.clone(),
-                    sans: san.clone(),
-                    valid_days: *days,
-                },
-            )
-        }
-    }
-    .map_err(|e| CoordinatorError::Usage(e.to_string()))?;
-    for f in files {
-        println!("{}", f.display());
-    }
-    Ok(Outcome::Done)
 }
 
 /// A deadline: a humantime duration greater than zero (a zero deadline
