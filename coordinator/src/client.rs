@@ -3,57 +3,11 @@
 
 use std::time::Duration;
 
-use std::sync::OnceLock;
 
 use pgfleet_proto::agent::v1::agent_client::AgentClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
-use crate::inventory::{ClientTls, Node};
-
-/// This process's TLS identity towards agents, set once at start-up from
-/// the inventory (and --tls-cert/--tls-key).
-static CLIENT_TLS: OnceLock<ClientTlsConfig> = OnceLock::new();
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsSetupError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} may be read by other users (mode {mode:o}); chmod 600 it")]
-    KeyReadable { path: std::path::PathBuf, mode: u32 },
-}
-
-/// Loads the client identity for https:// agents.
-pub fn init_tls(tls: &ClientTls) -> Result<(), TlsSetupError> {
-    use std::os::unix::fs::PermissionsExt;
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|source| TlsSetupError::Read {
-            path: p.to_owned(),
-            source,
-        })
-    };
-    let mode = std::fs::metadata(&tls.key)
-        .map_err(|source| TlsSetupError::Read {
-            path: tls.key.clone(),
-            source,
-        })?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(TlsSetupError::KeyReadable {
-            path: tls.key.clone(),
-            mode,
-        });
-    }
-    let config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
-        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
-    let _ = CLIENT_TLS.set(config);
-    Ok(())
-}
+use crate::inventory::Node;
 
 /// Why a call to an agent failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -135,30 +89,15 @@ impl Default for Deadlines {
     }
 }
 
-/// Channels kept per agent endpoint by a long-running coordinator (`pgfleet
-/// serve`); a CLI run opens its own and exits.
-static CHANNELS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Channel>>> = OnceLock::new();
-
-pub fn enable_channel_cache() {
-    let _ = CHANNELS.set(Default::default());
-}
-
 /// Opens a channel to a node's agent (or reuses the kept one; tonic
 /// reconnects a kept channel whose agent restarted).
 pub async fn connect(node: &Node, d: Deadlines) -> Result<AgentClient<Channel>, AgentCallError> {
-    if let Some(cache) = CHANNELS.get() {
-        let kept = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&node.agent).cloned();
-        if let Some(ch) = kept {
-            return Ok(AgentClient::new(ch));
-        }
-        let ch = connect_new(node, d).await?;
-        cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.agent.clone(), ch.clone());
+    if let Some(ch) = node.link.kept(&node.agent) {
         return Ok(AgentClient::new(ch));
     }
-    Ok(AgentClient::new(connect_new(node, d).await?))
+    let ch = connect_new(node, d).await?;
+    node.link.keep(&node.agent, &ch);
+    Ok(AgentClient::new(ch))
 }
 
 async fn connect_new(node: &Node, d: Deadlines) -> Result<Channel, AgentCallError> {
@@ -173,9 +112,9 @@ async fn connect_new(node: &Node, d: Deadlines) -> Result<Channel, AgentCallErro
         .timeout(d.call)
         .tcp_nodelay(true);
     if node.agent.starts_with("https://") {
-        let tls = CLIENT_TLS.get().ok_or_else(|| {
+        let tls = node.link.tls().ok_or_else(|| {
             unreachable(
-                "it is an https:// endpoint but the inventory has no [tls] section (ca, cert, key)".into(),
+                "it is an https:// endpoint but no client TLS identity is loaded: the inventory needs a [tls] section (ca, cert, key)".into(),
             )
         })?;
         endpoint = endpoint

@@ -16,9 +16,13 @@
 //! (`block_in_place`): a step never acts before etcd acknowledged its line.
 
 use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions, SortOrder, SortTarget, TlsOptions, Txn,
+    TxnOp,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -31,6 +35,44 @@ pub struct EtcdConfig {
     /// How long a dead coordinator's lock and leadership outlive it.
     #[serde(default = "default_ttl", with = "humantime_serde_secs")]
     pub lease_ttl: Duration,
+    /// TLS towards etcd (https:// endpoints): the CA etcd's certificates
+    /// chain to, and this coordinator's client certificate and key when
+    /// etcd asks for one (`--client-cert-auth`).
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdConfig {
+    /// Endpoints and TLS settings that go together, or what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.endpoints.is_empty() {
+            return Err("[etcd] endpoints is empty: list the etcd members' client URLs".into());
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err("[etcd] cert and key go together: set both (a client certificate) or neither".into());
+        }
+        if self.cert.is_some() && self.ca.is_none() {
+            return Err("[etcd] cert and key need ca (the CA etcd's certificate chains to)".into());
+        }
+        let tls = self.ca.is_some();
+        for e in &self.endpoints {
+            let https = e.starts_with("https://");
+            if tls && !https {
+                return Err(format!(
+                    "[etcd] endpoint {} is not https:// but ca is set: with TLS every endpoint is https://",
+                    pgfleet_proto::shown(e)
+                ));
+            }
+            if !tls && https {
+                return Err(format!(
+                    "[etcd] endpoint {} is https:// but no ca is set: add ca (and cert, key if etcd checks clients)",
+                    pgfleet_proto::shown(e)
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_prefix() -> String {
@@ -118,6 +160,37 @@ pub fn block<F: std::future::Future>(f: F) -> F::Output {
 }
 
 impl EtcdStore {
+    /// The connection options every client here uses: the request
+    /// deadline (unless `waiting`: a campaign waits as long as it takes),
+    /// and TLS, its files read when a connection is made.
+    fn options(&self, waiting: bool) -> Result<ConnectOptions, EtcdError> {
+        let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        if !waiting {
+            opts = opts.with_timeout(REQUEST_TIMEOUT);
+        }
+        if let Some(ca) = &self.config.ca {
+            let read = |p: &PathBuf| std::fs::read(p).map_err(|e| self.err(format!("TLS towards etcd: cannot read {}: {e}", p.display())));
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&self.config.cert, &self.config.key) {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(key)
+                    .map_err(|e| self.err(format!("TLS towards etcd: cannot read {}: {e}", key.display())))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(self.err(format!(
+                        "TLS towards etcd: {} may be read by other users (mode {:o}); chmod 600 it",
+                        key.display(),
+                        mode & 0o777
+                    )));
+                }
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(tls);
+        }
+        Ok(opts)
+    }
+
     pub fn new(config: EtcdConfig) -> Arc<Self> {
         let n = config.endpoints.len();
         Arc::new(EtcdStore {
@@ -129,9 +202,16 @@ impl EtcdStore {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> EtcdError {
+        let mut message = e.to_string();
+        // etcd run with --client-cert-auth drops a client without a
+        // certificate in the handshake: say what is likely missing.
+        const HINT: &str = " (with TLS and no client certificate: if etcd runs with --client-cert-auth, set cert and key in [etcd])";
+        if self.config.ca.is_some() && self.config.cert.is_none() && message.contains("transport") && !message.contains(HINT) {
+            message += HINT;
+        }
         EtcdError {
             endpoints: self.config.endpoints.join(","),
-            message: e.to_string(),
+            message,
         }
     }
 
@@ -159,7 +239,9 @@ impl EtcdStore {
         if let Some(c) = members.get(i).and_then(Option::as_ref) {
             return Ok(c.clone());
         }
-        let c = connect(&self.config.endpoints[i..=i]).await.map_err(|e| self.err(e))?;
+        let c = Client::connect(&self.config.endpoints[i..=i], Some(self.options(false)?))
+            .await
+            .map_err(|e| self.err(e))?;
         members[i] = Some(c.clone());
         Ok(c)
     }
@@ -190,7 +272,7 @@ impl EtcdStore {
                         valid_until: Arc::new(Mutex::new(sent + Duration::from_secs(granted.ttl().max(0) as u64))),
                         lost: Arc::default(),
                     };
-                    tokio::spawn(keep_alive(session.clone(), self.config.endpoints.clone(), i, self.config.lease_ttl));
+                    tokio::spawn(keep_alive(session.clone(), self.config.endpoints.clone(), self.options(false)?, i, self.config.lease_ttl));
                     *slot = Some(session.clone());
                     return Ok(session.lease);
                 }
@@ -212,8 +294,7 @@ impl EtcdStore {
     /// through member `attempt` after the preferred one.
     pub async fn waiting_client(&self, attempt: usize) -> Result<Client, EtcdError> {
         let i = (self.preferred() + attempt) % self.config.endpoints.len().max(1);
-        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
-        Client::connect(&self.config.endpoints[i..=i], Some(opts)).await.map_err(|e| self.err(e))
+        Client::connect(&self.config.endpoints[i..=i], Some(self.options(true)?)).await.map_err(|e| self.err(e))
     }
 
     /// Runs one etcd request with this process's client and lease, again
@@ -354,14 +435,6 @@ impl EtcdStore {
     }
 }
 
-/// A client of `endpoints` with the request deadline every call here has.
-async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(REQUEST_TIMEOUT);
-    Client::connect(endpoints, Some(opts)).await
-}
-
 /// How many times one etcd request is tried, and the pause after the first
 /// failure (then twice, three times as long): with a request deadline of
 /// [`REQUEST_TIMEOUT`], a request gives up after about 12 s.
@@ -374,7 +447,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// client, which reaches the remaining members, until the lease could have
 /// expired: then the session is marked lost and the next `session()` takes
 /// a new lease.
-async fn keep_alive(session: Session, endpoints: Vec<String>, first: usize, ttl: Duration) {
+async fn keep_alive(session: Session, endpoints: Vec<String>, opts: ConnectOptions, first: usize, ttl: Duration) {
     use std::sync::atomic::Ordering;
     let lease = session.lease;
     let every = ttl / 3;
@@ -391,7 +464,7 @@ async fn keep_alive(session: Session, endpoints: Vec<String>, first: usize, ttl:
             let i = member % endpoints.len().max(1);
             member += 1;
             let opened = tokio::time::timeout(every, async {
-                let mut c = connect(&endpoints[i..=i]).await?;
+                let mut c = Client::connect(&endpoints[i..=i], Some(opts.clone())).await?;
                 c.lease_keep_alive(lease).await
             })
             .await;
@@ -430,5 +503,38 @@ async fn keep_alive(session: Session, endpoints: Vec<String>, first: usize, ttl:
             }
         }
         tokio::time::sleep(if renewed { every } else { Duration::from_millis(200) }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoints: &[&str], ca: bool, cert: bool, key: bool) -> EtcdConfig {
+        let p = |b: bool, f: &str| b.then(|| PathBuf::from(f));
+        EtcdConfig {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            prefix: default_prefix(),
+            lease_ttl: default_ttl(),
+            ca: p(ca, "/ca.crt"),
+            cert: p(cert, "/c.crt"),
+            key: p(key, "/c.key"),
+        }
+    }
+
+    #[test]
+    fn tls_settings_and_endpoints_must_agree() {
+        assert!(config(&["http://e:2379"], false, false, false).check().is_ok());
+        assert!(config(&["https://e:2379"], true, false, false).check().is_ok());
+        assert!(config(&["https://e:2379"], true, true, true).check().is_ok());
+        let e = config(&["http://e:2379"], true, false, false).check().unwrap_err();
+        assert!(e.contains("not https://"), "{e}");
+        let e = config(&["https://e:2379"], false, false, false).check().unwrap_err();
+        assert!(e.contains("no ca"), "{e}");
+        let e = config(&["https://e:2379"], true, true, false).check().unwrap_err();
+        assert!(e.contains("go together"), "{e}");
+        let e = config(&["https://e:2379"], false, true, true).check().unwrap_err();
+        assert!(e.contains("need ca"), "{e}");
+        assert!(config(&[], false, false, false).check().is_err());
     }
 }

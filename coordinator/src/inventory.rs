@@ -16,9 +16,13 @@
 //! its `system_identifier`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 
 use pgfleet_proto::secret::Secret;
+
+pub use crate::link::ClientTls;
+use crate::link::{AgentLink, TlsSetupError};
 use pgfleet_proto::{ClusterName, NodeName, RoleName};
 use serde::Deserialize;
 
@@ -51,17 +55,6 @@ pub struct Inventory {
     pub coordinator: Option<String>,
 }
 
-/// The coordinator's client identity and the fleet CA.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientTls {
-    /// The fleet CA certificate agents' certificates must chain to.
-    pub ca: PathBuf,
-    /// Our certificate (`pgfleet certs issue --role admin|reader`).
-    pub cert: PathBuf,
-    /// Its key (0600).
-    pub key: PathBuf,
-}
 
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -83,6 +76,8 @@ pub struct Node {
     /// PostgreSQL host other nodes connect to for replication.
     pub host: String,
     pub port: u16,
+    /// How its agent is reached: shared by every node of the inventory.
+    pub link: Arc<AgentLink>,
 }
 
 /// Where and what, without the file's text: toml's own message quotes the
@@ -96,6 +91,18 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
         format!("line {line}, column {column}: ")
     });
     format!("{}{}", at.unwrap_or_default(), pgfleet_proto::shown(e.message()))
+}
+
+impl Inventory {
+    /// Loads the client TLS identity (`[tls]`) every node's agent is called
+    /// with; `keep_channels` for a long-running coordinator.
+    pub fn attach_agents(&mut self, keep_channels: bool) -> Result<(), TlsSetupError> {
+        let link = Arc::new(AgentLink::new(self.tls.as_ref(), keep_channels)?);
+        for n in self.clusters.iter_mut().flat_map(|c| c.nodes.iter_mut()) {
+            n.link = link.clone();
+        }
+        Ok(())
+    }
 }
 
 impl Node {
@@ -227,6 +234,7 @@ impl Inventory {
                     agent: rn.agent,
                     host: rn.host,
                     port: rn.port,
+                    link: Arc::default(),
                 });
             }
             if nodes.is_empty() {
@@ -267,10 +275,10 @@ impl Inventory {
             )));
         }
         let store = match raw.etcd {
-            Some(e) if e.endpoints.is_empty() => {
-                return Err(invalid("[etcd] endpoints is empty: list the etcd members' client URLs".into()));
+            Some(e) => {
+                e.check().map_err(invalid)?;
+                crate::journal::Store::Etcd(crate::etcd::EtcdStore::new(e))
             }
-            Some(e) => crate::journal::Store::Etcd(crate::etcd::EtcdStore::new(e)),
             None => crate::journal::Store::Files(raw.state_dir.clone()),
         };
         Ok(Inventory {

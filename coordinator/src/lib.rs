@@ -15,6 +15,7 @@ pub mod etcd;
 pub mod fleet_status;
 pub mod inventory;
 pub mod journal;
+pub mod link;
 pub mod ops;
 pub mod progress;
 pub mod rebuild;

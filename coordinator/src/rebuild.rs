@@ -369,7 +369,7 @@ pub enum Display {
     Json,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RebuildReport {
     pub node: String,
     pub upstream: String,

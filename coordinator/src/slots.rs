@@ -148,7 +148,7 @@ pub fn render(report: &SlotsReport) -> String {
     t.render()
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DropReport {
     pub node: String,
     pub slot: String,

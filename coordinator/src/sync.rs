@@ -69,7 +69,7 @@ impl SyncError {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SyncReport {
     pub cluster: String,
     pub primary: String,
@@ -78,7 +78,7 @@ pub struct SyncReport {
     pub standbys: Vec<StandbySync>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StandbySync {
     pub application_name: String,
     pub client_addr: Option<String>,

@@ -19,7 +19,7 @@ pub enum SyncMethod {
 }
 
 /// A synchronous replication setting. `names` empty means asynchronous.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SyncSpec {
     pub method: SyncMethod,
     pub num_sync: u32,

@@ -19,9 +19,12 @@ pub struct EtcdCluster {
     /// How each member was started, to start it again after a kill (its
     /// data directory makes it rejoin as the same member).
     argv: Vec<Vec<std::ffi::OsString>>,
-    /// http://127.0.0.1:PORT of each member.
+    /// http://127.0.0.1:PORT (https:// with TLS) of each member.
     pub client_urls: Vec<String>,
     dir: PathBuf,
+    /// With TLS: the fleet CA's directory, holding the members' server
+    /// certificate `etcd.crt`/`etcd.key` (clients must present one too).
+    pki: Option<PathBuf>,
 }
 
 fn free_port() -> Result<u16> {
@@ -30,6 +33,18 @@ fn free_port() -> Result<u16> {
 
 impl EtcdCluster {
     pub fn start(dir: &Path, members: usize) -> Result<EtcdCluster> {
+        Self::start_with(dir, members, None)
+    }
+
+    /// Members that serve clients over TLS only, with the server
+    /// certificate `etcd.crt` of the fleet CA in `pki` (made beforehand with
+    /// `pgfleet certs issue --role agent etcd --san 127.0.0.1`), and that
+    /// require a client certificate of that CA.
+    pub fn start_tls(dir: &Path, members: usize, pki: &Path) -> Result<EtcdCluster> {
+        Self::start_with(dir, members, Some(pki))
+    }
+
+    fn start_with(dir: &Path, members: usize, pki: Option<&Path>) -> Result<EtcdCluster> {
         if !Path::new(ETCD).exists() {
             bail!("{ETCD} is missing: run scripts/setup (installs etcd-server)");
         }
@@ -41,11 +56,18 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let token = format!("pgfleet-test-{}", std::process::id());
-        let mut cluster = EtcdCluster { members: Vec::new(), argv: Vec::new(), client_urls: Vec::new(), dir: dir.to_owned() };
+        let mut cluster = EtcdCluster {
+            members: Vec::new(),
+            argv: Vec::new(),
+            client_urls: Vec::new(),
+            dir: dir.to_owned(),
+            pki: pki.map(Path::to_owned),
+        };
+        let scheme = if pki.is_some() { "https" } else { "http" };
         for (i, (client, peer)) in ports.iter().enumerate() {
             let data = dir.join(format!("m{i}"));
             std::fs::create_dir_all(&data)?;
-            let client_url = format!("http://127.0.0.1:{client}");
+            let client_url = format!("{scheme}://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let mut argv: Vec<std::ffi::OsString> = Vec::new();
             for a in ["--name", &format!("m{i}"), "--data-dir"] {
@@ -59,6 +81,13 @@ impl EtcdCluster {
                 "--initial-cluster-token", &token,
             ] {
                 argv.push(a.into());
+            }
+            if let Some(pki) = pki {
+                for (flag, file) in [("--cert-file", "etcd.crt"), ("--key-file", "etcd.key"), ("--trusted-ca-file", "ca.crt")] {
+                    argv.push(flag.into());
+                    argv.push(pki.join(file).into_os_string());
+                }
+                argv.push("--client-cert-auth".into());
             }
             cluster.argv.push(argv);
             cluster.members.push(None);
@@ -78,10 +107,17 @@ impl EtcdCluster {
         Ok(cluster)
     }
 
-    /// The inventory's `[etcd]` table for this cluster.
+    /// The inventory's `[etcd]` table for this cluster (with TLS: the
+    /// fleet CA, and the test admin's certificate as the client's).
     pub fn inventory_toml(&self, lease_ttl: &str) -> String {
         let eps = self.client_urls.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
-        format!("[etcd]\nendpoints = [{eps}]\nprefix = \"/pgfleet-test\"\nlease_ttl = \"{lease_ttl}\"\n")
+        let mut t = format!("[etcd]\nendpoints = [{eps}]\nprefix = \"/pgfleet-test\"\nlease_ttl = \"{lease_ttl}\"\n");
+        if let Some(pki) = &self.pki {
+            for (k, f) in [("ca", "ca.crt"), ("cert", "test-admin.crt"), ("key", "test-admin.key")] {
+                t += &format!("{k} = \"{}\"\n", pki.join(f).display());
+            }
+        }
+        t
     }
 
     pub fn kill(&mut self, i: usize) {

@@ -191,8 +191,9 @@ impl Poller {
 /// Two coordinators on a 3-member etcd ride through etcd's own faults:
 /// each member killed in turn (the raft leader first) while operations run
 /// through the coordinators, then two members down at once (no quorum) and
-/// back. Asked every 100 ms, never two coordinators say SERVING; neither
-/// coordinator exits; operations journaled during a one-member loss finish;
+/// back; first, etcd's raft leader killed in the middle of a rebuild. Asked
+/// every 100 ms, never two coordinators say SERVING; neither coordinator
+/// exits; operations running or journaled during a one-member loss finish;
 /// after quorum returns one coordinator leads again and acts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinators_ride_through_etcd_faults_and_never_two_serve() {
@@ -219,6 +220,27 @@ async fn coordinators_ride_through_etcd_faults_and_never_two_serve() {
         let out = remote(&fleet, &c.url, &["ops", "list"]);
         assert_eq!(out.code(), Some(0), "{out}");
     }
+
+    // An operation running at the instant a member dies: a rebuild slowed
+    // by the primary's egress limit, etcd's raft leader killed mid-copy. It
+    // finishes, its lines journaled through the remaining members.
+    let p = fleet.host(0);
+    exec(p, "create table filler as select g, repeat(md5(g::text), 30) as pad from generate_series(1, 30000) g").await;
+    p.limit_egress("80mbit").unwrap();
+    let running = fleet
+        .pgfleet_spawn(&["--coordinator", a.url.as_str(), "rebuild", "node1", "--no-progress-bar"])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let member = etcd.raft_leader().expect("no raft leader among the etcd members");
+    eprintln!("killing etcd member m{member} during a rebuild");
+    etcd.kill(member);
+    let out = running.wait(CLI_WAIT).unwrap();
+    eprintln!("$ pgfleet --coordinator {} rebuild node1 (etcd m{member} killed during it)\n{out}", a.url);
+    assert_eq!(out.code(), Some(0), "the rebuild running when m{member} died: {out}");
+    p.clear_egress_limit().unwrap();
+    assert!(a.is_running() && b.is_running(), "a coordinator exited:\n{}\n{}", a.log_text(), b.log_text());
+    etcd.restart(member).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let raft_leader = etcd.raft_leader().expect("no raft leader among the etcd members");
     let mut order = vec![raft_leader];
@@ -267,4 +289,60 @@ async fn coordinators_ride_through_etcd_faults_and_never_two_serve() {
     assert_eq!(out.code(), Some(0), "{out}");
     let states: Vec<String> = json(&out).as_array().unwrap().iter().map(|o| o["state"].as_str().unwrap().to_owned()).collect();
     assert!(states.iter().all(|s| s == "succeeded"), "{states:?}");
+}
+
+/// TLS towards etcd (`[etcd] ca/cert/key`): an etcd that serves clients
+/// over TLS only and checks their certificates holds the journal and the
+/// lock of an operation run with the fleet CA and a client certificate;
+/// without the client certificate etcd turns the coordinator away and the
+/// operation changes nothing; an http:// endpoint next to a CA is a
+/// configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_requires_client_certificates_is_reached_over_tls() {
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let pki = fleet.pki_dir();
+    let pki_arg = pki.display().to_string();
+    let out = pgfleet(&fleet, &["certs", "issue", "--dir", &pki_arg, "--role", "agent", "etcd", "--san", "127.0.0.1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let etcd = EtcdCluster::start_tls(&fleet.dir().join("etcd-tls"), 1, &pki).unwrap();
+    assert!(etcd.client_urls[0].starts_with("https://"), "{:?}", etcd.client_urls);
+    let table = etcd.inventory_toml("6s");
+    let base = fleet.inventory_toml("main", &[]).unwrap();
+    std::fs::write(fleet.inventory_path(), format!("{base}{table}")).unwrap();
+    // The rebuild above was journaled in files; from here on, etcd.
+    let file_journal = || std::fs::read_to_string(fleet.state_dir().join("main.journal")).unwrap_or_default();
+    let files_before = file_journal();
+
+    let out = pgfleet(&fleet, &["sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(one(fleet.host(0), "show synchronous_standby_names").await, r#"FIRST 1 ("node1")"#);
+    let out = pgfleet(&fleet, &["ops", "list", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let ops = json(&out);
+    assert!(
+        ops.as_array().unwrap().iter().any(|o| o["kind"] == "sync" && o["state"] == "succeeded"),
+        "the operation is not in etcd's journal: {ops:#}"
+    );
+    assert_eq!(file_journal(), files_before, "journaled in files, not in etcd");
+
+    // No client certificate: etcd refuses the connection, nothing changes.
+    let no_cert: String = table.lines().filter(|l| !l.starts_with("cert") && !l.starts_with("key")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(fleet.inventory_path(), format!("{base}{no_cert}")).unwrap();
+    let out = pgfleet(&fleet, &["sync", "set", "--off"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    let error = out.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(error.contains("set cert and key in [etcd]"), "{out}");
+    assert_eq!(one(fleet.host(0), "show synchronous_standby_names").await, r#"FIRST 1 ("node1")"#);
+
+    // A CA with an http:// endpoint: refused as it is read.
+    let plain = table.replace("https://", "http://");
+    std::fs::write(fleet.inventory_path(), format!("{base}{plain}")).unwrap();
+    let out = pgfleet(&fleet, &["sync", "set", "--off"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("https://"), "{out}");
+    assert_eq!(one(fleet.host(0), "show synchronous_standby_names").await, r#"FIRST 1 ("node1")"#);
 }

@@ -26,6 +26,12 @@ use pgfleet_proto::Lsn;
 use pgfleet_tests::{AgentOptions, CliOutput, Host, Layout, TestFleet};
 use serde_json::Value;
 
+/// The five-switchover tests time the gap in a client's commits (under a
+/// second) on a 2-core machine: they run alone in this binary, the other
+/// tests of which (real servers, switchovers, rebuilds) would otherwise
+/// take the CPU they are timed on. Every other test holds this shared.
+static TIMED: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 // ---------------------------------------------------------------------------
 // Fleets and what PostgreSQL reports
 
@@ -509,6 +515,7 @@ async fn assert_rows_present(host: &Host, acked: &BTreeSet<i64>, uncertain: &BTr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_and_back_repeatedly_loses_no_acknowledged_commit() {
+    let _shared = TIMED.read().await;
     let fleet = primary_and_two_rebuilt_standbys().await;
     let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
     assert_eq!(out.code(), Some(0), "{out}");
@@ -664,6 +671,7 @@ async fn switchover_and_back_repeatedly_loses_no_acknowledged_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_refusals_change_nothing_and_rejoin_restarts_a_stopped_standby() {
+    let _shared = TIMED.read().await;
     let fleet = primary_and_two_rebuilt_standbys().await;
     let (primary, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
 
@@ -783,6 +791,7 @@ async fn switchover_refusals_change_nothing_and_rejoin_restarts_a_stopped_standb
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_after_primary_sigkill_keeps_every_acknowledged_commit_then_rejoin_rewinds() {
+    let _shared = TIMED.read().await;
     let fleet = primary_and_two_rebuilt_standbys().await;
     let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
     let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
@@ -882,6 +891,7 @@ async fn failover_after_primary_sigkill_keeps_every_acknowledged_commit_then_rej
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejoin_right_after_failover_rewinds_the_diverged_old_primary() {
+    let _shared = TIMED.read().await;
     let fleet = primary_and_rebuilt_standbys(2).await;
     let (node0, node1) = (fleet.host(0), fleet.host(1));
     exec(node0, "insert into acks select generate_series(1, 10)").await;
@@ -920,6 +930,7 @@ async fn rejoin_right_after_failover_rewinds_the_diverged_old_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_only_asynchronous_standbys_needs_accept_data_loss() {
+    let _shared = TIMED.read().await;
     let fleet = primary_and_two_rebuilt_standbys().await;
     let node0 = fleet.host(0);
     exec(node0, "insert into acks select generate_series(1, 100)").await;
@@ -990,6 +1001,7 @@ async fn failover_with_only_asynchronous_standbys_needs_accept_data_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_old_primary_agent_unreachable_needs_fenced() {
+    let _shared = TIMED.read().await;
     let fleet = primary_and_two_rebuilt_standbys().await;
     let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
     let out = pgfleet(
@@ -1161,11 +1173,13 @@ async fn five_switchovers_under_a_committing_client(layout: Layout) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_five_times_on_an_initdb_fleet_blocks_no_writes() {
+    let _alone = TIMED.write().await;
     five_switchovers_under_a_committing_client(Layout::Initdb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_five_times_on_debian_clusters_blocks_no_writes() {
+    let _alone = TIMED.write().await;
     five_switchovers_under_a_committing_client(Layout::Debian).await;
 }
 
@@ -1176,6 +1190,7 @@ async fn switchover_five_times_on_debian_clusters_blocks_no_writes() {
 /// primary with pg_rewind, then a rolling rebuild of every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debian_clusters_fail_over_rejoin_and_roll_without_losing_commits() {
+    let _shared = TIMED.read().await;
     let fleet = primary_and_rebuilt_standbys_on(3, Layout::Debian).await;
     let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
     assert_eq!(out.code(), Some(0), "{out}");
@@ -1247,6 +1262,7 @@ fn unreachable_upstream_bin_dir(dir: &Path, marker: &Path, bad: &str) {
 /// no acknowledged commit is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_whose_old_primary_cannot_follow_says_why_and_keeps_commits_waiting() {
+    let _shared = TIMED.read().await;
     let fleet = TestFleet::new(2).unwrap();
     let (node0, node1) = (fleet.host(0), fleet.host(1));
     let bin = node0.dir().join("bin");

@@ -6,19 +6,21 @@
 pub mod args;
 pub mod output;
 pub mod remote;
+pub mod render;
+pub mod view;
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
 use crate::fleet_status;
 use crate::inventory::Inventory;
-use crate::ops::{OpCtx, OpRequest, Rendered};
+use crate::ops::{OpCtx, OpRequest, OpResult};
 use crate::rebuild::{self, Display};
 use crate::{slots, status_render, wal};
 
 pub use args::{Cli, Command};
 pub use output::Outcome;
 use args::*;
-use output::{display, print_json, print_rendered, print_text, render_events};
+use output::{display, print_json, print_result, print_text, render_events};
 
 pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
     let d = cli.deadlines();
@@ -41,16 +43,14 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
     {
         return remote::run(&cli, &url).await;
     }
-    if let Some(tls) = inventory.tls.as_mut() {
-        if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
-            tls.cert = c.clone();
-            tls.key = k.clone();
-        }
-        crate::client::init_tls(tls).map_err(|e| CoordinatorError::Usage(e.to_string()))?;
+    if let (Some(tls), Some(c), Some(k)) = (inventory.tls.as_mut(), &cli.tls_cert, &cli.tls_key) {
+        tls.cert = c.clone();
+        tls.key = k.clone();
     }
+    inventory.attach_agents(false).map_err(|e| CoordinatorError::Usage(e.to_string()))?;
     if let Some((req, json, display)) = op_request(&cli.command) {
         let r = run_local(&inventory, OpRequest::try_from(req)?, d, display).await?;
-        print_rendered(&r, json)?;
+        print_result(&r, json)?;
         return Ok(Outcome::Done);
     }
     match &cli.command {
@@ -95,7 +95,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             let result = rebuild::attach(&inventory, &node, &job, a.from.as_deref(), a.slot.as_deref(), d, &ctx).await;
             drop(ctx);
             let _ = view.await;
-            print_rendered(&crate::ops::rebuild_rendered(&result?), a.json)?;
+            print_result(&OpResult::Rebuilt(result?), a.json)?;
             Ok(Outcome::Done)
         }
         Command::Wal(a) => {
@@ -133,7 +133,7 @@ fn local_caller(inventory: &Inventory) -> String {
 
 /// Runs an operation in this process: the same begin, execute and finish
 /// `pgfleet serve` runs, its events shown as they come.
-pub async fn run_local(inventory: &Inventory, mut req: OpRequest, d: Deadlines, display: Display) -> Result<Rendered, CoordinatorError> {
+pub async fn run_local(inventory: &Inventory, mut req: OpRequest, d: Deadlines, display: Display) -> Result<OpResult, CoordinatorError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (ctx, _, _) = crate::ops::begin(inventory, &mut req, &local_caller(inventory), Some(tx), Default::default())?;
     let view = tokio::spawn(render_events(rx, display));
@@ -145,7 +145,7 @@ pub async fn run_local(inventory: &Inventory, mut req: OpRequest, d: Deadlines, 
 
 /// The result, unless its end could not be journaled (`finish` says so in
 /// the final event's error while the operation itself succeeded).
-fn unjournaled(result: Result<Rendered, CoordinatorError>, fin: pgfleet_proto::coordinator::v1::OperationFinished) -> Result<Rendered, CoordinatorError> {
+fn unjournaled(result: Result<OpResult, CoordinatorError>, fin: pgfleet_proto::coordinator::v1::OperationFinished) -> Result<OpResult, CoordinatorError> {
     match (result, fin.error) {
         (Ok(_), Some(message)) => Err(CoordinatorError::Remote { message, exit_code: fin.exit_code.max(1) }),
         (Err(e), Some(message)) if message != e.to_string() => {
@@ -203,7 +203,7 @@ async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) 
             };
             let fin = crate::ops::finish(ctx, &result, abort);
             let _ = view.await;
-            print_rendered(&unjournaled(result, fin)?, *json)?;
+            print_result(&unjournaled(result, fin)?, *json)?;
         }
     }
     Ok(Outcome::Done)

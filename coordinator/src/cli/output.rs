@@ -7,8 +7,9 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::error::CoordinatorError;
-use crate::ops::Rendered;
-use crate::ops::render::OperationView;
+use crate::cli::render;
+use crate::cli::view::OperationView;
+use crate::ops::OpResult;
 use crate::rebuild::Display;
 
 /// How a command ended, beyond success.
@@ -45,8 +46,8 @@ pub fn display(json: bool, no_progress_bar: bool) -> Display {
 }
 
 /// Prints an operation's result the way its command does.
-pub fn print_rendered(r: &Rendered, json: bool) -> Result<(), CoordinatorError> {
-    print_text(if json { &r.json } else { &r.text })
+pub fn print_result(r: &OpResult, json: bool) -> Result<(), CoordinatorError> {
+    print_text(&if json { render::json(r) } else { render::text(r) })
 }
 
 /// Shows events until the operation's sender is gone.

@@ -10,10 +10,10 @@ use pgfleet_proto::coordinator::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::cli::args::{Cli, Command, OpsAction, SlotsAction, SyncAction, op_request};
-use crate::cli::output::{Outcome, display, print_json, print_text};
+use crate::cli::output::{Outcome, display, print_json, print_result, print_text};
 use crate::error::CoordinatorError;
-use crate::ops::ApiRequest;
-use crate::ops::render::OperationView;
+use crate::ops::{ApiRequest, OpResult};
+use crate::cli::view::OperationView;
 use crate::rebuild::Display;
 
 fn usage(s: impl Into<String>) -> CoordinatorError {
@@ -117,7 +117,12 @@ pub async fn watch(c: &mut CoordinatorClient<Channel>, id: &str, json: bool, dis
     match f.error {
         Some(message) => Err(CoordinatorError::Remote { message, exit_code: f.exit_code.max(1) }),
         None => {
-            print_text(if json { &f.json } else { &f.text })?;
+            // The typed answer, rendered here as in-process; a server that
+            // sent text instead (an older pgfleet serve) is shown as it is.
+            match serde_json::from_str::<OpResult>(&f.json) {
+                Ok(r) => print_result(&r, json)?,
+                Err(_) => print_text(if json { &f.json } else { &f.text })?,
+            }
             Ok(Outcome::Done)
         }
     }

@@ -77,7 +77,7 @@ impl MoveError {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StepTiming {
     pub step: String,
     pub host: String,
@@ -85,7 +85,7 @@ pub struct StepTiming {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MoveReport {
     pub operation: String,
     pub cluster: String,

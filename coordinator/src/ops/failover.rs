@@ -322,28 +322,6 @@ pub async fn failover(inventory: &Inventory, req: &FailoverRequest, d: Deadlines
     run(inventory, c, plan, d, op).await
 }
 
-pub fn render(r: &MoveReport) -> String {
-    let old_now = if r.operation.starts_with("failover") { "is fenced" } else { "follows it" };
-    let mut s = format!(
-        "{}: {} is the primary of {} (timeline {}), {} {old_now}; took {:.2}s",
-        r.operation, r.new_primary, r.cluster, r.timeline, r.old_primary, r.seconds
-    );
-    if let Some(w) = r.write_unavailable_seconds {
-        s += &format!(", writes unavailable for {w:.3}s");
-    }
-    s.push('\n');
-    for st in &r.steps {
-        s += &format!("  {:<12} {:<10} {:>7.3}s  {}\n", st.step, st.host, st.seconds, st.detail);
-    }
-    if !r.synchronous_standby_names.is_empty() {
-        s += &format!("synchronous_standby_names = '{}'\n", r.synchronous_standby_names);
-    }
-    for w in &r.warnings {
-        s += &format!("warning: {w}\n");
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,8 +13,8 @@ pub mod exec;
 pub mod failover;
 pub mod plan;
 pub mod rejoin;
-pub mod render;
 pub mod request;
+pub mod result;
 pub mod resume;
 pub mod rolling;
 pub mod store;
@@ -25,35 +25,17 @@ use std::sync::Arc;
 
 use pgfleet_proto::coordinator::v1 as pb;
 use pgfleet_proto::coordinator::v1::OperationState;
-use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub use ctx::{CancelState, Cancelled, OpCtx};
 pub use request::{ApiRequest, OpRequest, SyncRequest, one_cluster, resolved};
+pub use result::OpResult;
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
-use crate::fleet_status;
 use crate::inventory::Inventory;
 use crate::journal::Operation;
 use crate::{rebuild, slots};
-
-/// What the CLI prints when an operation succeeded: text for people, the
-/// `--json` document for programs.
-#[derive(Debug, Clone, Default)]
-pub struct Rendered {
-    pub text: String,
-    pub json: String,
-}
-
-impl Rendered {
-    fn pretty<T: Serialize>(text: String, v: &T) -> Self {
-        Rendered {
-            text,
-            json: serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
-        }
-    }
-}
 
 /// Validates `req`, then (unless it is a dry run) takes its cluster's lock
 /// and journals it. A second operation on a locked cluster fails here,
@@ -77,9 +59,10 @@ pub fn begin(
 
 /// Journals the outcome and turns it into the final event. `aborted`: the
 /// operation was ended by `ops abort`, and its text says how it was left.
-pub fn finish(mut ctx: OpCtx, result: &Result<Rendered, CoordinatorError>, aborted: bool) -> pb::OperationFinished {
+pub fn finish(mut ctx: OpCtx, result: &Result<OpResult, CoordinatorError>, aborted: bool) -> pb::OperationFinished {
     let (state, outcome, detail) = match result {
-        Ok(r) if aborted => (OperationState::Aborted, "aborted", r.text.trim().to_owned()),
+        Ok(OpResult::Aborted { state, .. }) if aborted => (OperationState::Aborted, "aborted", state.join("; ")),
+        Ok(_) if aborted => (OperationState::Aborted, "aborted", String::new()),
         Ok(_) => (OperationState::Succeeded, "succeeded", String::new()),
         Err(CoordinatorError::Cancelled(_)) => (OperationState::Cancelled, "cancelled", String::new()),
         Err(e) if e.is_cancelled() => (OperationState::Cancelled, "cancelled", e.to_string()),
@@ -100,8 +83,8 @@ pub fn finish(mut ctx: OpCtx, result: &Result<Rendered, CoordinatorError>, abort
     let mut fin = match result {
         Ok(r) => pb::OperationFinished {
             state: state as i32,
-            text: r.text.clone(),
-            json: r.json.clone(),
+            text: String::new(),
+            json: serde_json::to_string(r).unwrap_or_default(),
             error: None,
             exit_code: 0,
         },
@@ -126,7 +109,7 @@ pub fn finish(mut ctx: OpCtx, result: &Result<Rendered, CoordinatorError>, abort
 }
 
 /// Runs a begun operation to its end.
-pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<Rendered, CoordinatorError> {
+pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<OpResult, CoordinatorError> {
     ctx.checkpoint()?;
     match req {
         OpRequest::Rebuild {
@@ -147,10 +130,17 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             };
             let prepared = rebuild::preflight(inv, &r, d).await?;
             if *dry_run {
-                return Ok(rebuild_plan(&prepared, &rebuild::plan(&prepared, &r, d).await?));
+                let steps = rebuild::plan(&prepared, &r, d).await?;
+                return Ok(OpResult::RebuildPlan {
+                    node: prepared.node.name.to_string(),
+                    upstream: prepared.upstream.name.to_string(),
+                    steps: steps
+                        .into_iter()
+                        .map(|(host, s)| result::AgentStep { host, step: s.name, description: s.description, argv: s.argv, sql: s.sql })
+                        .collect(),
+                });
             }
-            let report = rebuild::execute(&prepared, &r, d, ctx).await?;
-            Ok(rebuild_rendered(&report))
+            Ok(OpResult::Rebuilt(rebuild::execute(&prepared, &r, d, ctx).await?))
         }
         OpRequest::RebuildAll {
             cluster,
@@ -160,22 +150,19 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
         OpRequest::Sync { cluster, spec, dry_run } => {
             if *dry_run {
                 let (_, plan) = sync::plan(inv, resolved(cluster)?, spec.as_ref(), d).await?;
-                return Ok(Rendered::pretty(plan.render(), &plan.to_json()));
+                return Ok(OpResult::Plan(plan));
             }
-            let report = sync::set(inv, resolved(cluster)?, spec.as_ref(), d, ctx).await?;
-            Ok(Rendered::pretty(crate::sync::render(&report), &report))
+            Ok(OpResult::Sync(sync::set(inv, resolved(cluster)?, spec.as_ref(), d, ctx).await?))
         }
         OpRequest::Switchover { cluster, to, dry_run } => {
             let p = switchover::preflight(inv, resolved(cluster)?, to.as_ref().map(|t| t.as_str()), d).await?;
             if *dry_run {
-                let plan = switchover::plan(&p);
-                return Ok(Rendered::pretty(plan.render(), &plan.to_json()));
+                return Ok(OpResult::Plan(switchover::plan(&p)));
             }
             for w in &p.warnings {
                 ctx.warning(w);
             }
-            let r = switchover::switchover(inv, p, d, ctx).await?;
-            Ok(Rendered::pretty(failover::render(&r), &r))
+            Ok(OpResult::Moved(switchover::switchover(inv, p, d, ctx).await?))
         }
         OpRequest::Failover {
             cluster,
@@ -193,25 +180,19 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             };
             let (c, plan) = failover::plan(inv, &req, d).await?;
             if *dry_run {
-                return Ok(Rendered::pretty(plan.render(), &plan.to_json()));
+                return Ok(OpResult::Plan(plan));
             }
             for w in &plan.warnings {
                 ctx.warning(w);
             }
-            let r = failover::run(inv, c, plan, d, ctx).await?;
-            Ok(Rendered::pretty(failover::render(&r), &r))
+            Ok(OpResult::Moved(failover::run(inv, c, plan, d, ctx).await?))
         }
         OpRequest::Rejoin {
             node,
             rebuild_if_needed,
             dry_run,
         } => {
-            let r = rejoin::rejoin(inv, node.as_str(), *rebuild_if_needed, *dry_run, d, ctx).await?;
-            let text = match &r.plan {
-                Some(p) => format!("{p}\n"),
-                None => format!("{} rejoined as a standby of {} ({}) in {:.2}s\n", r.node, r.primary, r.method, r.seconds),
-            };
-            Ok(Rendered::pretty(text, &r))
+            Ok(OpResult::Rejoined(rejoin::rejoin(inv, node.as_str(), *rebuild_if_needed, *dry_run, d, ctx).await?))
         }
         OpRequest::DropSlot {
             node,
@@ -222,76 +203,17 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             if *dry_run {
                 let (_, n) = inv.node(node.as_str())?;
                 slots::check_droppable(n, slot, *force, d).await?;
-                let steps = slots::drop_plan(n, slot, *force);
-                let mut s = format!("plan (dry run, nothing changed): drop slot {slot} on {node}\n");
-                for (i, step) in steps.iter().enumerate() {
-                    s += &format!("  {}. {step}\n", i + 1);
-                }
-                return Ok(Rendered::pretty(s, &serde_json::json!({ "dry_run": true, "steps": steps })));
+                return Ok(OpResult::DropSlotPlan {
+                    node: node.to_string(),
+                    slot: slot.to_string(),
+                    steps: slots::drop_plan(n, slot, *force),
+                });
             }
             ctx.point_of_no_return("the slot is being dropped")?;
             let t = ctx.start(node.as_str(), "drop-slot", &format!("pg_drop_replication_slot('{slot}')"))?;
             let r = slots::drop(inv, node.as_str(), slot.as_str(), *force, d).await?;
             ctx.done(node.as_str(), "drop-slot", t, "dropped")?;
-            let mut s = format!("dropped replication slot {} on {}", r.slot, r.node);
-            if let Some(b) = r.released_wal_bytes {
-                s += &format!(" ({} of WAL no longer retained)", fleet_status::bytes(b));
-            }
-            if r.terminated_sender {
-                s += "; its WAL sender was terminated";
-            }
-            s.push('\n');
-            Ok(Rendered::pretty(s, &r))
+            Ok(OpResult::SlotDropped(r))
         }
-    }
-}
-
-fn rebuild_plan(prepared: &rebuild::Prepared<'_>, steps: &[(String, pgfleet_proto::agent::v1::PlanStep)]) -> Rendered {
-    let v: Vec<_> = steps
-        .iter()
-        .map(|(host, s)| {
-            serde_json::json!({
-                "host": host, "step": s.name, "description": s.description,
-                "argv": s.argv, "sql": s.sql,
-            })
-        })
-        .collect();
-    let mut s = format!(
-        "plan (dry run, nothing changed): rebuild {} from {}\n",
-        prepared.node.name, prepared.upstream.name
-    );
-    for (i, (host, step)) in steps.iter().enumerate() {
-        s += &format!("  {:>2}. [{host}] {}: {}\n", i + 1, step.name, step.description);
-        if !step.argv.is_empty() {
-            s += &format!("        $ {}\n", pgfleet_proto::shell_words(&step.argv));
-        }
-        if let Some(sql) = &step.sql {
-            s += &format!("        SQL: {sql}\n");
-        }
-    }
-    Rendered::pretty(s, &serde_json::json!({ "dry_run": true, "steps": v }))
-}
-
-pub fn rebuild_text(report: &rebuild::RebuildReport) -> String {
-    let lag = report.lag_bytes.map(fleet_status::bytes).unwrap_or_else(|| "-".into());
-    let mut s = format!(
-        "rebuilt {} from {} in {:.1}s: {} ({}), lag {lag}, slot {}\n",
-        report.node, report.upstream, report.seconds, report.state, report.sync_state, report.slot
-    );
-    if let Some(m) = &report.moved_aside_to {
-        s += &format!("previous data directory kept at {m}\n");
-    }
-    if let Some(l) = &report.log_file {
-        s += &format!("pg_basebackup log: {l}\n");
-    }
-    s
-}
-
-/// A rebuild's --json output is a stream of JSON lines: its result is one
-/// line too.
-pub fn rebuild_rendered(report: &rebuild::RebuildReport) -> Rendered {
-    Rendered {
-        text: rebuild_text(report),
-        json: format!("{}\n", serde_json::json!({ "result": report })),
     }
 }

@@ -205,18 +205,6 @@ impl Plan {
         self.steps.iter().position(f)
     }
 
-    /// `--dry-run`: the plan, and nothing changed.
-    pub fn render(&self) -> String {
-        let mut s = format!("plan (dry run, nothing changed): {}\n", self.title);
-        for (i, st) in self.steps.iter().enumerate() {
-            s += &format!("  {:>2}. [{}] {}: {}\n", i + 1, st.host(), st.name(), st.describe());
-        }
-        for w in &self.warnings {
-            s += &format!("warning: {w}\n");
-        }
-        s
-    }
-
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "dry_run": true,

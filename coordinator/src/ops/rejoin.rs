@@ -16,7 +16,7 @@ use crate::inventory::{Inventory, Node};
 use crate::ops::ctx::OpCtx;
 use crate::rebuild;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RejoinReport {
     pub node: String,
     pub primary: String,

@@ -29,7 +29,7 @@ use crate::journal::Operation;
 use crate::ops::plan::Step;
 use crate::ops::store::{self, OpRecord, Progress};
 use crate::ops::ctx::{CancelState, OpCtx};
-use crate::ops::{OpRequest, Rendered};
+use crate::ops::{OpRequest, OpResult};
 use crate::rebuild::{self, RebuildError};
 
 /// Takes the lock of an interrupted operation's cluster again.
@@ -69,13 +69,13 @@ fn last_job(rec: &OpRecord) -> Option<(String, String)> {
         .map(|(n, j)| (n.to_owned(), j.to_owned()))
 }
 
-pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<Rendered, CoordinatorError> {
+pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<OpResult, CoordinatorError> {
     match req {
         OpRequest::Rebuild { node, from, slot, .. } => {
             if let Some((job_node, job)) = last_job(rec).filter(|(n, _)| n.as_str() == node.as_str()) {
                 ctx.note(&job_node, &format!("re-attaching to job {job}"));
                 match rebuild::attach(inv, node, &job, from.as_deref(), slot.as_deref(), d, ctx).await {
-                    Ok(report) => return Ok(crate::ops::rebuild_rendered(&report)),
+                    Ok(report) => return Ok(OpResult::Rebuilt(report)),
                     Err(RebuildError::Agent(e)) if !e.is_unreachable() => {
                         ctx.note(node, &format!("job {job} is gone ({}); rebuilding again", e.reason()));
                     }
@@ -122,7 +122,7 @@ async fn converge(
     to: Option<&str>,
     d: Deadlines,
     ctx: &OpCtx,
-) -> Result<Rendered, CoordinatorError> {
+) -> Result<OpResult, CoordinatorError> {
     let c = inv.select(Some(cluster))?[0];
     let cr = fleet_status::gather_cluster(c, d).await;
     let progress = rec.progress();
@@ -131,7 +131,7 @@ async fn converge(
         // No plan was journaled: nothing was changed. Run it again.
         return crate::ops::execute(inv, req, d, ctx).await;
     };
-    let mut text = String::new();
+    let mut moved = None;
     if cr.primary.as_deref() != Some(target.as_str()) {
         if cr.primary.is_some() && !fence_done(progress.as_ref()) {
             // Interrupted before the fence: the cluster is as it was.
@@ -145,23 +145,21 @@ async fn converge(
             accept_data_loss: false,
             dry_run: false,
         };
-        let r = crate::ops::failover::failover(inv, &fr, d, ctx).await?;
-        text += &crate::ops::failover::render(&r);
+        moved = Some(crate::ops::failover::failover(inv, &fr, d, ctx).await?);
     }
     // Everyone but the new primary (and a failover's fenced old primary)
     // streams from it.
     let cr = fleet_status::gather_cluster(c, d).await;
+    let mut rejoined = Vec::new();
     for n in &cr.nodes {
         let keep_fenced = matches!(req, OpRequest::Failover { .. }) && fenced_old.as_deref() == Some(n.name.as_str());
         let streaming = n.replication.as_ref().is_some_and(|v| v.state == "streaming");
         if n.name == target || keep_fenced || streaming || n.role == Role::Primary {
             continue;
         }
-        let r = crate::ops::rejoin::rejoin(inv, &n.name, false, false, d, ctx).await?;
-        text += &format!("{} rejoined as a standby of {} ({})\n", r.node, r.primary, r.method);
+        rejoined.push(crate::ops::rejoin::rejoin(inv, &n.name, false, false, d, ctx).await?);
     }
-    text += &format!("resumed {}: {target} is the primary of {cluster}\n", rec.id);
-    Ok(Rendered::pretty(text.clone(), &serde_json::json!({ "operation": rec.id, "primary": target, "text": text })))
+    Ok(OpResult::Resumed { operation: rec.id.clone(), cluster: cluster.to_owned(), primary: target, moved, rejoined })
 }
 
 /// Whether the agent's job is still running: its event history is replayed
@@ -188,7 +186,7 @@ async fn job_running(inv: &Inventory, node: &str, job: &str, d: Deadlines) -> Re
 /// Ends an interrupted operation without finishing it: undoes what leaves
 /// the cluster unsafe (a fenced primary with nobody promoted is started
 /// again; a failed rebuild's slot is dropped) and says what state it is in.
-pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<Rendered, CoordinatorError> {
+pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlines, ctx: &OpCtx) -> Result<OpResult, CoordinatorError> {
     let mut said = Vec::new();
     match req {
         OpRequest::Rebuild { node, from, slot, .. } => {
@@ -245,6 +243,5 @@ pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadline
         }
         _ => said.push("nothing was undone: the operation is idempotent; `pgfleet status` shows the cluster".into()),
     }
-    let text = format!("aborted {}: {}\n", rec.id, said.join("; "));
-    Ok(Rendered::pretty(text, &serde_json::json!({ "operation": rec.id, "aborted": true, "state": said })))
+    Ok(OpResult::Aborted { operation: rec.id.clone(), state: said })
 }

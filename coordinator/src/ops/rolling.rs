@@ -4,21 +4,14 @@
 //! streaming than synchronous_standby_names asks for is refused before it
 //! stops: commits on the primary would wait for it.
 
-use serde::Serialize;
+
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
 use crate::fleet_status::{self, Role};
 use crate::inventory::Inventory;
-use crate::ops::{OpCtx, Rendered};
-use crate::rebuild::{self, RebuildReport};
-
-#[derive(Debug, Serialize)]
-struct RollingReport {
-    cluster: String,
-    primary: String,
-    rebuilt: Vec<RebuildReport>,
-}
+use crate::ops::{OpCtx, OpResult};
+use crate::rebuild;
 
 /// Why `node` may not stop now, when its absence would leave the primary
 /// short of synchronous standbys.
@@ -58,7 +51,7 @@ pub async fn rebuild_all(
     dry_run: bool,
     d: Deadlines,
     ctx: &OpCtx,
-) -> Result<Rendered, CoordinatorError> {
+) -> Result<OpResult, CoordinatorError> {
     let c = inv.select(Some(cluster))?[0];
     let cr = fleet_status::gather_cluster(c, d).await;
     let primary = cr.primary.clone().ok_or_else(|| {
@@ -77,17 +70,7 @@ pub async fn rebuild_all(
         return Err(CoordinatorError::Usage(format!("cluster {cluster} has no replica to rebuild")));
     }
     if dry_run {
-        let mut s = format!("plan (dry run, nothing changed): rebuild every replica of {cluster} from {primary}, one at a time\n");
-        for (i, r) in replicas.iter().enumerate() {
-            s += &format!(
-                "  {:>2}. [{r}] check synchronous standbys left, rebuild from {primary} (pgfleet rebuild {r} --dry-run shows its steps), wait until it streams\n",
-                i + 1
-            );
-        }
-        return Ok(Rendered::pretty(
-            s,
-            &serde_json::json!({ "dry_run": true, "cluster": cluster, "primary": primary, "replicas": replicas }),
-        ));
+        return Ok(OpResult::RebuildAllPlan { cluster: cluster.to_owned(), primary, replicas });
     }
     let mut rebuilt = Vec::new();
     for node in &replicas {
@@ -104,20 +87,8 @@ pub async fn rebuild_all(
         };
         let prepared = rebuild::preflight(inv, &req, d).await?;
         let report = rebuild::execute(&prepared, &req, d, ctx).await?;
-        ctx.done(node, "rebuild", t, crate::ops::rebuild_text(&report).lines().next().unwrap_or_default())?;
+        ctx.done(node, "rebuild", t, &format!("{} from {} in {:.1}s: {} ({})", report.node, report.upstream, report.seconds, report.state, report.sync_state))?;
         rebuilt.push(report);
     }
-    let mut text = String::new();
-    for r in &rebuilt {
-        text += &crate::ops::rebuild_text(r);
-    }
-    text += &format!("rebuilt {} replica(s) of {cluster} from {primary}, one at a time\n", rebuilt.len());
-    Ok(Rendered::pretty(
-        text,
-        &RollingReport {
-            cluster: cluster.to_owned(),
-            primary,
-            rebuilt,
-        },
-    ))
+    Ok(OpResult::RebuiltAll { cluster: cluster.to_owned(), primary, rebuilt })
 }

@@ -33,7 +33,7 @@ pub enum ServeError {
     #[error("TLS: {0}")]
     Tls(#[from] pgfleet_proto::tls::TlsFileError),
     #[error("TLS towards the agents: {0}")]
-    ClientTls(#[from] crate::client::TlsSetupError),
+    ClientTls(#[from] crate::link::TlsSetupError),
     #[error("cannot open the audit log {path}: {source}")]
     Audit { path: std::path::PathBuf, source: std::io::Error },
     #[error("reflection service: {0}")]
@@ -64,13 +64,10 @@ pub async fn run(config_path: &Path, d: Deadlines) -> Result<(), CoordinatorErro
 
 async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
     let config = ServeConfig::load(config_path)?;
-    let inventory = Inventory::load(&config.inventory).map_err(|e| ConfigError::Inventory(e.to_string()))?;
-    if let Some(tls) = &inventory.tls {
-        crate::client::init_tls(tls)?;
-    }
+    let mut inventory = Inventory::load(&config.inventory).map_err(|e| ConfigError::Inventory(e.to_string()))?;
     // One channel per agent, kept: a fleet status over a thousand agents
     // must not pay a thousand TLS handshakes each time.
-    crate::client::enable_channel_cache();
+    inventory.attach_agents(true)?;
     let server_tls = match &config.tls {
         Some(t) => Some(pgfleet_proto::tls::server_tls(t)?),
         None => None,

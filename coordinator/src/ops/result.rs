@@ -1,0 +1,55 @@
+//! What an operation answers: a typed value, the same in-process and
+//! through `pgfleet serve` (its `OperationFinished.json` is this value as
+//! JSON). Text for people and the `--json` document are made from it by the
+//! CLI (`cli/render.rs`); nothing here is display text.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ops::exec::MoveReport;
+use crate::ops::plan::Plan;
+use crate::ops::rejoin::RejoinReport;
+use crate::rebuild::RebuildReport;
+use crate::slots::DropReport;
+use crate::sync::SyncReport;
+
+/// One step a rebuild's agents would take, as they said it (`--dry-run`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStep {
+    pub host: String,
+    pub step: String,
+    pub description: String,
+    pub argv: Vec<String>,
+    pub sql: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "kebab-case")]
+pub enum OpResult {
+    /// `--dry-run` of switchover, failover and `sync set`: the typed plan.
+    Plan(Plan),
+    /// `--dry-run` of a rebuild: what the node's and the upstream's agents
+    /// would do.
+    RebuildPlan { node: String, upstream: String, steps: Vec<AgentStep> },
+    /// `--dry-run` of `rebuild --all-replicas`.
+    RebuildAllPlan { cluster: String, primary: String, replicas: Vec<String> },
+    /// `--dry-run` of `slots drop`.
+    DropSlotPlan { node: String, slot: String, steps: Vec<String> },
+    Rebuilt(RebuildReport),
+    RebuiltAll { cluster: String, primary: String, rebuilt: Vec<RebuildReport> },
+    Sync(SyncReport),
+    Moved(MoveReport),
+    Rejoined(RejoinReport),
+    SlotDropped(DropReport),
+    /// An interrupted switchover or failover finished by `ops resume`: the
+    /// failover it took (if the target was not promoted yet) and the nodes
+    /// it brought back.
+    Resumed {
+        operation: String,
+        cluster: String,
+        primary: String,
+        moved: Option<MoveReport>,
+        rejoined: Vec<RejoinReport>,
+    },
+    /// `ops abort`: what was undone, and the state left.
+    Aborted { operation: String, state: Vec<String> },
+}
