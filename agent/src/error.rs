@@ -99,6 +99,7 @@ impl From<AgentError> for Status {
                 | StandbyError::SlotActive(_)
                 | StandbyError::RunningForRewind
                 | StandbyError::NotCleanPrimary { .. }
+                | StandbyError::NotFenced
                 | StandbyError::NoDataDir(_) => Code::FailedPrecondition,
                 StandbyError::PromoteTimeout => Code::DeadlineExceeded,
             },

@@ -72,6 +72,8 @@ pub enum StandbyError {
     NotCleanPrimary { state: String },
     #[error("no data directory at {0}: nothing to fence or rewind")]
     NoDataDir(PathBuf),
+    #[error("PostgreSQL runs on this node: there is no fence to undo (unfence starts a stopped, fenced primary again)")]
+    NotFenced,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> StandbyError {
@@ -401,8 +403,10 @@ pub async fn fence(config: &AgentConfig, pg: &Pg, immediate: bool) -> Result<(bo
 
 /// Undoes our own fence of a primary that shut down cleanly.
 pub async fn unfence(config: &AgentConfig, pg: &Pg) -> Result<(), StandbyError> {
+    // A running server was never fenced, or was started since: a refusal,
+    // not an "ok" in the audit log for something that did nothing.
     if pg.status().await.is_ok() {
-        return Ok(());
+        return Err(StandbyError::NotFenced);
     }
     let cd = controldata::read(config)
         .await

@@ -97,6 +97,16 @@ async fn the_agent_refuses_malformed_calls_and_changes_nothing() {
     let audit = std::fs::read_to_string(p.dir().join("audit.jsonl")).unwrap();
     let last = audit.lines().last().unwrap();
     assert!(last.len() < 1000, "an audit line of {} bytes", last.len());
+    // Unfence of a node that was never fenced: refused, audited as refused,
+    // the server untouched.
+    let started = one(p, "select pg_postmaster_start_time()::text").await;
+    let e = agent.unfence(pb::UnfenceRequest { operation_id: "never-fenced".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("no fence to undo"), "{e:?}");
+    let audit = std::fs::read_to_string(p.dir().join("audit.jsonl")).unwrap();
+    let last = audit.lines().last().unwrap();
+    assert!(last.contains("Unfence") && !last.contains("\"ok\""), "{last}");
+    assert_eq!(one(p, "select pg_postmaster_start_time()::text").await, started);
     exec(p, "alter system reset synchronous_standby_names").await;
     exec(p, "select pg_reload_conf()").await;
 
@@ -119,14 +129,20 @@ async fn the_agent_refuses_malformed_calls_and_changes_nothing() {
     assert!(out.stderr.contains("no replication slot named nosuchslot"), "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_service_refuses_what_the_cli_refuses() {
+/// node0 primary, node1 rebuilt from it by pgfleet, `pgfleet serve` up.
+fn primary_replica_and_service() -> (TestFleet, pgfleet_tests::Coordinator) {
     let fleet = TestFleet::new(2).unwrap();
     start_primary(&fleet, 0);
     start_agents(&fleet);
     let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
     assert_eq!(out.code(), Some(0), "{out}");
     let c = fleet.start_coordinator().unwrap();
+    (fleet, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_refuses_what_the_cli_refuses() {
+    let (fleet, c) = primary_replica_and_service();
     let primary = fleet.host(0);
 
     // The CLI's refusal, in-process and through the service: exit 2 both.
@@ -172,6 +188,22 @@ async fn the_service_refuses_what_the_cli_refuses() {
     assert_eq!(out.code(), Some(0), "{out}");
     let list = api.list_operations(cpb::ListOperationsRequest::default()).await.unwrap().into_inner();
     let id = list.operations.first().unwrap().id.clone();
+    // Its answer is typed: the API gives the value, the CLI renders text.
+    let mut events = api
+        .watch_operation(cpb::WatchOperationRequest { operation_id: id.clone(), from_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answer = None;
+    while let Some(ev) = events.message().await.unwrap() {
+        if let Some(cpb::operation_event::Event::Finished(f)) = ev.event {
+            answer = Some(serde_json::from_str::<serde_json::Value>(&f.json).unwrap());
+        }
+    }
+    let answer = answer.expect("no Finished event");
+    assert_eq!(answer["answer"], "sync", "{answer:#}");
+    assert_eq!(answer["primary"], "node0", "{answer:#}");
+    assert_eq!(answer["synchronous_standby_names"], r#"FIRST 1 ("node1")"#, "{answer:#}");
     let watch = async {
         let mut s = api
             .watch_operation(cpb::WatchOperationRequest { operation_id: id, from_seq: 1000 })
@@ -199,12 +231,7 @@ fn error_of(out: &pgfleet_tests::CliOutput) -> String {
 /// the same exit code 2 and the same message, and nothing changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cli_refusal_is_the_same_through_the_service() {
-    let fleet = TestFleet::new(2).unwrap();
-    start_primary(&fleet, 0);
-    start_agents(&fleet);
-    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
-    assert_eq!(out.code(), Some(0), "{out}");
-    let c = fleet.start_coordinator().unwrap();
+    let (fleet, c) = primary_replica_and_service();
     let (primary, standby) = (fleet.host(0), fleet.host(1));
     let before = (
         one(primary, "show synchronous_standby_names").await,
