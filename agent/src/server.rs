@@ -49,17 +49,21 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let local = listener.local_addr().ok();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &state.config.tls {
-        builder = builder.tls_config(pgfleet_proto::tls::server_tls(tls)?)?;
-    }
-    info!(listen = ?local, tls = state.config.tls.is_some(), version = crate::AGENT_VERSION, "pgfleet-agent serving");
-    builder
+    let tls = state.config.tls.as_ref().map(pgfleet_proto::tls::rustls_config).transpose()?;
+    info!(listen = ?local, tls = tls.is_some(), version = crate::AGENT_VERSION, "pgfleet-agent serving");
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AgentServer::new(AgentService::new(state)))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await?;
+        .add_service(AgentServer::new(AgentService::new(state)));
+    // With TLS, our acceptor (it logs refused handshakes); else TCP.
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(pgfleet_proto::tls::incoming(listener, tls), shutdown)
+                .await?
+        }
+        None => router.serve_with_incoming_shutdown(incoming(listener), shutdown).await?,
+    }
     info!("pgfleet-agent stopped");
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The control channel (DESIGN.md invariant 10): mutual TLS with the fleet
 //! CA, reader and admin identities told apart, refusals that change
 //! nothing, an audit line per changing call, and plaintext only on loopback.
+// Helpers may unwrap like the tests they serve.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -163,6 +165,8 @@ async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
     // An expired certificate from the right CA: refused.
     let expired = expired_admin(&pki.dir);
     assert!(get_status(&url, pki.client(Some(expired))).await.is_err(), "expired certificate accepted");
+    // Each refused handshake is in the agent's log, with why.
+    assert_handshakes_logged(|| std::fs::read_to_string(host.agent_log()).unwrap_or_default());
 
     // Nothing changed: the slot the reader tried to drop is there.
     assert_eq!(
@@ -215,6 +219,24 @@ async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
 }
 
 /// An admin certificate of the fleet CA whose validity ended yesterday.
+/// The server's log names each refused handshake and why: no client
+/// certificate, one of a foreign CA, an expired one, plaintext (tonic's
+/// own acceptor dropped them silently).
+fn assert_handshakes_logged(log: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = log();
+        let refused: Vec<&str> = text.lines().filter(|l| l.contains("TLS handshake refused")).collect();
+        let said = |why: &str| refused.iter().any(|l| l.contains(why));
+        let all = ["peer sent no certificates", "invalid peer certificate", "certificate expired", "InvalidContentType"];
+        if all.iter().all(|why| said(why)) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "refused handshakes not logged with why:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn expired_admin(pki: &Path) -> (Vec<u8>, Vec<u8>) {
     use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
     let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca.key")).unwrap()).unwrap();
@@ -313,6 +335,7 @@ async fn coordinator_service_accepts_only_fleet_ca_clients_and_readers_only_read
     }
     .await;
     assert!(plain_result.is_none(), "plaintext client accepted by pgfleet serve");
+    assert_handshakes_logged(|| c.log_text());
 
     // A reader cannot start an operation, cancel one or drop a slot.
     let reader = CoordinatorClient::new(channel(&c.url, pki.client(pki.identity("test-reader"))).await.unwrap());

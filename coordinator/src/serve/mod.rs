@@ -69,7 +69,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
     // must not pay a thousand TLS handshakes each time.
     inventory.attach_agents(true)?;
     let server_tls = match &config.tls {
-        Some(t) => Some(pgfleet_proto::tls::server_tls(t)?),
+        Some(t) => Some(pgfleet_proto::tls::rustls_config(t)?),
         None => None,
     };
     let audit = pgfleet_proto::auth::Audit::open(config.audit_log.as_deref()).map_err(|source| ServeError::Audit {
@@ -151,18 +151,21 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
         .register_encoded_file_descriptor_set(pgfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = server_tls {
-        builder = builder.tls_config(tls)?;
-    }
     info!(listen = %config.listen, tls = state.tls, "pgfleet serve: coordinator API serving");
     let _ = pgfleet_proto::notify::ready();
-    builder
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(CoordinatorServer::new(service::CoordinatorService::new(state)))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown())
-        .await?;
+        .add_service(CoordinatorServer::new(service::CoordinatorService::new(state)));
+    // With TLS, our acceptor (it logs refused handshakes); else TCP.
+    match server_tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(pgfleet_proto::tls::incoming(listener, tls), shutdown())
+                .await?
+        }
+        None => router.serve_with_incoming_shutdown(incoming(listener), shutdown()).await?,
+    }
     let _ = pgfleet_proto::notify::stopping();
     info!("pgfleet serve stopped");
     Ok(())
