@@ -866,6 +866,15 @@ async fn failover_after_primary_sigkill_keeps_every_acknowledged_commit_then_rej
     let out = pgfleet(&fleet, &["rejoin", "node0", "--dry-run"]);
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(out.stdout.contains("pg_rewind"), "{out}");
+    let out = pgfleet(&fleet, &["rejoin", "node0", "--dry-run", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let rejoin_plan = plan_steps(&out);
+    assert!(
+        position(&rejoin_plan, "node1", "admit") < position(&rejoin_plan, "node0", "fence")
+            && position(&rejoin_plan, "node0", "fence") < position(&rejoin_plan, "node0", "rewind")
+            && position(&rejoin_plan, "node0", "rewind") < position(&rejoin_plan, "node0", "follow"),
+        "{rejoin_plan:?}"
+    );
     assert_eq!(snapshot(&fleet).await, before);
 
     // rejoin: node0 crashed on timeline 1 and may hold WAL node1 never got;
@@ -881,6 +890,7 @@ async fn failover_after_primary_sigkill_keeps_every_acknowledged_commit_then_rej
     let r = json(&out);
     assert_eq!(r["method"], "rewind", "{r:#}");
     assert_eq!(r["primary"], "node1", "{r:#}");
+    assert_ran_as_planned(&fleet, &r, &rejoin_plan);
     assert_streaming(node1, &[node0, node2]).await;
     assert_eq!(primaries(&fleet).await, ["node1"]);
     wait_replayed(node1, node0).await;

@@ -60,10 +60,11 @@ pub fn move_text(r: &MoveReport) -> String {
 }
 
 fn rejoin_text(r: &RejoinReport) -> String {
-    match &r.plan {
-        Some(p) => format!("{p}\n"),
-        None => format!("{} rejoined as a standby of {} ({}) in {:.2}s\n", r.node, r.primary, r.method, r.seconds),
+    let mut s = format!("{} rejoined as a standby of {} ({}) in {:.2}s\n", r.node, r.primary, r.method, r.seconds);
+    for st in &r.steps {
+        s += &format!("  {:<12} {:<10} {:>7.3}s  {}\n", st.step, st.host, st.seconds, st.detail);
     }
+    s
 }
 
 /// Text for people.

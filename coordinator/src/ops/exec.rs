@@ -110,6 +110,8 @@ pub struct Executed {
     /// From the fence's start to the new primary taking writes (with
     /// synchronous replication: to its first synchronous standby).
     pub write_unavailable: Option<Duration>,
+    /// What a rewind step did: "rewind", "rebuild", or None (not needed).
+    pub rejoined_by: Option<&'static str>,
 }
 
 pub async fn call<T>(
@@ -145,6 +147,8 @@ pub async fn run(inventory: &Inventory, cluster: &Cluster, plan: &Plan, d: Deadl
         out: Executed::default(),
         fenced_at: None,
         checkpoint: None,
+        fence: None,
+        rebuilt: Vec::new(),
         sync: None,
     };
     op.planned(plan)?;
@@ -171,6 +175,12 @@ struct Exec<'a> {
     /// What earlier steps learnt that later ones need.
     fenced_at: Option<Instant>,
     checkpoint: Option<Lsn>,
+    /// The last fence's answer: the fenced node's timeline and whether
+    /// pg_rewind can work on it.
+    fence: Option<pb::FenceResponse>,
+    /// Nodes a rewind step rebuilt: they stream already, their follow
+    /// step is skipped.
+    rebuilt: Vec<NodeName>,
     sync: Option<SyncSpec>,
 }
 
@@ -229,11 +239,89 @@ impl<'a> Exec<'a> {
         call(n, d, async |c| c.configure_standby(req).await).await
     }
 
+    /// pg_rewind `node` (fenced by an earlier step) from `upstream` when its
+    /// timeline is behind; rebuild it instead when allowed and a rewind
+    /// cannot work.
+    async fn rewind(&mut self, node: &NodeName, upstream: &NodeName, or_rebuild: bool) -> Result<String, MoveError> {
+        let (n, up, d) = (self.node(node)?, self.node(upstream)?, self.d);
+        let f = self.fence.clone().ok_or_else(|| MoveError::Step {
+            step: "rewind",
+            detail: format!("{node} was not fenced first: the plan fences it before a rewind"),
+        })?;
+        let theirs = call(up, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?.timeline.unwrap_or(0);
+        let mine = f.timeline.unwrap_or(0);
+        if mine >= theirs {
+            return Ok(format!("not needed: {node} is on timeline {mine}, {upstream} on {theirs}"));
+        }
+        if !(f.wal_log_hints || f.data_checksums) {
+            if !or_rebuild {
+                return Err(MoveError::Refused(format!(
+                    "{node} is on timeline {mine}, behind {upstream}'s {theirs}, and may have diverged; \
+                     pg_rewind needs wal_log_hints=on or data checksums and it has neither. \
+                     Rebuild it with --rebuild-if-needed (its data directory is moved aside, not deleted)"
+                )));
+            }
+            return self.rebuild(node, upstream).await;
+        }
+        let password = self.password()?;
+        let prep = pb::PrepareUpstreamRequest {
+            replication_role: self.cluster.replication_role.to_string(),
+            replication_password: password.expose().to_owned(),
+            replica_address: n.host.clone(),
+            slot_name: n.name.default_slot().to_string(),
+            dry_run: false,
+            operation_id: self.op.id().to_owned(),
+            for_rewind: true,
+        };
+        call(up, d, async |c| c.prepare_upstream(prep).await).await?;
+        let rw = pb::RewindRequest {
+            upstream_host: up.host.clone(),
+            upstream_port: u32::from(up.port),
+            replication_role: self.cluster.replication_role.to_string(),
+            replication_password: password.expose().to_owned(),
+            operation_id: self.op.id().to_owned(),
+        };
+        match call(n, d, async |c| c.rewind(rw).await).await {
+            Ok(r) => {
+                self.out.rejoined_by = Some("rewind");
+                Ok(r.output_tail.last().cloned().unwrap_or_else(|| "rewound".into()))
+            }
+            Err(e) if or_rebuild => {
+                self.op.note(node.as_str(), &format!("pg_rewind failed ({e}); rebuilding as allowed"));
+                self.rebuild(node, upstream).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn rebuild(&mut self, node: &NodeName, upstream: &NodeName) -> Result<String, MoveError> {
+        let step = |e: crate::rebuild::RebuildError| MoveError::Step { step: "rewind", detail: format!("rebuilding instead: {e}") };
+        let req = crate::rebuild::RebuildRequest {
+            node: node.to_string(),
+            from: Some(upstream.to_string()),
+            slot: None,
+            tablespace_mappings: Vec::new(),
+            spread_checkpoint: false,
+            dry_run: false,
+        };
+        let prepared = crate::rebuild::preflight(self.inventory, &req, self.d).await.map_err(step)?;
+        let r = crate::rebuild::execute(&prepared, &req, self.d, self.op).await.map_err(step)?;
+        self.out.rejoined_by = Some("rebuild");
+        self.rebuilt.push(node.clone());
+        Ok(format!("rebuilt from {upstream}; previous data kept at {}", r.moved_aside_to.unwrap_or_default()))
+    }
+
     async fn step(&mut self, i: usize, step: &Step) -> Result<(), MoveError> {
         let d = self.d;
         if let Step::FencedByOperator { .. } = step {
             // Journaled, not timed: nothing acted.
             self.op.skipped_step(i, step, "--fenced: the operator made sure the old primary is down")?;
+            return Ok(());
+        }
+        if let Step::Follow { node, .. } = step
+            && self.rebuilt.contains(node)
+        {
+            self.op.skipped_step(i, step, "rebuilt from the primary: it streams from it already")?;
             return Ok(());
         }
         let t = self.op.start_step(i, step)?;
@@ -278,12 +366,12 @@ impl<'a> Exec<'a> {
                 let immediate = *immediate;
                 let f = call(n, d, async |c| c.fence(pb::FenceRequest { operation_id: op_id, immediate }).await).await?;
                 self.checkpoint = f.checkpoint_lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
+                self.fence = Some(f.clone());
+                // A switchover's catch-up step needs the checkpoint; it
+                // says so if the fence gave none.
                 match (immediate, self.checkpoint) {
-                    (true, _) => format!("fenced ({})", f.cluster_state.unwrap_or_default()),
                     (false, Some(c)) => format!("stopped; shutdown checkpoint at {c}"),
-                    (false, None) => {
-                        return Err(MoveError::Step { step: "fence", detail: "pg_controldata gave no checkpoint location".into() });
-                    }
+                    _ => format!("fenced ({})", f.cluster_state.unwrap_or_default()),
                 }
             }
             Step::FencedByOperator { .. } => unreachable!("handled above"),
@@ -291,7 +379,7 @@ impl<'a> Exec<'a> {
                 let (new, old) = (self.node(node)?, self.node(fenced)?);
                 let checkpoint = self.checkpoint.ok_or_else(|| MoveError::Step {
                     step: "catch-up",
-                    detail: format!("no shutdown checkpoint of {fenced} is known: the plan fences it first"),
+                    detail: format!("the fence of {fenced} gave no shutdown checkpoint location (pg_controldata): its WAL end is unknown"),
                 })?;
                 catch_up(self.op, new, old, checkpoint, d).await?
             }
@@ -303,6 +391,7 @@ impl<'a> Exec<'a> {
                 self.out.write_unavailable = self.fenced_at.map(|f| f.elapsed());
                 format!("primary on timeline {}", promoted.timeline)
             }
+            Step::Rewind { node, upstream, or_rebuild } => self.rewind(node, upstream, *or_rebuild).await?,
             Step::Follow { node, upstream, slot, reset_sync } => {
                 let r = self.point_at(node, upstream, slot, *reset_sync, true).await?;
                 format!("{}primary_conninfo = {}", if r.started { "started as a standby; " } else { "" }, r.primary_conninfo)
@@ -348,17 +437,17 @@ impl<'a> Exec<'a> {
                 }
                 if dropped.is_empty() { "none".into() } else { format!("dropped {}", dropped.join(", ")) }
             }
-            Step::Verify { node, standbys } => {
+            Step::Verify { node, standbys, seconds } => {
                 let n = self.node(node)?;
                 let mut ss = Vec::new();
                 for s in standbys {
                     ss.push(self.node(s)?);
                 }
-                crate::verify::streaming(n, &ss, d, SETTLE_DEADLINE).await.map_err(|why| MoveError::Step {
+                crate::verify::streaming(n, &ss, d, Duration::from_secs(*seconds)).await.map_err(|why| MoveError::Step {
                     step: "verify",
                     detail: format!(
-                        "{why} after {}s; the new primary {node} is up: run `pgfleet rejoin` for the node named",
-                        SETTLE_DEADLINE.as_secs(),
+                        "{why} after {seconds}s; the primary {node} is up: its server log says why \
+                         (a diverged timeline needs pg_rewind, or --rebuild-if-needed), then `pgfleet rejoin` the node named"
                     ),
                 })?
             }

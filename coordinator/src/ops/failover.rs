@@ -17,7 +17,7 @@ use crate::inventory::{Cluster, Inventory, Node};
 use crate::journal;
 use crate::ops::ctx::OpCtx;
 use crate::ops::exec::{self, MoveError, MoveReport};
-use crate::ops::plan::{FollowerSlot, Plan, Step};
+use crate::ops::plan::{FollowerSlot, Plan, Step, settle_seconds};
 
 pub(crate) fn node<'a>(c: &'a Cluster, name: &str) -> Option<&'a Node> {
     c.nodes.iter().find(|n| n.name.as_str() == name)
@@ -262,7 +262,11 @@ pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadli
     steps.push(Step::RememberSync { value: new_sync.to_string() });
     steps.push(Step::Writes { node: new.clone() });
     if !ch.standbys.is_empty() {
-        steps.push(Step::Verify { node: new.clone(), standbys: ch.standbys.iter().map(|s| s.name.clone()).collect() });
+        steps.push(Step::Verify {
+            node: new.clone(),
+            standbys: ch.standbys.iter().map(|s| s.name.clone()).collect(),
+            seconds: settle_seconds(),
+        });
     }
     let mut warnings = Vec::new();
     if let Some(loss) = &ch.accepted_loss {

@@ -192,7 +192,13 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             rebuild_if_needed,
             dry_run,
         } => {
-            Ok(OpResult::Rejoined(rejoin::rejoin(inv, node.as_str(), *rebuild_if_needed, *dry_run, d, ctx).await?))
+            match rejoin::plan(inv, node.as_str(), *rebuild_if_needed, d, ctx).await? {
+                rejoin::Rejoin::Already(r) => Ok(OpResult::Rejoined(r)),
+                rejoin::Rejoin::Plan { plan, .. } if *dry_run => Ok(OpResult::Plan(plan)),
+                rejoin::Rejoin::Plan { cluster, primary, plan } => {
+                    Ok(OpResult::Rejoined(rejoin::run(inv, cluster, node.as_str(), primary, &plan, d, ctx).await?))
+                }
+            }
         }
         OpRequest::DropSlot {
             node,

@@ -48,6 +48,10 @@ pub enum Step {
     /// commit is left behind (DESIGN.md invariant 5).
     CatchUp { node: NodeName, fenced: NodeName },
     Promote { node: NodeName },
+    /// A fenced former primary whose timeline is behind `upstream`'s takes
+    /// its history (pg_rewind); with `or_rebuild`, rebuilt from it instead
+    /// when it cannot be rewound. Nothing to do on the same timeline.
+    Rewind { node: NodeName, upstream: NodeName, or_rebuild: bool },
     /// A slot on `upstream` and `node` streaming from it through that slot.
     Follow {
         node: NodeName,
@@ -76,7 +80,18 @@ pub enum Step {
     #[serde(rename = "old-slots")]
     DropOldSlots { node: NodeName },
     /// Every standby streams from `node`.
-    Verify { node: NodeName, standbys: Vec<NodeName> },
+    Verify {
+        node: NodeName,
+        standbys: Vec<NodeName>,
+        /// How long they may take to stream before the step fails.
+        #[serde(default = "settle_seconds")]
+        seconds: u64,
+    },
+}
+
+/// How long standbys have to stream after a move (see `exec::SETTLE_DEADLINE`).
+pub fn settle_seconds() -> u64 {
+    20
 }
 
 impl Step {
@@ -91,6 +106,7 @@ impl Step {
             Step::Fence { .. } | Step::FencedByOperator { .. } => "fence",
             Step::CatchUp { .. } => "catch-up",
             Step::Promote { .. } => "promote",
+            Step::Rewind { .. } => "rewind",
             Step::Follow { .. } => "follow",
             Step::Reconnect { .. } => "application-name",
             Step::RememberSync { .. } => "remember-sync",
@@ -111,6 +127,7 @@ impl Step {
             | Step::FencedByOperator { node }
             | Step::CatchUp { node, .. }
             | Step::Promote { node }
+            | Step::Rewind { node, .. }
             | Step::Follow { node, .. }
             | Step::Reconnect { node, .. }
             | Step::Writes { node }
@@ -142,6 +159,10 @@ impl Step {
             Step::FencedByOperator { .. } => "skipped: --fenced says the operator made sure it is down".into(),
             Step::CatchUp { fenced, .. } => format!("wait until pg_last_wal_replay_lsn() passes {fenced}'s shutdown checkpoint"),
             Step::Promote { .. } => "SELECT pg_promote(true, 60)".into(),
+            Step::Rewind { upstream, or_rebuild, .. } => format!(
+                "pg_rewind from {upstream} if its timeline is behind {upstream}'s{}",
+                if *or_rebuild { "; rebuild from it instead if it cannot be rewound" } else { "" }
+            ),
             Step::Follow { upstream, slot, reset_sync, .. } => format!(
                 "slot {slot} on {upstream}; primary_conninfo to {upstream}; {}",
                 if *reset_sync { "start as a standby (no pg_rewind needed)" } else { "reload" }
@@ -153,7 +174,9 @@ impl Step {
             Step::RememberSync { value } => format!("pgfleet's record: synchronous_standby_names = '{value}'"),
             Step::Writes { .. } => "wait until synchronous_standby_names is met by streaming standbys".into(),
             Step::DropOldSlots { .. } => "drop the slots it kept for its former standbys".into(),
-            Step::Verify { standbys, .. } => format!("wait until {} stream from it", names(&mut standbys.iter())),
+            Step::Verify { standbys, seconds, .. } => {
+                format!("wait (up to {seconds}s) until {} stream from it", names(&mut standbys.iter()))
+            }
         }
     }
 

@@ -157,7 +157,7 @@ async fn converge(
         if n.name == target || keep_fenced || streaming || n.role == Role::Primary {
             continue;
         }
-        rejoined.push(crate::ops::rejoin::rejoin(inv, &n.name, false, false, d, ctx).await?);
+        rejoined.push(crate::ops::rejoin::rejoin(inv, &n.name, false, d, ctx).await?);
     }
     Ok(OpResult::Resumed { operation: rec.id.clone(), cluster: cluster.to_owned(), primary: target, moved, rejoined })
 }

@@ -19,7 +19,7 @@ use crate::inventory::{Cluster, Inventory, Node};
 use crate::ops::ctx::OpCtx;
 use crate::ops::exec::{self, MoveError, MoveReport, call};
 use crate::ops::failover::{node, report, slot_of};
-use crate::ops::plan::{FollowerSlot, Plan, Step};
+use crate::ops::plan::{FollowerSlot, Plan, Step, settle_seconds};
 
 /// Hot-standby limits: every standby's must be at least its primary's.
 type Limit = (&'static str, fn(&pb::Settings) -> u32);
@@ -216,7 +216,7 @@ pub fn plan(p: &SwitchoverPlan<'_>) -> Plan {
     steps.push(Step::DropOldSlots { node: old.clone() });
     let mut standbys = vec![old.clone()];
     standbys.extend(p.others.iter().map(|r| r.name.clone()));
-    steps.push(Step::Verify { node: new.clone(), standbys });
+    steps.push(Step::Verify { node: new.clone(), standbys, seconds: settle_seconds() });
     Plan {
         title: format!("switch over {} from {old} to {new}", p.cluster.name),
         steps,
