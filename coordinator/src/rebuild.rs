@@ -30,7 +30,7 @@ const VERIFY_POLL: Duration = Duration::from_millis(50);
 pub enum RebuildError {
     #[error(transparent)]
     InvalidArgument(#[from] ParseError),
-    #[error("invalid --tablespace-mapping {value:?}: {reason}")]
+    #[error("invalid --tablespace-mapping \"{value}\": {reason}")]
     InvalidMapping { value: String, reason: &'static str },
     #[error("--from {from}: {reason}")]
     InvalidUpstream { from: String, reason: String },
@@ -173,7 +173,8 @@ pub struct RebuildRequest {
 /// Parses `OLD=NEW` (both absolute, no `..`).
 pub fn parse_mapping(value: &str) -> Result<pb::TablespaceMapping, RebuildError> {
     let bad = |reason| RebuildError::InvalidMapping {
-        value: value.to_owned(),
+        // Echoed cut and escaped: no megabyte message, no raw newline.
+        value: pgfleet_proto::shown(value),
         reason,
     };
     if value.chars().any(char::is_control) {

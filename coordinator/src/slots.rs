@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::error::CoordinatorError;
 use crate::fleet_status::bytes;
-use crate::inventory::{Cluster, Inventory, Node};
+use crate::inventory::{Cluster, Node};
 use crate::table::Table;
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,27 +156,6 @@ pub struct DropReport {
     pub released_wal_bytes: Option<u64>,
 }
 
-/// The steps `slots drop` takes, for `--dry-run`.
-pub fn drop_plan(node: &Node, slot: &SlotName, force: bool) -> Vec<String> {
-    let mut steps = vec![format!(
-        "{} ({}): look up slot {slot} in pg_replication_slots; stop if it does not exist{}",
-        node.name,
-        node.agent,
-        if force { "" } else { " or is active" }
-    )];
-    if force {
-        steps.push(format!(
-            "{}: if active, SELECT pg_terminate_backend(active_pid) to cut off its standby",
-            node.name
-        ));
-    }
-    steps.push(format!(
-        "{}: SELECT pg_drop_replication_slot('{slot}')",
-        node.name
-    ));
-    steps
-}
-
 /// What a dry run of `slots drop` checks before it shows the plan: the slot
 /// exists on the node, and is not active unless `force`, as the real drop
 /// would refuse (the same words).
@@ -199,31 +178,4 @@ pub async fn check_droppable(node: &Node, slot: &SlotName, force: bool, d: Deadl
         ))),
         Some(_) => Ok(()),
     }
-}
-
-pub async fn drop(
-    inventory: &Inventory,
-    node: &str,
-    slot: &str,
-    force: bool,
-    d: Deadlines,
-) -> Result<DropReport, CoordinatorError> {
-    // Validate everything before the first network call.
-    let slot = SlotName::parse(slot)?;
-    let (_, node) = inventory.node(node)?;
-    let mut c = client::connect(node, d).await?;
-    let r = c
-        .drop_slot(pb::DropSlotRequest {
-            slot_name: slot.to_string(),
-            force,
-        })
-        .await
-        .map_err(|s| AgentCallError::from_status(node, s))?
-        .into_inner();
-    Ok(DropReport {
-        node: node.name.to_string(),
-        slot: r.slot_name,
-        terminated_sender: r.terminated_sender,
-        released_wal_bytes: r.released_wal_bytes,
-    })
 }

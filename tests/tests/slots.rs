@@ -518,12 +518,11 @@ async fn slots_drop_dry_run_changes_nothing() {
     let plan = json(&out);
     assert_eq!(plan["dry_run"], true);
     let steps = plan["steps"].as_array().unwrap();
-    assert!(
-        steps
-            .iter()
-            .any(|s| s.as_str().unwrap().contains("pg_drop_replication_slot")),
-        "{plan:#}"
-    );
+    assert_eq!(steps.len(), 1, "{plan:#}");
+    assert_eq!(steps[0]["step"], "drop-slot", "{plan:#}");
+    assert_eq!(steps[0]["host"], "node0", "{plan:#}");
+    assert_eq!(steps[0]["slot"], "stale1", "{plan:#}");
+    assert!(steps[0]["description"].as_str().unwrap().contains("pg_drop_replication_slot('stale1')"), "{plan:#}");
 
     assert_eq!(rows(p, SLOTS_SQL).await, before, "slots changed");
     assert_eq!(slot_state(p, "stale1").await, Some((false, None)));

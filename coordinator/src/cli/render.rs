@@ -94,13 +94,6 @@ pub fn text(r: &OpResult) -> String {
             }
             s
         }
-        OpResult::DropSlotPlan { node, slot, steps } => {
-            let mut s = format!("plan (dry run, nothing changed): drop slot {slot} on {node}\n");
-            for (i, step) in steps.iter().enumerate() {
-                s += &format!("  {}. {step}\n", i + 1);
-            }
-            s
-        }
         OpResult::Rebuilt(report) => rebuild_text(report),
         OpResult::RebuiltAll { cluster, primary, rebuilt } => {
             let mut s: String = rebuilt.iter().map(rebuild_text).collect();
@@ -146,7 +139,6 @@ pub fn json(r: &OpResult) -> String {
         OpResult::RebuildAllPlan { cluster, primary, replicas } => {
             pretty(serde_json::json!({ "dry_run": true, "cluster": cluster, "primary": primary, "replicas": replicas }))
         }
-        OpResult::DropSlotPlan { steps, .. } => pretty(serde_json::json!({ "dry_run": true, "steps": steps })),
         // A rebuild's --json output is a stream of JSON lines (its events):
         // its result is one line too.
         OpResult::Rebuilt(report) => format!("{}\n", serde_json::json!({ "result": report })),

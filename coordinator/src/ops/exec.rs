@@ -112,6 +112,8 @@ pub struct Executed {
     pub write_unavailable: Option<Duration>,
     /// What a rewind step did: "rewind", "rebuild", or None (not needed).
     pub rejoined_by: Option<&'static str>,
+    /// What a drop-slot step dropped.
+    pub dropped: Option<crate::slots::DropReport>,
 }
 
 pub async fn call<T>(
@@ -436,6 +438,22 @@ impl<'a> Exec<'a> {
                     dropped.push(s.slot_name.clone());
                 }
                 if dropped.is_empty() { "none".into() } else { format!("dropped {}", dropped.join(", ")) }
+            }
+            Step::DropSlot { node, slot, force } => {
+                let n = self.node(node)?;
+                let req = pb::DropSlotRequest { slot_name: slot.to_string(), force: *force };
+                let r = call(n, d, async |c| c.drop_slot(req).await).await?;
+                let mut detail = format!("dropped {}", r.slot_name);
+                if r.terminated_sender {
+                    detail += "; its WAL sender was terminated";
+                }
+                self.out.dropped = Some(crate::slots::DropReport {
+                    node: node.to_string(),
+                    slot: r.slot_name,
+                    terminated_sender: r.terminated_sender,
+                    released_wal_bytes: r.released_wal_bytes,
+                });
+                detail
             }
             Step::Verify { node, standbys, seconds } => {
                 let n = self.node(node)?;

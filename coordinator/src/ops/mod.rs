@@ -206,20 +206,23 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             force,
             dry_run,
         } => {
+            let (c, n) = inv.node(node.as_str())?;
+            let plan = plan::Plan {
+                title: format!("drop slot {slot} on {node}"),
+                steps: vec![plan::Step::DropSlot { node: node.clone(), slot: slot.clone(), force: *force }],
+                no_return: Some((0, "the slot is being dropped".into())),
+                warnings: Vec::new(),
+            };
             if *dry_run {
-                let (_, n) = inv.node(node.as_str())?;
+                // The checks the agent makes when it drops, so that a dry
+                // run refuses what the real one would.
                 slots::check_droppable(n, slot, *force, d).await?;
-                return Ok(OpResult::DropSlotPlan {
-                    node: node.to_string(),
-                    slot: slot.to_string(),
-                    steps: slots::drop_plan(n, slot, *force),
-                });
+                return Ok(OpResult::Plan(plan));
             }
-            ctx.point_of_no_return("the slot is being dropped")?;
-            let t = ctx.start(node.as_str(), "drop-slot", &format!("pg_drop_replication_slot('{slot}')"))?;
-            let r = slots::drop(inv, node.as_str(), slot.as_str(), *force, d).await?;
-            ctx.done(node.as_str(), "drop-slot", t, "dropped")?;
-            Ok(OpResult::SlotDropped(r))
+            let done = exec::run(inv, c, &plan, d, ctx).await?;
+            done.dropped
+                .map(OpResult::SlotDropped)
+                .ok_or_else(|| CoordinatorError::Usage("the drop-slot plan dropped nothing".into()))
         }
     }
 }

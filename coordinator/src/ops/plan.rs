@@ -79,6 +79,9 @@ pub enum Step {
     /// keep WAL for forever.
     #[serde(rename = "old-slots")]
     DropOldSlots { node: NodeName },
+    /// A replication slot dropped on `node`; with `force` an active one's
+    /// WAL sender is terminated first (its standby is cut off).
+    DropSlot { node: NodeName, slot: SlotName, force: bool },
     /// Every standby streams from `node`.
     Verify {
         node: NodeName,
@@ -112,6 +115,7 @@ impl Step {
             Step::RememberSync { .. } => "remember-sync",
             Step::Writes { .. } => "writes",
             Step::DropOldSlots { .. } => "old-slots",
+            Step::DropSlot { .. } => "drop-slot",
             Step::Verify { .. } => "verify",
         }
     }
@@ -132,6 +136,7 @@ impl Step {
             | Step::Reconnect { node, .. }
             | Step::Writes { node }
             | Step::DropOldSlots { node }
+            | Step::DropSlot { node, .. }
             | Step::Verify { node, .. } => node.as_str(),
             Step::RememberSync { .. } => "",
         }
@@ -174,6 +179,13 @@ impl Step {
             Step::RememberSync { value } => format!("pgfleet's record: synchronous_standby_names = '{value}'"),
             Step::Writes { .. } => "wait until synchronous_standby_names is met by streaming standbys".into(),
             Step::DropOldSlots { .. } => "drop the slots it kept for its former standbys".into(),
+            Step::DropSlot { slot, force: false, .. } => {
+                format!("SELECT pg_drop_replication_slot('{slot}'), refused if the slot is active")
+            }
+            Step::DropSlot { slot, force: true, .. } => format!(
+                "if the slot is active, SELECT pg_terminate_backend(active_pid) to cut off its standby; \
+                 then SELECT pg_drop_replication_slot('{slot}')"
+            ),
             Step::Verify { standbys, seconds, .. } => {
                 format!("wait (up to {seconds}s) until {} stream from it", names(&mut standbys.iter()))
             }

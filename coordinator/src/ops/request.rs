@@ -382,6 +382,12 @@ mod tests {
             ..Default::default()
         }));
         assert!(e.contains("control characters"), "{e}");
+        let e = refused(ApiRequest::Rebuild(pb::RebuildRequest {
+            node: "n".into(),
+            tablespace_mappings: vec![format!("relative={}", "x".repeat(100_000))],
+            ..Default::default()
+        }));
+        assert!(e.len() < 300, "{} characters", e.len());
         let e = refused(ApiRequest::SetSync(pb::SetSyncRequest { standbys: vec!["n".into()], method: 99, num_sync: 1, ..Default::default() }));
         assert!(e.contains("method"), "{e}");
         let e = refused(ApiRequest::SetSync(pb::SetSyncRequest { standbys: vec!["n".into()], off: true, ..Default::default() }));

@@ -32,8 +32,6 @@ pub enum OpResult {
     RebuildPlan { node: String, upstream: String, steps: Vec<AgentStep> },
     /// `--dry-run` of `rebuild --all-replicas`.
     RebuildAllPlan { cluster: String, primary: String, replicas: Vec<String> },
-    /// `--dry-run` of `slots drop`.
-    DropSlotPlan { node: String, slot: String, steps: Vec<String> },
     Rebuilt(RebuildReport),
     RebuiltAll { cluster: String, primary: String, rebuilt: Vec<RebuildReport> },
     Sync(SyncReport),
