@@ -12,14 +12,14 @@ use serde::Serialize;
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::inventory::{Cluster, Node};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct FleetReport {
     pub clusters: Vec<ClusterReport>,
     /// True when every agent answered.
     pub all_reachable: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ClusterReport {
     pub name: String,
     /// The node that reports `pg_is_in_recovery() = false`, when exactly one does.
@@ -30,7 +30,7 @@ pub struct ClusterReport {
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Primary,
@@ -52,7 +52,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct NodeReport {
     pub name: String,
     pub agent: String,
@@ -65,7 +65,7 @@ pub struct NodeReport {
     pub role: Role,
     pub server_up: bool,
     pub down_reason: Option<String>,
-    pub service_state: Option<&'static str>,
+    pub service_state: Option<String>,
     pub service_detail: Option<String>,
     pub service_backend: Option<String>,
     pub timeline: Option<u32>,
@@ -107,7 +107,7 @@ pub struct NodeReport {
     pub wal_receiver_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct UpstreamView {
     pub application_name: String,
     pub client_addr: Option<String>,
@@ -124,7 +124,7 @@ pub struct UpstreamView {
     pub replay_lag_seconds: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct WalReceiverView {
     pub status: String,
     pub sender_host: Option<String>,
@@ -269,7 +269,8 @@ fn node_report(node: &Node, answer: &NodeAnswer) -> NodeReport {
         pb::ServiceState::Running => "running",
         pb::ServiceState::Stopped => "stopped",
         pb::ServiceState::Unknown | pb::ServiceState::Unspecified => "unknown",
-    });
+    }
+    .to_owned());
     r.service_detail = Some(st.service_detail.clone());
     r.service_backend = Some(st.service_backend.clone());
     r.timeline = st.timeline;

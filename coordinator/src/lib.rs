@@ -21,8 +21,6 @@ pub mod progress;
 pub mod rebuild;
 pub mod serve;
 pub mod slots;
-pub mod status_render;
 pub mod sync;
-pub mod table;
 pub mod verify;
 pub mod wal;

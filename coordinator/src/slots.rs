@@ -8,17 +8,15 @@ use serde::Serialize;
 
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::error::CoordinatorError;
-use crate::fleet_status::bytes;
 use crate::inventory::{Cluster, Node};
-use crate::table::Table;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SlotsReport {
     pub nodes: Vec<NodeSlots>,
     pub all_reachable: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct NodeSlots {
     pub cluster: String,
     pub node: String,
@@ -27,7 +25,7 @@ pub struct NodeSlots {
     pub slots: Vec<SlotView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SlotView {
     pub slot_name: String,
     pub slot_type: String,
@@ -100,53 +98,6 @@ pub async fn list(clusters: &[&Cluster], inactive_only: bool, d: Deadlines) -> S
     }
 }
 
-pub fn render(report: &SlotsReport) -> String {
-    let mut t = Table::new(&[
-        "CLUSTER", "NODE", "SLOT", "TYPE", "ACTIVE", "RESTART_LSN", "RETAINED", "WAL_STATUS", "NOTE",
-    ]);
-    for n in &report.nodes {
-        if let Some(e) = &n.error {
-            t.row(vec![
-                n.cluster.clone(),
-                n.node.clone(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                e.clone(),
-            ]);
-        }
-        for s in &n.slots {
-            let active = match (s.active, s.active_pid) {
-                (true, Some(pid)) => format!("yes (pid {pid})"),
-                (true, None) => "yes".into(),
-                (false, _) => "no".into(),
-            };
-            let note = if s.inactive_retaining_wal {
-                "inactive, holding WAL back".to_owned()
-            } else {
-                String::new()
-            };
-            t.row(vec![
-                n.cluster.clone(),
-                n.node.clone(),
-                s.slot_name.clone(),
-                s.slot_type.clone(),
-                active,
-                s.restart_lsn.map(|l| l.to_string()).unwrap_or("-".into()),
-                s.retained_wal_bytes.map(bytes).unwrap_or("-".into()),
-                s.wal_status.clone().unwrap_or("-".into()),
-                note,
-            ]);
-        }
-    }
-    if t.is_empty() {
-        return "no replication slots\n".into();
-    }
-    t.render()
-}
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DropReport {

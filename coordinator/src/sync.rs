@@ -14,7 +14,6 @@ use crate::inventory::{Cluster, Inventory, Node, PasswordError};
 use crate::journal::JournalError;
 use crate::ops::ctx::Cancelled;
 use crate::ops::exec::MoveError;
-use crate::table::Table;
 
 pub(crate) const SYNC_WAIT: Duration = Duration::from_secs(30);
 pub(crate) const SYNC_POLL: Duration = Duration::from_millis(100);
@@ -174,34 +173,6 @@ pub(crate) fn reached(spec: &SyncSpec, rows: &[StandbySync]) -> bool {
     }
 }
 
-pub fn render(r: &SyncReport) -> String {
-    let mut s = format!(
-        "cluster {}: primary {}, synchronous_standby_names = {}\n",
-        r.cluster,
-        r.primary,
-        if r.synchronous_standby_names.is_empty() {
-            "'' (asynchronous)".to_owned()
-        } else {
-            format!("'{}'", r.synchronous_standby_names)
-        }
-    );
-    let mut t = Table::new(&["STANDBY", "ADDRESS", "STATE", "SYNC_STATE", "PRIORITY"]);
-    for st in &r.standbys {
-        t.row(vec![
-            st.application_name.clone(),
-            st.client_addr.clone().unwrap_or_else(|| "-".into()),
-            st.state.clone(),
-            st.sync_state.clone(),
-            st.sync_priority.to_string(),
-        ]);
-    }
-    if t.is_empty() {
-        s.push_str("no standby connected\n");
-    } else {
-        s.push_str(&t.render());
-    }
-    s
-}
 
 #[cfg(test)]
 mod tests {

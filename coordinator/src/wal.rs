@@ -8,10 +8,10 @@ use crate::client::{self, AgentCallError, Deadlines};
 use crate::error::CoordinatorError;
 use crate::inventory::Inventory;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct WalReport {
     pub node: String,
-    pub role: &'static str,
+    pub role: String,
     pub current_lsn: Option<String>,
     pub insert_lsn: Option<String>,
     pub flush_lsn: Option<String>,
@@ -24,7 +24,7 @@ pub struct WalReport {
     pub archiver: ArchiverView,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ArchiverView {
     pub archived_count: u64,
     pub last_archived_wal: Option<String>,
@@ -50,7 +50,7 @@ pub async fn get(
     let a = w.archiver.unwrap_or_default();
     Ok(WalReport {
         node: node.name.to_string(),
-        role: if w.in_recovery { "replica" } else { "primary" },
+        role: if w.in_recovery { "replica" } else { "primary" }.to_owned(),
         current_lsn: w.current_lsn,
         insert_lsn: w.insert_lsn,
         flush_lsn: w.flush_lsn,
@@ -72,42 +72,3 @@ pub async fn get(
     })
 }
 
-pub fn render(w: &WalReport) -> String {
-    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let mut s = format!("{} ({})\n", w.node, w.role);
-    if w.role == "primary" {
-        s += &format!(
-            "  insert LSN    {:<14} WAL file {}\n",
-            dash(&w.insert_lsn),
-            dash(&w.insert_walfile)
-        );
-        s += &format!(
-            "  write LSN     {:<14} WAL file {}   (pg_current_wal_lsn)\n",
-            dash(&w.current_lsn),
-            dash(&w.write_walfile)
-        );
-        s += &format!(
-            "  flush LSN     {:<14} WAL file {}\n",
-            dash(&w.flush_lsn),
-            dash(&w.flush_walfile)
-        );
-    } else {
-        s += &format!("  received LSN  {}\n", dash(&w.received_lsn));
-        s += &format!("  replayed LSN  {}\n", dash(&w.replayed_lsn));
-    }
-    let a = &w.archiver;
-    s += &format!("  archive_mode  {}\n", w.archive_mode);
-    s += &format!(
-        "  archived      {} (last {} at {})\n",
-        a.archived_count,
-        dash(&a.last_archived_wal),
-        dash(&a.last_archived_time)
-    );
-    s += &format!(
-        "  failed        {} (last {} at {})\n",
-        a.failed_count,
-        dash(&a.last_failed_wal),
-        dash(&a.last_failed_time)
-    );
-    s
-}

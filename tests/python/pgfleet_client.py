@@ -222,13 +222,16 @@ def rebuild_and_watch(pb, stub, args):
 
     expect(finished is not None, f"WatchOperation ended without a `finished` event after {next_seq} events")
     print(f"WatchOperation: {next_seq} events, {progress} progress updates, steps done: {', '.join(steps)}")
-    print(finished.text.rstrip())
     error = finished.error if finished.HasField("error") else ""
     expect(
         finished.state == pb.OPERATION_STATE_SUCCEEDED,
         f"rebuild of {args.rebuild} ended {state_name(pb, finished.state)}: {error}",
     )
     expect(finished.exit_code == 0, f"a succeeded rebuild has exit code {finished.exit_code}")
+    # The answer is a typed value, not text to scrape.
+    answer = json.loads(finished.json)
+    expect(answer.get("answer") == "rebuilt", f"the rebuild's answer is not typed 'rebuilt': {finished.json}")
+    print(f"answer: {answer['node']} rebuilt from {answer['upstream']}, {answer['state']} ({answer['sync_state']})")
     expect(steps, "WatchOperation sent no finished step, neither the coordinator's nor the agent job's")
     return op_id
 

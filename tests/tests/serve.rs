@@ -81,6 +81,16 @@ async fn operations_through_the_service_match_the_cli_and_are_watched_from_a_sec
     }
     let table = remote(&fleet, &c, &["status"]);
     assert!(table.stdout.contains("node0") && table.stdout.contains("primary"), "{table}");
+    // The views come back typed and the CLI renders them: the same tables
+    // as in-process.
+    for view in [&["slots"][..], &["sync", "show"]] {
+        let local = fleet.pgfleet(view).unwrap();
+        let served = remote(&fleet, &c, view);
+        assert_eq!(served.code(), Some(0), "{served}");
+        assert_eq!(served.stdout, local.stdout, "{view:?} through the service");
+    }
+    let wal = remote(&fleet, &c, &["wal", "node0"]);
+    assert!(wal.stdout.starts_with("node0 (primary)"), "{wal}");
 
     // A rebuild started by one client, watched by a second one.
     let mut args = vec!["--coordinator", c.url.as_str(), "rebuild", "node2", "--no-progress-bar"];

@@ -7,7 +7,10 @@ pub mod args;
 pub mod output;
 pub mod remote;
 pub mod render;
+pub mod status;
+pub mod table;
 pub mod view;
+pub mod views;
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
@@ -15,7 +18,7 @@ use crate::fleet_status;
 use crate::inventory::Inventory;
 use crate::ops::{OpCtx, OpRequest, OpResult};
 use crate::rebuild::{self, Display};
-use crate::{slots, status_render, wal};
+use crate::{slots, wal};
 
 pub use args::{Cli, Command};
 pub use output::Outcome;
@@ -60,7 +63,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             if a.json {
                 print_json(&report)?;
             } else {
-                print_text(&status_render::render(&report))?;
+                print_text(&status::render(&report))?;
             }
             Ok(reachable(report.all_reachable))
         }
@@ -70,7 +73,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             if a.json {
                 print_json(&report)?;
             } else {
-                print_text(&slots::render(&report))?;
+                print_text(&views::slots(&report))?;
             }
             Ok(reachable(report.all_reachable))
         }
@@ -82,7 +85,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             if *json {
                 print_json(&report)?;
             } else {
-                print_text(&crate::sync::render(&report))?;
+                print_text(&views::sync(&report))?;
             }
             Ok(Outcome::Done)
         }
@@ -103,7 +106,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
             if a.json {
                 print_json(&r)?;
             } else {
-                print_text(&wal::render(&r))?;
+                print_text(&views::wal(&r))?;
             }
             Ok(Outcome::Done)
         }
@@ -165,7 +168,7 @@ async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) 
             if *json {
                 print_json(&ops)?;
             } else {
-                print_text(&crate::ops::store::render_list(&ops))?;
+                print_text(&views::ops_list(&ops))?;
             }
         }
         OpsAction::Show { id, json } => {
@@ -174,7 +177,7 @@ async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) 
             if *json {
                 print_json(&o)?;
             } else {
-                print_text(&crate::ops::store::render_one(&o))?;
+                print_text(&views::op(&o))?;
             }
         }
         OpsAction::Watch { .. } | OpsAction::Cancel { .. } => {

@@ -86,9 +86,19 @@ async fn connect(cli: &Cli, url: &str) -> Result<CoordinatorClient<Channel>, Coo
     Ok(CoordinatorClient::new(channel))
 }
 
-fn report(r: pb::Report, json: bool) -> Result<Outcome, CoordinatorError> {
-    print_text(if json { &r.json } else { &r.text })?;
-    Ok(if r.all_reachable { Outcome::Done } else { Outcome::Partial })
+/// A view the service answered with its typed JSON: printed as it is with
+/// --json, else rendered here as the in-process command renders it.
+fn report<T: serde::de::DeserializeOwned>(json_text: &str, all_reachable: bool, json: bool, text: fn(&T) -> String) -> Result<Outcome, CoordinatorError> {
+    if json {
+        print_text(json_text)?;
+    } else {
+        let typed: T = serde_json::from_str(json_text).map_err(|e| CoordinatorError::Remote {
+            message: format!("the coordinator's answer does not read as this pgfleet's report ({e}): is it another version?"),
+            exit_code: 1,
+        })?;
+        print_text(&text(&typed))?;
+    }
+    Ok(if all_reachable { Outcome::Done } else { Outcome::Partial })
 }
 
 /// Follows an operation to its end, showing its events; returns its result
@@ -183,8 +193,7 @@ async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            print_text(if a.json { &r.json } else { &r.text })?;
-            Ok(if r.all_reachable { Outcome::Done } else { Outcome::Partial })
+            report(&r.json, r.all_reachable, a.json, crate::cli::status::render)
         }
         Command::Slots(a) if a.action.is_none() || matches!(a.action, Some(SlotsAction::Drop { .. })) => {
             let r = c
@@ -192,11 +201,11 @@ async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            report(r, a.json)
+            report(&r.json, r.all_reachable, a.json, crate::cli::views::slots)
         }
         Command::Wal(a) => {
             let r = c.get_wal(pb::GetWalRequest { node: a.node.clone() }).await.map_err(from_status)?.into_inner();
-            report(r, a.json)
+            report(&r.json, r.all_reachable, a.json, crate::cli::views::wal)
         }
         Command::Sync(s) => match &s.action {
             SyncAction::Show { cluster, json } => {
@@ -205,7 +214,7 @@ async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
                     .await
                     .map_err(from_status)?
                     .into_inner();
-                report(r, *json)
+                report(&r.json, r.all_reachable, *json, crate::cli::views::sync)
             }
             SyncAction::Set { .. } => Ok(Outcome::Done),
         },
@@ -222,7 +231,7 @@ async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
                 if *json {
                     print_json(&r.operations.iter().map(op_json).collect::<Vec<_>>())?;
                 } else {
-                    let mut t = crate::table::Table::new(&["OPERATION", "CLUSTER", "STATE", "STARTED", "SUMMARY", "CALLER"]);
+                    let mut t = crate::cli::table::Table::new(&["OPERATION", "CLUSTER", "STATE", "STARTED", "SUMMARY", "CALLER"]);
                     for o in &r.operations {
                         t.row(vec![o.id.clone(), o.cluster.clone(), state_name(o.state), o.started_at.clone(), o.summary.clone(), o.caller.clone()]);
                     }

@@ -100,7 +100,7 @@ pub fn text(r: &OpResult) -> String {
             s += &format!("rebuilt {} replica(s) of {cluster} from {primary}, one at a time\n", rebuilt.len());
             s
         }
-        OpResult::Sync(report) => crate::sync::render(report),
+        OpResult::Sync(report) => crate::cli::views::sync(report),
         OpResult::Moved(m) => move_text(m),
         OpResult::Rejoined(r) => rejoin_text(r),
         OpResult::SlotDropped(r) => {

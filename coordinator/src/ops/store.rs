@@ -258,45 +258,4 @@ pub fn lock_holder(store: &Store, cluster: &str) -> Option<String> {
     std::fs::read_to_string(&path).ok().map(|s| s.trim().to_owned())
 }
 
-pub fn render_list(ops: &[OpRecord]) -> String {
-    let mut t = crate::table::Table::new(&["OPERATION", "CLUSTER", "STATE", "STARTED", "SUMMARY", "CALLER"]);
-    for o in ops {
-        t.row(vec![
-            o.id.clone(),
-            o.cluster.clone(),
-            o.state.to_owned(),
-            o.started_at.clone(),
-            o.summary.clone(),
-            o.caller.clone(),
-        ]);
-    }
-    if t.is_empty() {
-        "no operations journaled\n".into()
-    } else {
-        t.render()
-    }
-}
 
-pub fn render_one(o: &OpRecord) -> String {
-    let mut s = format!(
-        "{} ({}) on cluster {}: {}\n  {}\n  started {} by {}\n",
-        o.id, o.kind, o.cluster, o.state, o.summary, o.started_at, o.caller
-    );
-    if let Some(e) = &o.ended_at {
-        s += &format!("  ended {e}");
-        if let Some(d) = o.detail.as_ref().filter(|d| !d.is_empty()) {
-            s += &format!(": {d}");
-        }
-        s.push('\n');
-    }
-    for e in &o.journal {
-        s += &format!("  {} {:<26} {:<10} {}\n", e.time, e.step, e.event, e.detail);
-    }
-    if o.state == "interrupted" {
-        s += &format!(
-            "interrupted: finish it with `pgfleet ops resume {}` or stop it with `pgfleet ops abort {}`\n",
-            o.id, o.id
-        );
-    }
-    s
-}

@@ -43,7 +43,8 @@ pub fn fleet(r: &FleetReport) -> pb::FleetStatus {
     pb::FleetStatus {
         clusters: r.clusters.iter().map(cluster).collect(),
         all_reachable: r.all_reachable,
-        text: crate::status_render::render(r),
+        // Clients render the typed `json` (the CLI: cli/status.rs).
+        text: String::new(),
         json: serde_json::to_string_pretty(r).unwrap_or_default() + "\n",
     }
 }

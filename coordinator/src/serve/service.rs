@@ -235,7 +235,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let report = crate::slots::list(&clusters, r.inactive_only, self.state.deadlines).await;
         Ok(Response::new(pb::Report {
-            text: crate::slots::render(&report),
+            text: String::new(),
             json: serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
             all_reachable: report.all_reachable,
         }))
@@ -246,7 +246,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let node = req.into_inner().node;
         let r = crate::wal::get(&self.state.inventory, &node, self.state.deadlines).await.map_err(status)?;
         Ok(Response::new(pb::Report {
-            text: crate::wal::render(&r),
+            text: String::new(),
             json: serde_json::to_string_pretty(&r).unwrap_or_default() + "\n",
             all_reachable: true,
         }))
@@ -264,7 +264,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .await
             .map_err(|e| status(e.into()))?;
         Ok(Response::new(pb::Report {
-            text: crate::sync::render(&r),
+            text: String::new(),
             json: serde_json::to_string_pretty(&r).unwrap_or_default() + "\n",
             all_reachable: true,
         }))

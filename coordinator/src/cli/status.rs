@@ -2,7 +2,7 @@
 //! then the cluster's warnings.
 
 use crate::fleet_status::{FleetReport, NodeReport, Role, bytes, seconds};
-use crate::table::Table;
+use crate::cli::table::Table;
 
 pub fn render(report: &FleetReport) -> String {
     let mut t = Table::new(&[
@@ -55,7 +55,7 @@ fn row(cluster: &str, n: &NodeReport) -> Vec<String> {
         .as_ref()
         .map(|r| r.sync_state.clone())
         .unwrap_or_else(dash);
-    let service = n.service_state.map(str::to_owned).unwrap_or_else(dash);
+    let service = n.service_state.clone().unwrap_or_else(dash);
     let note = n
         .error
         .clone()
