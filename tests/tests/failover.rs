@@ -305,6 +305,12 @@ fn assert_ran_as_planned(fleet: &TestFleet, result: &serde_json::Value, planned:
         })
         .collect();
     assert_eq!(started, planned, "the journal's steps are not the steps planned: {journal:#}");
+    // For people, `ops show` lists the plan's steps under its title.
+    let out = pgfleet(fleet, &["ops", "show", id]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    for (host, step) in planned {
+        assert!(out.stdout.contains(&format!("] {step}: ")) && out.stdout.contains(&format!("[{host}]")), "{out}");
+    }
 }
 
 fn position(steps: &[(String, String)], host: &str, step: &str) -> usize {

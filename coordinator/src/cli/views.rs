@@ -158,7 +158,21 @@ pub fn op(o: &OpRecord) -> String {
         s.push('\n');
     }
     for e in &o.journal {
-        s += &format!("  {} {:<26} {:<10} {}\n", e.time, e.step, e.event, e.detail);
+        // The plan line holds the whole typed plan: for people, its title
+        // and steps (`--json` keeps it whole).
+        let plan = (e.step == "plan")
+            .then(|| serde_json::from_str::<crate::ops::plan::Plan>(&e.detail).ok())
+            .flatten();
+        let detail = match &plan {
+            Some(p) => format!("{} ({} steps)", p.title, p.steps.len()),
+            None => e.detail.clone(),
+        };
+        s += &format!("  {} {:<26} {:<10} {detail}\n", e.time, e.step, e.event);
+        if let Some(p) = plan {
+            for (i, st) in p.steps.iter().enumerate() {
+                s += &format!("      {:>2}. [{}] {}: {}\n", i + 1, st.host(), st.name(), st.describe());
+            }
+        }
     }
     if o.state == "interrupted" {
         s += &format!(
