@@ -80,7 +80,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
         Command::Sync(SyncArgs {
             action: SyncAction::Show { cluster, json },
         }) => {
-            let c = crate::ops::one_cluster(&inventory, cluster.as_deref().map(pgfleet_proto::ClusterName::parse).transpose()?.as_ref())?;
+            let c = crate::ops::named_cluster(&inventory, cluster.as_deref())?;
             let report = crate::sync::show(&inventory, &c, d).await?;
             if *json {
                 print_json(&report)?;

@@ -28,7 +28,7 @@ use pgfleet_proto::coordinator::v1::OperationState;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub use ctx::{CancelState, Cancelled, OpCtx};
-pub use request::{ApiRequest, OpRequest, SyncRequest, one_cluster, resolved};
+pub use request::{ApiRequest, OpRequest, SyncRequest, named_cluster, one_cluster, resolved};
 pub use result::OpResult;
 
 use crate::client::Deadlines;
@@ -149,8 +149,8 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
         } => rolling::rebuild_all(inv, resolved(cluster)?, *spread_checkpoint, *dry_run, d, ctx).await,
         OpRequest::Sync { cluster, spec, dry_run } => {
             if *dry_run {
-                let (_, plan) = sync::plan(inv, resolved(cluster)?, spec.as_ref(), d).await?;
-                return Ok(OpResult::Plan(plan));
+                let planned = sync::plan(inv, resolved(cluster)?, spec.as_ref(), d).await?;
+                return Ok(OpResult::Plan(planned.plan));
             }
             Ok(OpResult::Sync(sync::set(inv, resolved(cluster)?, spec.as_ref(), d, ctx).await?))
         }

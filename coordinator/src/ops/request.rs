@@ -342,6 +342,13 @@ pub fn resolved(cluster: &Option<ClusterName>) -> Result<&str, CoordinatorError>
         .ok_or_else(|| usage("the request names no cluster (it was not resolved against the inventory)"))
 }
 
+/// A cluster named as text (`--cluster`, an API field; absent: the
+/// inventory's only cluster), checked like every other name.
+pub fn named_cluster(inventory: &Inventory, cluster: Option<&str>) -> Result<ClusterName, CoordinatorError> {
+    let named = cluster.map(ClusterName::parse).transpose()?;
+    one_cluster(inventory, named.as_ref())
+}
+
 /// `--cluster`, or the inventory's only cluster.
 pub fn one_cluster(inventory: &Inventory, cluster: Option<&ClusterName>) -> Result<ClusterName, CoordinatorError> {
     match cluster {

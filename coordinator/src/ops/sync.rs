@@ -54,7 +54,7 @@ pub async fn plan<'a>(
     cluster: &str,
     spec: Option<&SyncRequest>,
     d: Deadlines,
-) -> Result<(&'a Node, Plan), SyncError> {
+) -> Result<Planned<'a>, SyncError> {
     let invalid = |what, reason: String| SyncError::Invalid { what, reason };
     let c = inventory
         .select(Some(cluster))
@@ -103,15 +103,22 @@ pub async fn plan<'a>(
     }
     steps.push(Step::SyncConfig { node: primary.name.clone(), value: spec.to_string() });
     steps.push(Step::RememberSync { value: spec.to_string() });
-    Ok((
-        primary,
-        Plan {
-            title: format!("set synchronous_standby_names of {} to '{spec}'", c.name),
-            steps,
-            no_return: Some((0, "synchronous replication is being reconfigured".into())),
-            warnings: Vec::new(),
-        },
-    ))
+    let plan = Plan {
+        title: format!("set synchronous_standby_names of {} to '{spec}'", c.name),
+        steps,
+        no_return: Some((0, "synchronous replication is being reconfigured".into())),
+        warnings: Vec::new(),
+    };
+    Ok(Planned { cluster: c, primary, spec, plan })
+}
+
+/// What `plan` checked and decided, for `set` to run and then verify.
+#[derive(Debug)]
+pub struct Planned<'a> {
+    pub cluster: &'a Cluster,
+    pub primary: &'a Node,
+    pub spec: SyncSpec,
+    pub plan: Plan,
 }
 
 /// Sets the cluster's synchronous standbys (`None`: asynchronous) and
@@ -123,9 +130,7 @@ pub async fn set(
     d: Deadlines,
     op: &OpCtx,
 ) -> Result<SyncReport, SyncError> {
-    let (primary, plan) = plan(inventory, cluster, spec, d).await?;
-    let c = inventory.select(Some(cluster)).map_err(|e| SyncError::Invalid { what: "cluster", reason: e.to_string() })?[0];
-    let spec = validate(c, spec)?;
+    let Planned { cluster: c, primary, spec, plan } = plan(inventory, cluster, spec, d).await?;
     crate::ops::exec::run(inventory, c, &plan, d, op).await?;
 
     let deadline = Instant::now() + SYNC_WAIT;

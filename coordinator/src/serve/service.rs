@@ -255,11 +255,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn get_sync(&self, req: Request<pb::GetSyncRequest>) -> Result<Response<pb::Report>, Status> {
         self.gate(&req, "GetSync")?;
         let cluster = req.into_inner().cluster;
-        let named = (!cluster.is_empty())
-            .then(|| pgfleet_proto::ClusterName::parse(&cluster))
-            .transpose()
-            .map_err(|e| status(e.into()))?;
-        let c = ops::one_cluster(&self.state.inventory, named.as_ref()).map_err(status)?;
+        let c = ops::named_cluster(&self.state.inventory, Some(cluster.as_str()).filter(|c| !c.is_empty())).map_err(status)?;
         let r = crate::sync::show(&self.state.inventory, &c, self.state.deadlines)
             .await
             .map_err(|e| status(e.into()))?;
