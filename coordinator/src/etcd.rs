@@ -11,9 +11,9 @@
 //! - `sync/CLUSTER`: the last synchronous_standby_names pgfleet set;
 //! - `leader`: the election of `pgfleet serve` processes.
 //!
-//! The journal is written before each step acts (DESIGN.md invariant 7) and
-//! the step code is synchronous, so writes wait on the runtime here
-//! (`block_in_place`): a step never acts before etcd acknowledged its line.
+//! The journal is written before each step acts (DESIGN.md invariant 7):
+//! every write here is awaited by the step that journals it, so a step
+//! never acts before etcd acknowledged its line.
 
 use std::sync::{Arc, Mutex};
 use std::path::PathBuf;
@@ -144,19 +144,6 @@ impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdStore").field("config", &self.config).finish_non_exhaustive()
     }
-}
-
-/// Runs `f` to completion from synchronous code inside the runtime.
-///
-/// The project bans block_in_place (clippy.toml) because it ties up a
-/// worker; here it is the lesser evil until the journal API is async: a
-/// journal line must be acknowledged before its step acts, the steps call
-/// the journal synchronously, and block_in_place at least hands this
-/// worker's other tasks to another one. Every etcd request has a 2 s
-/// deadline and at most four attempts, which bounds the stall.
-#[allow(clippy::disallowed_methods)]
-pub fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 impl EtcdStore {
@@ -348,9 +335,9 @@ impl EtcdStore {
 
     /// Takes `lock/CLUSTER` for `holder` unless someone holds it; returns
     /// the holder otherwise.
-    pub fn try_lock(&self, cluster: &str, holder: &str) -> Result<Result<(), String>, EtcdError> {
+    pub async fn try_lock(&self, cluster: &str, holder: &str) -> Result<Result<(), String>, EtcdError> {
         let key = self.key(&format!("lock/{cluster}"));
-        block(self.retrying("taking the cluster lock", |mut c, lease| {
+        self.retrying("taking the cluster lock", |mut c, lease| {
             let key = key.clone();
             async move {
                 let txn = Txn::new()
@@ -365,13 +352,14 @@ impl EtcdStore {
                 // An earlier attempt that took it, whose answer was lost.
                 Ok(if held_by == holder { Ok(()) } else { Err(held_by) })
             }
-        }))
+        })
+        .await
     }
 
     /// Releases `lock/CLUSTER` if `holder` still holds it.
-    pub fn unlock(&self, cluster: &str, holder: &str) -> Result<(), EtcdError> {
+    pub async fn unlock(&self, cluster: &str, holder: &str) -> Result<(), EtcdError> {
         let key = self.key(&format!("lock/{cluster}"));
-        block(self.retrying("releasing the cluster lock", |mut c, _| {
+        self.retrying("releasing the cluster lock", |mut c, _| {
             let key = key.clone();
             async move {
                 let txn = Txn::new()
@@ -380,58 +368,63 @@ impl EtcdStore {
                 c.txn(txn).await?;
                 Ok(())
             }
-        }))
+        })
+        .await
     }
 
-    pub fn lock_holder(&self, cluster: &str) -> Result<Option<String>, EtcdError> {
-        self.get(&format!("lock/{cluster}"))
+    pub async fn lock_holder(&self, cluster: &str) -> Result<Option<String>, EtcdError> {
+        self.get(&format!("lock/{cluster}")).await
     }
 
-    pub fn get(&self, rest: &str) -> Result<Option<String>, EtcdError> {
+    pub async fn get(&self, rest: &str) -> Result<Option<String>, EtcdError> {
         let key = self.key(rest);
-        block(self.retrying("reading", |mut c, _| {
+        self.retrying("reading", |mut c, _| {
             let key = key.clone();
             async move {
                 let r = c.get(key, None).await?;
                 Ok(r.kvs().first().and_then(|kv| kv.value_str().ok()).map(str::to_owned))
             }
-        }))
+        })
+        .await
     }
 
-    pub fn put(&self, rest: &str, value: &str) -> Result<(), EtcdError> {
+    pub async fn put(&self, rest: &str, value: &str) -> Result<(), EtcdError> {
         let key = self.key(rest);
-        block(self.retrying("writing", |mut c, _| {
+        self.retrying("writing", |mut c, _| {
             let key = key.clone();
             async move {
                 c.put(key, value, None).await?;
                 Ok(())
             }
-        }))
+        })
+        .await
     }
 
     /// Every value under `rest`, in key order.
-    pub fn list(&self, rest: &str) -> Result<Vec<String>, EtcdError> {
+    pub async fn list(&self, rest: &str) -> Result<Vec<String>, EtcdError> {
         let key = self.key(rest);
-        block(self.retrying("listing", |mut c, _| {
+        self.retrying("listing", |mut c, _| {
             let key = key.clone();
             async move {
                 let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Key, SortOrder::Ascend);
                 let r = c.get(key, Some(opts)).await?;
                 Ok(r.kvs().iter().filter_map(|kv| kv.value_str().ok()).map(str::to_owned).collect())
             }
-        }))
+        })
+        .await
     }
 
     /// How many keys are under `rest`.
-    pub fn count(&self, rest: &str) -> Result<usize, EtcdError> {
+    pub async fn count(&self, rest: &str) -> Result<usize, EtcdError> {
         let key = self.key(rest);
-        block(self.retrying("counting", |mut c, _| {
+        self.retrying("counting", |mut c, _| {
             let key = key.clone();
             async move {
                 let r = c.get(key, Some(GetOptions::new().with_prefix().with_count_only())).await?;
                 Ok(usize::try_from(r.count()).unwrap_or(0))
             }
-        }))
+        })
+        .await
     }
 }
 

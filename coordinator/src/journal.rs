@@ -92,7 +92,7 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Journ
 impl Operation {
     /// Takes the cluster's lock or says who holds it, and journals the
     /// request before anything acts on it.
-    pub fn begin(
+    pub async fn begin(
         store: &Store,
         cluster: &str,
         kind: &'static str,
@@ -101,26 +101,28 @@ impl Operation {
         request: &serde_json::Value,
     ) -> Result<Self, JournalError> {
         let id = new_id(kind);
-        let op = Self::lock(store, cluster, kind, &id, what)?;
+        let op = Self::lock(store, cluster, kind, &id, what).await?;
         op.write(json!({
             "step": "begin", "event": "started", "detail": what, "caller": caller, "request": request,
-        }))?;
+        }))
+        .await?;
         Ok(op)
     }
 
     /// Takes the cluster's lock again for an interrupted operation (resume
     /// or abort): its further lines carry the same id.
-    pub fn reopen(store: &Store, cluster: &str, kind: &'static str, id: &str, action: &str, caller: &str) -> Result<Self, JournalError> {
-        let op = Self::lock(store, cluster, kind, id, action)?;
+    pub async fn reopen(store: &Store, cluster: &str, kind: &'static str, id: &str, action: &str, caller: &str) -> Result<Self, JournalError> {
+        let op = Self::lock(store, cluster, kind, id, action).await?;
         if let Store::Etcd(e) = store {
-            let n = e.count(&format!("journal/{cluster}/{id}/"))?;
+            let n = e.count(&format!("journal/{cluster}/{id}/")).await?;
             op.seq.store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::SeqCst);
         }
-        op.write(json!({ "step": action, "event": "start", "detail": format!("caller {caller}"), "caller": caller }))?;
+        op.write(json!({ "step": action, "event": "start", "detail": format!("caller {caller}"), "caller": caller }))
+            .await?;
         Ok(op)
     }
 
-    fn lock(store: &Store, cluster: &str, kind: &'static str, id: &str, what: &str) -> Result<Self, JournalError> {
+    async fn lock(store: &Store, cluster: &str, kind: &'static str, id: &str, what: &str) -> Result<Self, JournalError> {
         let op = |lock| Operation {
             id: id.to_owned(),
             kind,
@@ -136,7 +138,7 @@ impl Operation {
             Store::Etcd(e) => {
                 let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
                 let holder = format!("{id} ({what}), pid {} on {host}", std::process::id());
-                return match e.try_lock(cluster, &holder)? {
+                return match e.try_lock(cluster, &holder).await? {
                     Ok(()) => Ok(op(Lock::Etcd { store: e.clone(), holder })),
                     Err(holder) => Err(JournalError::Busy { cluster: cluster.to_owned(), holder }),
                 };
@@ -170,17 +172,18 @@ impl Operation {
     }
 
     /// Appends one journal line; written (and fsynced) before the step acts.
-    pub fn record(&self, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
-        self.write(json!({ "step": step, "event": event, "detail": detail }))
+    pub async fn record(&self, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
+        self.write(json!({ "step": step, "event": event, "detail": detail })).await
     }
 
     /// A line of a planned step: `index` is its place in the journaled plan,
     /// which is how `ops resume` knows which steps ran.
-    pub fn record_step(&self, index: usize, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
-        self.write(json!({ "step": step, "event": event, "detail": detail, "index": index }))
+    pub async fn record_step(&self, index: usize, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
+        self.write(json!({ "step": step, "event": event, "detail": detail, "index": index })).await
     }
 
-    fn write(&self, fields: serde_json::Value) -> Result<(), JournalError> {
+    /// The line and, for etcd, its key: numbered in order.
+    fn line(&self, fields: serde_json::Value) -> (String, String) {
         let mut line = json!({
             "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             "op": self.id,
@@ -191,18 +194,24 @@ impl Operation {
             l.extend(f);
         }
         let n = self.seq.fetch_add(1, Ordering::SeqCst);
+        (format!("journal/{}/{}/{n:06}", self.cluster, self.id), line.to_string())
+    }
+
+    async fn write(&self, fields: serde_json::Value) -> Result<(), JournalError> {
+        let (key, line) = self.line(fields);
         match &self.store {
-            Store::Etcd(e) => Ok(e.put(&format!("journal/{}/{}/{n:06}", self.cluster, self.id), &line.to_string())?),
+            Store::Etcd(e) => Ok(e.put(&key, &line).await?),
             Store::Files(dir) => {
-                let journal = dir.join(format!("{}.journal", self.cluster));
-                let mut f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&journal)
-                    .map_err(io("opening", &journal))?;
-                same_owner_as_dir(&journal, dir);
-                writeln!(f, "{line}").map_err(io("writing", &journal))?;
-                f.sync_data().map_err(io("syncing", &journal))
+                // One fsync'd append: off the runtime's workers, which may
+                // be serving other callers meanwhile.
+                let (dir, cluster) = (dir.clone(), self.cluster.clone());
+                tokio::task::spawn_blocking(move || append(&dir, &cluster, &line))
+                    .await
+                    .unwrap_or_else(|e| Err(JournalError::Io {
+                        action: "writing",
+                        path: PathBuf::new(),
+                        source: std::io::Error::other(e),
+                    }))
             }
         }
     }
@@ -216,28 +225,22 @@ impl Operation {
     /// cannot be written (tried twice: the second attempt may reach another
     /// etcd member) is an error the caller must report: the journal will
     /// show the operation as interrupted.
-    pub fn end(mut self, outcome: &str, detail: &str) -> Result<(), JournalError> {
-        self.finish(outcome, detail)
-    }
-
-    fn finish(&mut self, outcome: &str, detail: &str) -> Result<(), JournalError> {
-        if self.ended {
-            return Ok(());
-        }
+    pub async fn end(mut self, outcome: &str, detail: &str) -> Result<(), JournalError> {
         self.ended = true;
-        let written = self
-            .record("end", outcome, detail)
-            .or_else(|e| {
+        let written = match self.record("end", outcome, detail).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
                 tracing::warn!(error = %e, "cannot journal the end of the operation; trying once more");
-                self.record("end", outcome, detail)
-            });
+                self.record("end", outcome, detail).await
+            }
+        };
         match &mut self.lock {
             // The lock file names the running operation only while it runs.
             Lock::File(f) => {
                 let _ = f.set_len(0);
             }
             Lock::Etcd { store, holder } => {
-                if let Err(e) = store.unlock(&self.cluster, holder) {
+                if let Err(e) = store.unlock(&self.cluster, holder).await {
                     tracing::warn!(error = %e, cluster = %self.cluster, "cannot release the etcd lock; it expires with this process's lease");
                 }
             }
@@ -246,15 +249,52 @@ impl Operation {
     }
 }
 
-/// An operation dropped without `end` returned early with an error: the
-/// journal says so. (A crash writes nothing: its last line is a step
-/// start, which is how an interrupted operation reads.)
+/// An operation dropped without `end` (a panic, or a caller that returned
+/// early) still says so in its journal: a file store's line is written
+/// here; an etcd store's is written by a task on the runtime, best effort
+/// (a process about to exit may not run it: the lock then goes with its
+/// lease and the operation reads as interrupted, which is what it is).
+/// A crash writes nothing: its last line is a step start.
 impl Drop for Operation {
     fn drop(&mut self) {
-        if let Err(e) = self.finish("failed", "") {
-            tracing::error!(error = %e, "cannot journal the end of a failed operation: it will read as interrupted");
+        if self.ended {
+            return;
+        }
+        let (key, line) = self.line(json!({ "step": "end", "event": "failed", "detail": "" }));
+        match (&self.store, &mut self.lock) {
+            (Store::Files(dir), Lock::File(f)) => {
+                if let Err(e) = append(dir, &self.cluster, &line) {
+                    tracing::error!(error = %e, "cannot journal the end of a failed operation: it will read as interrupted");
+                }
+                let _ = f.set_len(0);
+            }
+            (Store::Etcd(e), Lock::Etcd { holder, .. }) => {
+                let (e, holder, cluster) = (e.clone(), holder.clone(), self.cluster.clone());
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Err(err) = e.put(&key, &line).await {
+                            tracing::error!(error = %err, "cannot journal the end of a failed operation: it will read as interrupted");
+                        }
+                        let _ = e.unlock(&cluster, &holder).await;
+                    });
+                }
+            }
+            _ => {}
         }
     }
+}
+
+/// Appends one line to the cluster's journal file and syncs it.
+fn append(dir: &Path, cluster: &str, line: &str) -> Result<(), JournalError> {
+    let journal = dir.join(format!("{cluster}.journal"));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&journal)
+        .map_err(io("opening", &journal))?;
+    same_owner_as_dir(&journal, dir);
+    writeln!(f, "{line}").map_err(io("writing", &journal))?;
+    f.sync_data().map_err(io("syncing", &journal))
 }
 
 /// Root running the CLI in-process on a host where `pgfleet serve` runs as
@@ -290,10 +330,10 @@ pub fn new_id(kind: &str) -> String {
 }
 
 /// The cluster's synchronous configuration as pgfleet last set or saw it.
-pub fn remember_sync(store: &Store, cluster: &str, value: &str) -> Result<(), JournalError> {
+pub async fn remember_sync(store: &Store, cluster: &str, value: &str) -> Result<(), JournalError> {
     let state_dir = match store {
         Store::Files(d) => d,
-        Store::Etcd(e) => return Ok(e.put(&format!("sync/{cluster}"), value)?),
+        Store::Etcd(e) => return Ok(e.put(&format!("sync/{cluster}"), value).await?),
     };
     std::fs::create_dir_all(state_dir).map_err(io("creating", state_dir))?;
     let path = state_dir.join(format!("{cluster}.sync"));
@@ -303,10 +343,10 @@ pub fn remember_sync(store: &Store, cluster: &str, value: &str) -> Result<(), Jo
     std::fs::rename(&tmp, &path).map_err(io("renaming", &path))
 }
 
-pub fn recall_sync(store: &Store, cluster: &str) -> Option<String> {
+pub async fn recall_sync(store: &Store, cluster: &str) -> Option<String> {
     let state_dir = match store {
         Store::Files(d) => d,
-        Store::Etcd(e) => return e.get(&format!("sync/{cluster}")).ok().flatten(),
+        Store::Etcd(e) => return e.get(&format!("sync/{cluster}")).await.ok().flatten(),
     };
     std::fs::read_to_string(state_dir.join(format!("{cluster}.sync")))
         .ok()
@@ -317,43 +357,43 @@ pub fn recall_sync(store: &Store, cluster: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn second_operation_on_a_cluster_is_refused_and_journal_records() {
+    #[tokio::test]
+    async fn second_operation_on_a_cluster_is_refused_and_journal_records() {
         let dir = std::env::temp_dir().join(format!("pgfleet-journal-{}", std::process::id()));
         let store = Store::Files(dir.clone());
         let req = serde_json::json!({ "kind": "switchover" });
-        let op = Operation::begin(&store, "main", "switchover", "to node1", "tester", &req).unwrap();
-        let e = Operation::begin(&store, "main", "rebuild", "node2", "tester", &req).unwrap_err().to_string();
+        let op = Operation::begin(&store, "main", "switchover", "to node1", "tester", &req).await.unwrap();
+        let e = Operation::begin(&store, "main", "rebuild", "node2", "tester", &req).await.unwrap_err().to_string();
         assert!(e.contains("another operation is running on cluster main") && e.contains("switchover"), "{e}");
         // Another cluster is independent.
-        let other = Operation::begin(&store, "other", "rebuild", "x", "tester", &req).unwrap();
-        op.record("promote", "done", "timeline 2").unwrap();
+        let other = Operation::begin(&store, "other", "rebuild", "x", "tester", &req).await.unwrap();
+        op.record("promote", "done", "timeline 2").await.unwrap();
         // While it holds the lock, the journal reads it as running.
-        let ops = crate::ops::store::load(&store).unwrap();
+        let ops = crate::ops::store::load(&store).await.unwrap();
         let me = ops.iter().find(|o| o.id == op.id).unwrap();
         assert_eq!(me.state, "running");
         assert_eq!(me.caller, "tester");
         assert_eq!(me.request.as_ref().unwrap()["kind"], "switchover");
-        op.end("succeeded", "").unwrap();
-        other.end("failed", "boom").unwrap();
-        let again = Operation::begin(&store, "main", "rebuild", "node2", "tester", &req).unwrap();
+        op.end("succeeded", "").await.unwrap();
+        other.end("failed", "boom").await.unwrap();
+        let again = Operation::begin(&store, "main", "rebuild", "node2", "tester", &req).await.unwrap();
         let id = again.id.clone();
         // A process that dies leaves no end line and no lock: interrupted.
         std::mem::forget(again);
         let text = std::fs::read_to_string(dir.join("main.journal")).unwrap();
         assert!(text.lines().count() >= 3 && text.contains("\"step\":\"promote\""), "{text}");
-        let ops = crate::ops::store::load(&store).unwrap();
+        let ops = crate::ops::store::load(&store).await.unwrap();
         let states: Vec<_> = ops.iter().map(|o| (o.cluster.as_str(), o.state)).collect();
         assert!(states.contains(&("main", "succeeded")) && states.contains(&("other", "failed")), "{states:?}");
         // Forgotten, its lock fd is still open in this process: running.
-        assert_eq!(crate::ops::store::find(&store, &id).unwrap().unwrap().state, "running");
-        remember_sync(&store, "main", "FIRST 1 (\"a\")").unwrap();
-        assert_eq!(recall_sync(&store, "main").unwrap(), "FIRST 1 (\"a\")");
+        assert_eq!(crate::ops::store::find(&store, &id).await.unwrap().unwrap().state, "running");
+        remember_sync(&store, "main", "FIRST 1 (\"a\")").await.unwrap();
+        assert_eq!(recall_sync(&store, "main").await.unwrap(), "FIRST 1 (\"a\")");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn an_operation_without_end_or_lock_is_interrupted() {
+    #[tokio::test]
+    async fn an_operation_without_end_or_lock_is_interrupted() {
         let dir = std::env::temp_dir().join(format!("pgfleet-journal-int-{}", std::process::id()));
         let store = Store::Files(dir.clone());
         std::fs::create_dir_all(&dir).unwrap();
@@ -368,15 +408,15 @@ mod tests {
             ),
         )
         .unwrap();
-        let ops = crate::ops::store::load(&store).unwrap();
+        let ops = crate::ops::store::load(&store).await.unwrap();
         assert_eq!(ops.len(), 1);
         assert_eq!(ops[0].state, "interrupted");
         assert_eq!(ops[0].journal.len(), 2, "a torn last line is skipped");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn files_root_creates_take_the_state_dirs_owner() {
+    #[tokio::test]
+    async fn files_root_creates_take_the_state_dirs_owner() {
         use std::os::unix::fs::MetadataExt;
         if !nix::unistd::geteuid().is_root() {
             return;
@@ -386,9 +426,9 @@ mod tests {
         let nobody = nix::unistd::Uid::from_raw(65534);
         nix::unistd::chown(&dir, Some(nobody), Some(nix::unistd::Gid::from_raw(65534))).unwrap();
         let store = Store::Files(dir.clone());
-        let op = Operation::begin(&store, "c", "rebuild", "n", "root", &serde_json::json!({})).unwrap();
-        op.end("succeeded", "").unwrap();
-        remember_sync(&store, "c", "FIRST 1 (a)").unwrap();
+        let op = Operation::begin(&store, "c", "rebuild", "n", "root", &serde_json::json!({})).await.unwrap();
+        op.end("succeeded", "").await.unwrap();
+        remember_sync(&store, "c", "FIRST 1 (a)").await.unwrap();
         for f in ["c.lock", "c.journal", "c.sync"] {
             assert_eq!(std::fs::metadata(dir.join(f)).unwrap().uid(), 65534, "{f}");
         }

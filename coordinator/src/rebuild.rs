@@ -524,7 +524,7 @@ pub async fn execute(
         .map_err(|s| AgentCallError::from_status(p.node, s))?
         .into_inner()
         .job_id;
-    ctx.record("job", "started", &format!("{} {job_id}", p.node.name))?;
+    ctx.record("job", "started", &format!("{} {job_id}", p.node.name)).await?;
     ctx.note(
         p.node.name.as_str(),
         &format!(

@@ -138,10 +138,10 @@ fn local_caller(inventory: &Inventory) -> String {
 /// `pgfleet serve` runs, its events shown as they come.
 pub async fn run_local(inventory: &Inventory, mut req: OpRequest, d: Deadlines, display: Display) -> Result<OpResult, CoordinatorError> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (ctx, _, _) = crate::ops::begin(inventory, &mut req, &local_caller(inventory), Some(tx), Default::default())?;
+    let (ctx, _, _) = crate::ops::begin(inventory, &mut req, &local_caller(inventory), Some(tx), Default::default()).await?;
     let view = tokio::spawn(render_events(rx, display));
     let result = crate::ops::execute(inventory, &req, d, &ctx).await;
-    let fin = crate::ops::finish(ctx, &result, false);
+    let fin = crate::ops::finish(ctx, &result, false).await;
     let _ = view.await;
     unjournaled(result, fin)
 }
@@ -161,7 +161,7 @@ fn unjournaled(result: Result<OpResult, CoordinatorError>, fin: pgfleet_proto::c
 async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) -> Result<Outcome, CoordinatorError> {
     match action {
         OpsAction::List { cluster, limit, json } => {
-            let mut ops = crate::ops::store::load(&inventory.store)?;
+            let mut ops = crate::ops::store::load(&inventory.store).await?;
             ops.retain(|o| cluster.as_ref().is_none_or(|c| &o.cluster == c));
             ops.reverse();
             ops.truncate(*limit as usize);
@@ -172,7 +172,7 @@ async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) 
             }
         }
         OpsAction::Show { id, json } => {
-            let o = crate::ops::store::find(&inventory.store, id)?
+            let o = crate::ops::store::find(&inventory.store, id).await?
                 .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inventory.store)))?;
             if *json {
                 print_json(&o)?;
@@ -197,14 +197,15 @@ async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) 
                 &local_caller(inventory),
                 Some(tx),
                 Default::default(),
-            )?;
+            )
+            .await?;
             let view = tokio::spawn(render_events(rx, display(*json, false)));
             let result = if abort {
                 crate::ops::resume::abort(inventory, &rec, &req, d, &ctx).await
             } else {
                 crate::ops::resume::resume(inventory, &rec, &req, d, &ctx).await
             };
-            let fin = crate::ops::finish(ctx, &result, abort);
+            let fin = crate::ops::finish(ctx, &result, abort).await;
             let _ = view.await;
             print_result(&unjournaled(result, fin)?, *json)?;
         }

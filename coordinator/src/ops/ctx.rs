@@ -101,9 +101,9 @@ impl OpCtx {
     }
 
     /// Journals a line (no event).
-    pub fn record(&self, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
+    pub async fn record(&self, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
         match &self.journal {
-            Some(j) => j.record(step, event, detail),
+            Some(j) => j.record(step, event, detail).await,
             None => Ok(()),
         }
     }
@@ -119,66 +119,61 @@ impl OpCtx {
     }
 
     /// Journals, then shows, a step about to act.
-    pub fn start(&self, host: &str, step: &str, what: &str) -> Result<Instant, JournalError> {
-        self.record(step, "start", &format!("{host}: {what}"))?;
+    pub async fn start(&self, host: &str, step: &str, what: &str) -> Result<Instant, JournalError> {
+        self.record(step, "start", &format!("{host}: {what}")).await?;
         self.step_event(host, step, "start", what, 0.0);
         Ok(Instant::now())
     }
 
     /// A step that ended; returns its duration in seconds.
-    pub fn done(&self, host: &str, step: &str, t: Instant, detail: &str) -> Result<f64, JournalError> {
+    pub async fn done(&self, host: &str, step: &str, t: Instant, detail: &str) -> Result<f64, JournalError> {
         let seconds = t.elapsed().as_secs_f64();
-        self.record(step, "done", detail)?;
+        self.record(step, "done", detail).await?;
         self.step_event(host, step, "done", detail, seconds);
         Ok(seconds)
     }
 
-    fn record_step(&self, index: usize, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
+    async fn record_step(&self, index: usize, step: &str, event: &str, detail: &str) -> Result<(), JournalError> {
         match &self.journal {
-            Some(j) => j.record_step(index, step, event, detail),
+            Some(j) => j.record_step(index, step, event, detail).await,
             None => Ok(()),
         }
     }
 
     /// Journals the plan, as one line, before its first step acts.
-    pub fn planned(&self, plan: &Plan) -> Result<(), JournalError> {
-        self.record("plan", "planned", &serde_json::to_string(plan).unwrap_or_default())
+    pub async fn planned(&self, plan: &Plan) -> Result<(), JournalError> {
+        self.record("plan", "planned", &serde_json::to_string(plan).unwrap_or_default()).await
     }
 
     /// Journals (with its index in the plan), then shows, a planned step
     /// about to act.
-    pub fn start_step(&self, index: usize, step: &Step) -> Result<Instant, JournalError> {
+    pub async fn start_step(&self, index: usize, step: &Step) -> Result<Instant, JournalError> {
         let what = step.describe();
-        self.record_step(index, step.name(), "start", &format!("{}: {what}", step.host()))?;
+        self.record_step(index, step.name(), "start", &format!("{}: {what}", step.host())).await?;
         self.step_event(step.host(), step.name(), "start", &what, 0.0);
         Ok(Instant::now())
     }
 
-    pub fn done_step(&self, index: usize, step: &Step, t: Instant, detail: &str) -> Result<f64, JournalError> {
+    pub async fn done_step(&self, index: usize, step: &Step, t: Instant, detail: &str) -> Result<f64, JournalError> {
         let seconds = t.elapsed().as_secs_f64();
-        self.record_step(index, step.name(), "done", detail)?;
+        self.record_step(index, step.name(), "done", detail).await?;
         self.step_event(step.host(), step.name(), "done", detail, seconds);
         Ok(seconds)
     }
 
-    pub fn skipped_step(&self, index: usize, step: &Step, detail: &str) -> Result<(), JournalError> {
-        self.record_step(index, step.name(), "skipped", detail)?;
+    pub async fn skipped_step(&self, index: usize, step: &Step, detail: &str) -> Result<(), JournalError> {
+        self.record_step(index, step.name(), "skipped", detail).await?;
         self.step_event(step.host(), step.name(), "skipped", detail, 0.0);
         Ok(())
     }
 
-    pub fn failed_step(&self, index: usize, step: &Step, detail: &str) {
-        let _ = self.record_step(index, step.name(), "failed", detail);
+    pub async fn failed_step(&self, index: usize, step: &Step, detail: &str) {
+        let _ = self.record_step(index, step.name(), "failed", detail).await;
         self.step_event(step.host(), step.name(), "failed", detail, 0.0);
     }
 
-    pub fn failed(&self, host: &str, step: &str, detail: &str) {
-        let _ = self.record(step, "failed", detail);
-        self.step_event(host, step, "failed", detail, 0.0);
-    }
-
-    pub fn skipped(&self, host: &str, step: &str, detail: &str) -> Result<(), JournalError> {
-        self.record(step, "skipped", detail)?;
+    pub async fn skipped(&self, host: &str, step: &str, detail: &str) -> Result<(), JournalError> {
+        self.record(step, "skipped", detail).await?;
         self.step_event(host, step, "skipped", detail, 0.0);
         Ok(())
     }

@@ -153,14 +153,14 @@ pub async fn run(inventory: &Inventory, cluster: &Cluster, plan: &Plan, d: Deadl
         rebuilt: Vec::new(),
         sync: None,
     };
-    op.planned(plan)?;
+    op.planned(plan).await?;
     for (i, step) in plan.steps.iter().enumerate() {
         match &plan.no_return {
             Some((at, why)) if *at == i => op.point_of_no_return(why)?,
             _ => op.checkpoint()?,
         }
         if let Err(e) = ex.step(i, step).await {
-            op.failed_step(i, step, &e.to_string());
+            op.failed_step(i, step, &e.to_string()).await;
             return Err(e);
         }
     }
@@ -202,8 +202,8 @@ impl<'a> Exec<'a> {
         Ok(p)
     }
 
-    fn done(&mut self, i: usize, step: &Step, t: Instant, detail: String) -> Result<(), MoveError> {
-        let seconds = self.op.done_step(i, step, t, &detail)?;
+    async fn done(&mut self, i: usize, step: &Step, t: Instant, detail: String) -> Result<(), MoveError> {
+        let seconds = self.op.done_step(i, step, t, &detail).await?;
         self.out.steps.push(StepTiming {
             step: step.name().to_owned(),
             host: step.host().to_owned(),
@@ -317,16 +317,16 @@ impl<'a> Exec<'a> {
         let d = self.d;
         if let Step::FencedByOperator { .. } = step {
             // Journaled, not timed: nothing acted.
-            self.op.skipped_step(i, step, "--fenced: the operator made sure the old primary is down")?;
+            self.op.skipped_step(i, step, "--fenced: the operator made sure the old primary is down").await?;
             return Ok(());
         }
         if let Step::Follow { node, .. } = step
             && self.rebuilt.contains(node)
         {
-            self.op.skipped_step(i, step, "rebuilt from the primary: it streams from it already")?;
+            self.op.skipped_step(i, step, "rebuilt from the primary: it streams from it already").await?;
             return Ok(());
         }
-        let t = self.op.start_step(i, step)?;
+        let t = self.op.start_step(i, step).await?;
         if let Step::Fence { .. } = step {
             // Writes stop here.
             self.fenced_at = Some(t);
@@ -350,7 +350,7 @@ impl<'a> Exec<'a> {
             }
             Step::Choose { node, received, data_loss } => {
                 if let Some(loss) = data_loss {
-                    self.op.record("choose", "data-loss-accepted", loss)?;
+                    self.op.record("choose", "data-loss-accepted", loss).await?;
                 }
                 format!("{node} (received {received})")
             }
@@ -403,7 +403,7 @@ impl<'a> Exec<'a> {
                 "reconnected".into()
             }
             Step::RememberSync { value } => {
-                journal::remember_sync(&self.inventory.store, self.cluster.name.as_str(), value)?;
+                journal::remember_sync(&self.inventory.store, self.cluster.name.as_str(), value).await?;
                 format!("synchronous_standby_names = '{value}'")
             }
             Step::Writes { node } => {
@@ -470,7 +470,7 @@ impl<'a> Exec<'a> {
                 })?
             }
         };
-        self.done(i, step, t, detail)
+        self.done(i, step, t, detail).await
     }
 }
 
@@ -516,7 +516,7 @@ async fn catch_up(op: &OpCtx, new: &Node, old: &Node, checkpoint: Lsn, d: Deadli
         if Instant::now() >= deadline {
             let op_id = op.id().to_owned();
             let undo = call(old, d, async |c| c.unfence(pb::UnfenceRequest { operation_id: op_id }).await).await;
-            op.record("catch-up", "failed", "rolled back")?;
+            op.record("catch-up", "failed", "rolled back").await?;
             return Err(MoveError::Step {
                 step: "catch-up",
                 detail: format!(

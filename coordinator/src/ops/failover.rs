@@ -56,10 +56,10 @@ struct Choice<'a> {
 }
 
 fn choose<'a>(
-    inventory: &Inventory,
     c: &'a Cluster,
     cr: &ClusterReport,
     req: &FailoverRequest,
+    recalled_sync: Option<String>,
 ) -> Result<Choice<'a>, MoveError> {
     if let Some(p) = &cr.primary {
         return Err(MoveError::Refused(format!(
@@ -104,10 +104,10 @@ fn choose<'a>(
     }
     // Which standbys were synchronous: the old primary's own configuration
     // (read from its files while it is down), else pgfleet's record.
-    let sync_text = old_r
-        .configured_synchronous_standby_names
-        .clone()
-        .or_else(|| journal::recall_sync(&inventory.store, c.name.as_str()));
+    let sync_text = match old_r.configured_synchronous_standby_names.clone() {
+        Some(s) => Some(s),
+        None => recalled_sync,
+    };
     let sync = sync_text.as_deref().and_then(|s| SyncSpec::parse(s).ok()).unwrap_or_else(SyncSpec::asynchronous);
 
     let received = |r: &NodeReport| r.received_lsn.or(r.replayed_lsn).unwrap_or(Lsn(0));
@@ -217,7 +217,8 @@ pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadli
     }
     let fleet = fleet_status::gather(&[c], d).await;
     let cr = fleet.clusters.into_iter().next().ok_or_else(|| MoveError::Refused("no status".into()))?;
-    let ch = choose(inventory, c, &cr, req)?;
+    let recalled = journal::recall_sync(&inventory.store, c.name.as_str()).await;
+    let ch = choose(c, &cr, req, recalled)?;
     let (old, new) = (&ch.old.name, &ch.new.name);
     let mut new_sync = ch.sync.replacing(new.as_str(), old.as_str());
     new_sync.names.retain(|n| n != old.as_str());
@@ -388,7 +389,7 @@ mod tests {
     fn pick(sync: &str, r1: Option<u64>, r2: Option<u64>, to: Option<&str>, accept: bool) -> Result<String, String> {
         let inv = Inventory::parse(INV, Path::new("i.toml")).unwrap();
         let cr = cluster(&inv, sync, r1, r2);
-        choose(&inv, &inv.clusters[0], &cr, &req(to, accept))
+        choose(&inv.clusters[0], &cr, &req(to, accept), None)
             .map(|c| c.new.name.to_string())
             .map_err(|e| e.to_string())
     }
@@ -433,7 +434,7 @@ mod tests {
         let inv = Inventory::parse(INV, Path::new("i.toml")).unwrap();
         let mut cr = cluster(&inv, "", Some(1), Some(1));
         cr.primary = Some("node0".into());
-        let e = choose(&inv, &inv.clusters[0], &cr, &req(None, true)).err().unwrap().to_string();
+        let e = choose(&inv.clusters[0], &cr, &req(None, true), None).err().unwrap().to_string();
         assert!(e.contains("switchover"), "{e}");
     }
 }

@@ -40,7 +40,7 @@ use crate::{rebuild, slots};
 /// Validates `req`, then (unless it is a dry run) takes its cluster's lock
 /// and journals it. A second operation on a locked cluster fails here,
 /// before anything is shown as started.
-pub fn begin(
+pub async fn begin(
     inv: &Inventory,
     req: &mut OpRequest,
     caller: &str,
@@ -53,13 +53,13 @@ pub fn begin(
         return Ok((OpCtx::new(id, None, tx, cancel), cluster, summary));
     }
     let request = serde_json::to_value(&*req).unwrap_or_default();
-    let op = Operation::begin(&inv.store, &cluster, req.kind(), &summary, caller, &request)?;
+    let op = Operation::begin(&inv.store, &cluster, req.kind(), &summary, caller, &request).await?;
     Ok((OpCtx::new(op.id.clone(), Some(op), tx, cancel), cluster, summary))
 }
 
 /// Journals the outcome and turns it into the final event. `aborted`: the
 /// operation was ended by `ops abort`, and its text says how it was left.
-pub fn finish(mut ctx: OpCtx, result: &Result<OpResult, CoordinatorError>, aborted: bool) -> pb::OperationFinished {
+pub async fn finish(mut ctx: OpCtx, result: &Result<OpResult, CoordinatorError>, aborted: bool) -> pb::OperationFinished {
     let (state, outcome, detail) = match result {
         Ok(OpResult::Aborted { state, .. }) if aborted => (OperationState::Aborted, "aborted", state.join("; ")),
         Ok(_) if aborted => (OperationState::Aborted, "aborted", String::new()),
@@ -70,10 +70,11 @@ pub fn finish(mut ctx: OpCtx, result: &Result<OpResult, CoordinatorError>, abort
     };
     // An end the journal did not take is said, with the exit code of a
     // failure: `ops list` will show the operation as interrupted.
-    let unjournaled = ctx
-        .take_journal()
-        .and_then(|j| j.end(outcome, &detail).err())
-        .map(|e| {
+    let ended = match ctx.take_journal() {
+        Some(j) => j.end(outcome, &detail).await.err(),
+        None => None,
+    };
+    let unjournaled = ended.map(|e| {
             format!(
                 "the operation {outcome}, but its end could not be written to the journal ({e}): \
                  `pgfleet ops list` shows it as interrupted; check the cluster with `pgfleet status`, \

@@ -33,7 +33,7 @@ use crate::ops::{OpRequest, OpResult};
 use crate::rebuild::{self, RebuildError};
 
 /// Takes the lock of an interrupted operation's cluster again.
-pub fn begin(
+pub async fn begin(
     inv: &Inventory,
     id: &str,
     action: &'static str,
@@ -41,7 +41,7 @@ pub fn begin(
     tx: Option<UnboundedSender<pb::OperationEvent>>,
     cancel: Arc<CancelState>,
 ) -> Result<(OpCtx, OpRecord, OpRequest), CoordinatorError> {
-    let rec = store::find(&inv.store, id)?
+    let rec = store::find(&inv.store, id).await?
         .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inv.store)))?;
     if rec.state != "interrupted" {
         return Err(CoordinatorError::Usage(format!(
@@ -55,7 +55,7 @@ pub fn begin(
         .and_then(|r| serde_json::from_value(r).ok())
         .ok_or_else(|| CoordinatorError::Usage(format!("operation {id}'s journal does not hold its request")))?;
     let kind = req.kind();
-    let op = Operation::reopen(&inv.store, &rec.cluster, kind, id, action, caller)?;
+    let op = Operation::reopen(&inv.store, &rec.cluster, kind, id, action, caller).await?;
     Ok((OpCtx::new(id.to_owned(), Some(op), tx, cancel), rec, req))
 }
 
@@ -231,10 +231,10 @@ pub async fn abort(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadline
             match (&cr.primary, fenced(progress.as_ref())) {
                 (None, Some(old)) if matches!(req, OpRequest::Switchover { .. }) && !promoted => {
                     let (_, n) = inv.node(&old)?;
-                    let t = ctx.start(&old, "unfence", "start it again as the primary: nobody was promoted")?;
+                    let t = ctx.start(&old, "unfence", "start it again as the primary: nobody was promoted").await?;
                     let id = ctx.id().to_owned();
                     client::call(n, d, async |c| c.unfence(apb::UnfenceRequest { operation_id: id }).await).await?;
-                    ctx.done(&old, "unfence", t, "running as the primary again")?;
+                    ctx.done(&old, "unfence", t, "running as the primary again").await?;
                     said.push(format!("nobody was promoted: {old} was started again as the primary; the cluster is as before the switchover"));
                 }
                 (None, _) => said.push(format!("cluster {cluster} has no running primary: run `pgfleet failover --cluster {cluster}`")),

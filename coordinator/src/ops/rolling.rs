@@ -76,7 +76,7 @@ pub async fn rebuild_all(
     for node in &replicas {
         ctx.checkpoint()?;
         sync_guard(inv, cluster, node, d).await?;
-        let t = ctx.start(node, "rebuild", &format!("from {primary} ({} of {})", rebuilt.len() + 1, replicas.len()))?;
+        let t = ctx.start(node, "rebuild", &format!("from {primary} ({} of {})", rebuilt.len() + 1, replicas.len())).await?;
         let req = rebuild::RebuildRequest {
             node: node.clone(),
             from: Some(primary.clone()),
@@ -87,7 +87,7 @@ pub async fn rebuild_all(
         };
         let prepared = rebuild::preflight(inv, &req, d).await?;
         let report = rebuild::execute(&prepared, &req, d, ctx).await?;
-        ctx.done(node, "rebuild", t, &format!("{} from {} in {:.1}s: {} ({})", report.node, report.upstream, report.seconds, report.state, report.sync_state))?;
+        ctx.done(node, "rebuild", t, &format!("{} from {} in {:.1}s: {} ({})", report.node, report.upstream, report.seconds, report.state, report.sync_state)).await?;
         rebuilt.push(report);
     }
     Ok(OpResult::RebuiltAll { cluster: cluster.to_owned(), primary, rebuilt })

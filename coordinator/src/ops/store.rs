@@ -127,10 +127,10 @@ fn s(v: &serde_json::Value, k: &str) -> String {
 }
 
 /// Every journal line of every cluster, each cluster's in order.
-fn lines(store: &Store) -> Result<Vec<String>, JournalError> {
+async fn lines(store: &Store) -> Result<Vec<String>, JournalError> {
     let state_dir = match store {
         Store::Files(d) => d,
-        Store::Etcd(e) => return Ok(e.list("journal/")?),
+        Store::Etcd(e) => return Ok(e.list("journal/").await?),
     };
     let mut out = Vec::new();
     let dir = match std::fs::read_dir(state_dir) {
@@ -162,12 +162,12 @@ fn lines(store: &Store) -> Result<Vec<String>, JournalError> {
 }
 
 /// Every journaled operation, oldest first.
-pub fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
+pub async fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
     let mut ops: Vec<OpRecord> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     {
         // A line cut short by a crash is skipped, not fatal.
-        for v in lines(store)?.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        for v in lines(store).await?.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
             let id = s(&v, "op");
             let i = *index.entry(id.clone()).or_insert_with(|| {
                 ops.push(OpRecord {
@@ -214,9 +214,10 @@ pub fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
     // Who holds each cluster's lock, asked once per cluster.
     let mut holders: HashMap<String, Option<String>> = HashMap::new();
     for op in &mut ops {
-        let holder = holders
-            .entry(op.cluster.clone())
-            .or_insert_with(|| lock_holder(store, &op.cluster));
+        if !holders.contains_key(&op.cluster) {
+            holders.insert(op.cluster.clone(), lock_holder(store, &op.cluster).await);
+        }
+        let holder = &holders[&op.cluster];
         op.state = match op.outcome.as_deref() {
             Some("succeeded") => "succeeded",
             Some("cancelled") => "cancelled",
@@ -233,17 +234,17 @@ pub fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
     Ok(ops)
 }
 
-pub fn find(store: &Store, id: &str) -> Result<Option<OpRecord>, JournalError> {
-    Ok(load(store)?.into_iter().find(|o| o.id == id))
+pub async fn find(store: &Store, id: &str) -> Result<Option<OpRecord>, JournalError> {
+    Ok(load(store).await?.into_iter().find(|o| o.id == id))
 }
 
 /// What the cluster's lock file says while a live process holds the lock.
 /// Read from /proc/locks rather than by trying the lock, which would make a
 /// concurrent `begin` fail for nothing.
-pub fn lock_holder(store: &Store, cluster: &str) -> Option<String> {
+pub async fn lock_holder(store: &Store, cluster: &str) -> Option<String> {
     let state_dir = match store {
         Store::Files(d) => d,
-        Store::Etcd(e) => return e.lock_holder(cluster).ok().flatten(),
+        Store::Etcd(e) => return e.lock_holder(cluster).await.ok().flatten(),
     };
     let path = state_dir.join(format!("{cluster}.lock"));
     let meta = std::fs::metadata(&path).ok()?;

@@ -81,14 +81,15 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let store = inventory.store.clone();
-    let report_interrupted = move |store: &crate::journal::Store| {
+    async fn report_interrupted(store: &crate::journal::Store) {
         let interrupted = crate::ops::store::load(store)
+            .await
             .map(|ops| ops.into_iter().filter(|o| o.state == "interrupted").map(|o| o.id).collect::<Vec<_>>())
             .unwrap_or_default();
         for id in &interrupted {
             tracing::warn!(operation = %id, "interrupted operation in the journal: resume or abort it (pgfleet ops resume|abort)");
         }
-    };
+    }
     let registry = Arc::new(registry::Registry::default());
     let leadership = match &store {
         crate::journal::Store::Etcd(e) => {
@@ -124,7 +125,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
                     if elected {
                         reporter.set_serving::<CoordinatorServer<service::CoordinatorService>>().await;
                         // A dead leader's operations show here: its lease is gone.
-                        report_interrupted(&store);
+                        report_interrupted(&store).await;
                     } else {
                         reporter.set_not_serving::<CoordinatorServer<service::CoordinatorService>>().await;
                     }
@@ -132,7 +133,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
             })
         }
         crate::journal::Store::Files(_) => {
-            report_interrupted(&store);
+            report_interrupted(&store).await;
             health_reporter
                 .set_serving::<CoordinatorServer<service::CoordinatorService>>()
                 .await;

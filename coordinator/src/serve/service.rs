@@ -53,8 +53,8 @@ pub fn status(e: CoordinatorError) -> Status {
     Status::new(code, e.to_string())
 }
 
-fn record_of(state: &State, id: &str) -> Result<Option<ops::store::OpRecord>, Status> {
-    ops::store::find(&state.inventory.store, id).map_err(|e| status(e.into()))
+async fn record_of(state: &State, id: &str) -> Result<Option<ops::store::OpRecord>, Status> {
+    ops::store::find(&state.inventory.store, id).await.map_err(|e| status(e.into()))
 }
 
 impl CoordinatorService {
@@ -105,7 +105,7 @@ impl CoordinatorService {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = Arc::new(CancelState::default());
         let who = format!("{caller}");
-        let begun = ops::begin(&self.state.inventory, &mut req, &who, Some(tx), cancel.clone());
+        let begun = ops::begin(&self.state.inventory, &mut req, &who, Some(tx), cancel.clone()).await;
         let (ctx, cluster, summary) = match begun {
             Ok(b) => b,
             Err(e) => return self.audited(caller, method, &target, Err(status(e))),
@@ -124,7 +124,7 @@ impl CoordinatorService {
         let state = self.state.clone();
         tokio::spawn(async move {
             let result = ops::execute(&state.inventory, &req, state.deadlines, &ctx).await;
-            ops::finish(ctx, &result, false);
+            ops::finish(ctx, &result, false).await;
         });
         let id = running.id.clone();
         tracing::info!(operation = %id, caller = %caller, "operation started");
@@ -144,7 +144,7 @@ impl CoordinatorService {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = Arc::new(CancelState::default());
         let who = format!("{caller}");
-        let begun = ops::resume::begin(&self.state.inventory, id, if abort { "abort" } else { "resume" }, &who, Some(tx), cancel.clone());
+        let begun = ops::resume::begin(&self.state.inventory, id, if abort { "abort" } else { "resume" }, &who, Some(tx), cancel.clone()).await;
         let (ctx, rec, req) = match begun {
             Ok(b) => b,
             Err(e) => return self.audited(caller, method, id, Err(status(e))),
@@ -159,13 +159,13 @@ impl CoordinatorService {
             } else {
                 ops::resume::resume(&state.inventory, &rec, &req, state.deadlines, &ctx).await
             };
-            ops::finish(ctx, &result, abort);
+            ops::finish(ctx, &result, abort).await;
         });
         self.audited(caller, method, id, Ok(Response::new(pb::OperationRef { operation_id: id.to_owned() })))
     }
 
-    fn operation(&self, id: &str) -> Result<pb::Operation, Status> {
-        let rec = record_of(&self.state, id)?;
+    async fn operation(&self, id: &str) -> Result<pb::Operation, Status> {
+        let rec = record_of(&self.state, id).await?;
         self.operation_from(id, rec)
     }
 
@@ -329,14 +329,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         }
         // Not run by this process (before a restart, or by a local CLI):
         // its journal, as steps, then how it ended.
-        let rec = record_of(&self.state, &r.operation_id)?
+        let rec = record_of(&self.state, &r.operation_id).await?
             .ok_or_else(|| Status::not_found(format!("no operation {}; `pgfleet ops list` shows them", r.operation_id)))?;
         Ok(Response::new(Box::pin(futures::stream::iter(journal_events(&rec).into_iter().skip(r.from_seq as usize).map(Ok)))))
     }
 
     async fn get_operation(&self, req: Request<pb::GetOperationRequest>) -> Result<Response<pb::Operation>, Status> {
         self.gate(&req, "GetOperation")?;
-        Ok(Response::new(self.operation(&req.into_inner().operation_id)?))
+        Ok(Response::new(self.operation(&req.into_inner().operation_id).await?))
     }
 
     async fn list_operations(&self, req: Request<pb::ListOperationsRequest>) -> Result<Response<pb::ListOperationsResponse>, Status> {
@@ -349,7 +349,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 .select(Some(r.cluster.as_str()))
                 .map_err(|e| Status::not_found(e.to_string()))?;
         }
-        let mut ops = ops::store::load(&self.state.inventory.store).map_err(|e| status(e.into()))?;
+        let mut ops = ops::store::load(&self.state.inventory.store).await.map_err(|e| status(e.into()))?;
         ops.retain(|o| r.cluster.is_empty() || o.cluster == r.cluster);
         ops.reverse();
         ops.truncate(if r.limit == 0 { 50 } else { r.limit as usize });
@@ -369,10 +369,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let id = req.into_inner().operation_id;
         let result = match self.state.registry.get(&id) {
             Some(r) if !r.finished() => match r.cancel.request() {
-                Ok(()) => self.operation(&id),
+                Ok(()) => self.operation(&id).await,
                 Err(why) => Err(Status::failed_precondition(format!("cannot cancel {id} safely now: {why}"))),
             },
-            _ => match self.operation(&id) {
+            _ => match self.operation(&id).await {
                 Ok(op) => Err(Status::failed_precondition(format!(
                     "operation {id} is not running here ({}): nothing to cancel",
                     OperationState::try_from(op.state).map(|s| s.as_str_name()).unwrap_or("unknown")
