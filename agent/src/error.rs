@@ -75,7 +75,7 @@ impl From<AgentError> for Status {
             AgentError::Invalid { .. } => Code::InvalidArgument,
             AgentError::Upstream(u) => match u {
                 UpstreamError::Pg(pg) => pg_code(pg),
-                UpstreamError::SlotActive(_) => Code::FailedPrecondition,
+                UpstreamError::SlotActive { .. } => Code::FailedPrecondition,
                 UpstreamError::DropStaleSlot { .. } => Code::FailedPrecondition,
                 UpstreamError::HbaFile { .. } => Code::Internal,
                 UpstreamError::HbaRejected { .. } => Code::FailedPrecondition,

@@ -48,6 +48,12 @@ impl AgentService {
             replica_addr: single_host(&r.replica_address)
                 .map_err(|reason| invalid("replica_address", reason))?,
             slot: SlotName::parse(&r.slot_name).map_err(|e| invalid("slot_name", e.to_string()))?,
+            replica_name: if r.replica_name.is_empty() {
+                None
+            } else {
+                Some(NodeName::parse(&r.replica_name).map_err(|e| invalid("replica_name", e.to_string()))?)
+            },
+            replica_streams_through_slot: r.replica_streams_through_slot,
             dry_run: r.dry_run,
             for_rewind: r.for_rewind,
         };

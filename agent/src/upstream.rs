@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use pgfleet_proto::{RoleName, SlotName};
+use pgfleet_proto::{NodeName, RoleName, SlotName};
 use tracing::{info, warn};
 
 use crate::hba::{self, ReplicationRule};
@@ -19,10 +19,17 @@ pub enum UpstreamError {
     #[error(transparent)]
     Pg(#[from] PgError),
     #[error(
-        "slot {0} is active on this node and held by another standby than the one being rebuilt; \
+        "slot {slot} is active on this node, held by a standby streaming from {holder_addr} as \
+         application_name {holder_name:?}, not by {replica} ({replica_addr}); \
          stop that standby or choose another slot name with --slot"
     )]
-    SlotActive(SlotName),
+    SlotActive {
+        slot: SlotName,
+        holder_addr: String,
+        holder_name: String,
+        replica: String,
+        replica_addr: IpAddr,
+    },
     #[error("dropping the stale slot {slot}: {source}")]
     DropStaleSlot {
         slot: SlotName,
@@ -56,6 +63,10 @@ pub struct PrepareRequest {
     pub password: Secret,
     pub replica_addr: IpAddr,
     pub slot: SlotName,
+    /// The replica's node name (its application_name), if the caller gave it.
+    pub replica_name: Option<NodeName>,
+    /// The caller saw the replica's WAL receiver use the slot.
+    pub replica_streams_through_slot: bool,
     pub dry_run: bool,
     /// Also let the replica run pg_rewind against this node.
     pub for_rewind: bool,
@@ -322,10 +333,13 @@ async fn write(path: &std::path::Path, text: String) -> std::io::Result<()> {
 }
 
 async fn clear_stale_slot(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> Result<(), UpstreamError> {
-    // Who holds the slot, if anyone: the WAL sender's client address.
+    // Who holds the slot, if anyone: the WAL sender's client address and
+    // application_name. The address alone cannot tell two instances on one
+    // host apart (Debian's pg_createcluster makes exactly that), so the
+    // name must match too.
     let rows = pg
         .query(
-            "SELECT s.active, host(r.client_addr) \
+            "SELECT s.active, host(r.client_addr), r.application_name \
              FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
              WHERE s.slot_name = $1",
             &[&req.slot.as_str()],
@@ -340,13 +354,21 @@ async fn clear_stale_slot(pg: &Pg, req: &PrepareRequest, out: &mut Prepared) -> 
     };
     let active: bool = row.try_get(0).map_err(PgError::from)?;
     let holder: Option<String> = row.try_get(1).map_err(PgError::from)?;
+    let holder_name: Option<String> = row.try_get(2).map_err(PgError::from)?;
     if active {
-        let held_by_replica = holder
-            .as_deref()
-            .and_then(|h| h.parse::<IpAddr>().ok())
-            == Some(req.replica_addr);
-        if !held_by_replica {
-            return Err(UpstreamError::SlotActive(req.slot.clone()));
+        let same_address = holder.as_deref().and_then(|h| h.parse::<IpAddr>().ok()) == Some(req.replica_addr);
+        let same_name = req
+            .replica_name
+            .as_ref()
+            .is_some_and(|n| holder_name.as_deref() == Some(n.as_str()));
+        if !(same_address && (same_name || req.replica_streams_through_slot)) {
+            return Err(UpstreamError::SlotActive {
+                slot: req.slot.clone(),
+                holder_addr: holder.unwrap_or_else(|| "an unknown address".into()),
+                holder_name: pgfleet_proto::shown(holder_name.as_deref().unwrap_or("")),
+                replica: req.replica_name.as_ref().map_or_else(|| "the node being rebuilt".into(), |n| n.to_string()),
+                replica_addr: req.replica_addr,
+            });
         }
         out.steps.push(Step::new(
             "stale-slot",

@@ -41,6 +41,8 @@ pub enum AdmitError {
 pub struct Follower<'a> {
     pub node: &'a Node,
     pub slot: SlotName,
+    /// Its own WAL receiver streams from the upstream through `slot`.
+    pub in_use: bool,
 }
 
 /// What admitting one follower did.
@@ -88,6 +90,8 @@ pub async fn admit(
             dry_run: true,
             operation_id: operation_id.to_owned(),
             for_rewind: false,
+            replica_name: f.node.name.to_string(),
+            replica_streams_through_slot: f.in_use,
         };
         prepare(upstream, f, req.clone(), d).await?;
         requests.push((f, req));

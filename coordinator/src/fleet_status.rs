@@ -190,6 +190,23 @@ fn lsn(s: &Option<String>, what: &str, node: &Node) -> Result<Option<Lsn>, Strin
 }
 
 impl NodeReport {
+    /// This node's own WAL receiver streams from `upstream` through `slot`:
+    /// then the slot's one holder there is this node, whatever
+    /// application_name it streams under (the upstream's agent cannot tell
+    /// two instances on one host address apart by the address alone).
+    pub fn streams_through(&self, upstream: &Node, slot: &str) -> bool {
+        let same_host = |h: &str| {
+            h == upstream.host
+                || matches!((h.parse::<std::net::IpAddr>(), upstream.host.parse::<std::net::IpAddr>()), (Ok(a), Ok(b)) if a == b)
+        };
+        self.wal_receiver.as_ref().is_some_and(|w| {
+            w.status == "streaming"
+                && w.slot_name.as_deref() == Some(slot)
+                && w.sender_port == Some(u32::from(upstream.port))
+                && w.sender_host.as_deref().is_some_and(same_host)
+        })
+    }
+
     /// A node nothing is known of yet: unreachable, role unknown.
     pub fn unknown(node: &Node) -> Self {
         NodeReport {

@@ -211,6 +211,10 @@ pub struct Prepared<'a> {
     pub mappings: Vec<pb::TablespaceMapping>,
     pub cluster_system_identifier: String,
     pub replica_address: IpAddr,
+    /// The node's own WAL receiver streams from the upstream through the
+    /// slot: the slot's holder is the node, whatever application_name it
+    /// streams under (the upstream cannot tell from the address alone).
+    pub replica_streams_through_slot: bool,
     pub password: Secret,
 }
 
@@ -339,6 +343,7 @@ pub async fn preflight<'a>(
         });
     }
     let replica_address = resolve(node).await?;
+    let replica_streams_through_slot = target.streams_through(upstream, slot.as_str());
     let password = cluster.replication_password()?;
     Ok(Prepared {
         cluster,
@@ -348,6 +353,7 @@ pub async fn preflight<'a>(
         mappings,
         cluster_system_identifier: expected,
         replica_address,
+        replica_streams_through_slot,
         password,
     })
 }
@@ -430,6 +436,8 @@ fn prepare_request(p: &Prepared<'_>, dry_run: bool, op: &str) -> pb::PrepareUpst
         dry_run,
         operation_id: op.to_owned(),
         for_rewind: false,
+        replica_name: p.node.name.to_string(),
+        replica_streams_through_slot: p.replica_streams_through_slot,
     }
 }
 

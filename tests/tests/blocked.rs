@@ -114,6 +114,8 @@ async fn get_status_answers_while_a_change_is_stuck_behind_a_lock() {
                 dry_run: false,
                 operation_id: "stuck-test".into(),
                 for_rewind: false,
+                replica_name: "node1".into(),
+                replica_streams_through_slot: false,
             })
             .await
     });

@@ -25,6 +25,8 @@ fn prepare(role: &str, address: &str) -> pb::PrepareUpstreamRequest {
         dry_run: false,
         operation_id: "validation-test".into(),
         for_rewind: false,
+        replica_name: "node1".into(),
+        replica_streams_through_slot: false,
     }
 }
 
@@ -178,6 +180,26 @@ async fn the_service_refuses_what_the_cli_refuses() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert_eq!(one(fleet.host(1), "select pg_postmaster_start_time()::text").await, before);
+
+    // Issue #12 item 5, the agent's side: node1 streams through slot node1.
+    // Another instance on node1's address (Debian runs several clusters on
+    // one host) is not its holder: the slot is refused, not planned for a
+    // drop. Only the node streaming under its own name is.
+    let mut agent = AgentClient::new(primary.agent_channel().await.unwrap());
+    let claim = |name: &str| pb::PrepareUpstreamRequest {
+        replica_address: fleet.host(1).addr().to_string(),
+        replica_name: name.into(),
+        dry_run: true,
+        ..prepare("pgfleet_replication", "0.0.0.0")
+    };
+    for name in ["node2", ""] {
+        let e = agent.prepare_upstream(claim(name)).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{name:?}: {e:?}");
+        assert!(e.message().contains("application_name \"node1\""), "{e:?}");
+    }
+    let own = agent.prepare_upstream(claim("node1")).await.unwrap().into_inner();
+    assert!(own.slot_held_by_replica, "{own:?}");
+    assert_eq!(one(primary, "select count(*) from pg_replication_slots where slot_name = 'node1' and active").await, "1");
 
     // --all-replicas without --cluster through the service: the only cluster.
     let out = pgfleet(&fleet, &["--coordinator", c.url.as_str(), "rebuild", "--all-replicas", "--dry-run"]);

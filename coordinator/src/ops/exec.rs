@@ -274,6 +274,8 @@ impl<'a> Exec<'a> {
             dry_run: false,
             operation_id: self.op.id().to_owned(),
             for_rewind: true,
+            replica_name: n.name.to_string(),
+            replica_streams_through_slot: false,
         };
         call(up, d, async |c| c.prepare_upstream(prep).await).await?;
         let rw = pb::RewindRequest {
@@ -336,7 +338,7 @@ impl<'a> Exec<'a> {
                 let up = self.node(upstream)?;
                 let mut fs = Vec::new();
                 for f in followers {
-                    fs.push(Follower { node: self.node(&f.node)?, slot: f.slot.clone() });
+                    fs.push(Follower { node: self.node(&f.node)?, slot: f.slot.clone(), in_use: f.in_use });
                 }
                 let password = self.password()?;
                 let done = admit::admit(self.cluster, up, &fs, &password, self.op.id(), d)

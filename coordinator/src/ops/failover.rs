@@ -234,7 +234,7 @@ pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadli
             followers: ch
                 .standbys
                 .iter()
-                .map(|r| FollowerSlot { node: r.name.clone(), slot: slot_of(r, report(&cr, r.name.as_str())) })
+                .map(|r| FollowerSlot { node: r.name.clone(), slot: slot_of(r, report(&cr, r.name.as_str())), in_use: false })
                 .collect(),
         });
     }

@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 pub struct FollowerSlot {
     pub node: NodeName,
     pub slot: SlotName,
+    /// The node streams from the upstream through this slot already (its
+    /// own WAL receiver says so): the upstream keeps it, whatever
+    /// application_name it streams under.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_use: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,7 +271,7 @@ mod tests {
                 Step::Admit {
                     upstream: n("b"),
                     role: RoleName::parse("replicator").unwrap(),
-                    followers: vec![FollowerSlot { node: n("a"), slot: n("a").default_slot() }],
+                    followers: vec![FollowerSlot { node: n("a"), slot: n("a").default_slot(), in_use: false }],
                 },
                 Step::Fence { node: n("a"), immediate: false },
                 Step::CatchUp { node: n("b"), fenced: n("a") },

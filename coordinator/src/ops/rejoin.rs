@@ -97,7 +97,7 @@ pub async fn plan<'a>(inventory: &'a Inventory, name: &str, rebuild_if_needed: b
         Step::Admit {
             upstream: primary.name.clone(),
             role: c.replication_role.clone(),
-            followers: vec![FollowerSlot { node: n.name.clone(), slot: n.name.default_slot() }],
+            followers: vec![FollowerSlot { node: n.name.clone(), slot: n.name.default_slot(), in_use: false }],
         },
         Step::Fence { node: n.name.clone(), immediate: false },
     ];

@@ -190,12 +190,17 @@ pub fn plan(p: &SwitchoverPlan<'_>) -> Plan {
         Step::Admit {
             upstream: old.clone(),
             role: role.clone(),
-            followers: vec![FollowerSlot { node: new.clone(), slot: slot(p.new) }],
+            followers: vec![FollowerSlot {
+                node: new.clone(),
+                slot: slot(p.new),
+                in_use: report(&p.report, new.as_str()).is_some_and(|r| r.streams_through(p.old, slot(p.new).as_str())),
+            }],
         },
         Step::Replay { standby: new.clone(), primary: old.clone() },
     ];
-    let mut followers = vec![FollowerSlot { node: old.clone(), slot: old.default_slot() }];
-    followers.extend(p.others.iter().map(|r| FollowerSlot { node: r.name.clone(), slot: slot(r) }));
+    // None of them streams from the candidate yet.
+    let mut followers = vec![FollowerSlot { node: old.clone(), slot: old.default_slot(), in_use: false }];
+    followers.extend(p.others.iter().map(|r| FollowerSlot { node: r.name.clone(), slot: slot(r), in_use: false }));
     steps.push(Step::Admit { upstream: new.clone(), role, followers });
     let no_return = steps.len();
     let new_sync = p.sync.replacing(new.as_str(), old.as_str());

@@ -92,7 +92,11 @@ pub async fn plan<'a>(
         steps.push(Step::Admit {
             upstream: primary.name.clone(),
             role: c.replication_role.clone(),
-            followers: vec![FollowerSlot { node: node.name.clone(), slot: slot.clone() }],
+            followers: vec![FollowerSlot {
+                node: node.name.clone(),
+                slot: slot.clone(),
+                in_use: r.streams_through(primary, slot.as_str()),
+            }],
         });
         steps.push(Step::Reconnect {
             node: node.name.clone(),
