@@ -108,6 +108,8 @@ impl From<AgentError> for Status {
                 JobError::NotFound(_) => Code::NotFound,
             },
         };
-        Status::new(code, e.to_string())
+        // Every message leaves on one line, whatever a layer below put in
+        // it (tonic would send a raw newline in the grpc-message header).
+        Status::new(code, pgfleet_proto::one_line(&e.to_string(), 2000))
     }
 }

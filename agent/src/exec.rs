@@ -46,7 +46,9 @@ fn tail_text(lines: &[String]) -> String {
     if lines.is_empty() {
         "no error output".into()
     } else {
-        lines.join(" | ")
+        // A program's stderr is not ours: escape what could forge a log
+        // line or redraw a terminal, cut what has no end.
+        lines.iter().map(|l| pgfleet_proto::shown_max(l, 300)).collect::<Vec<_>>().join(" | ")
     }
 }
 

@@ -42,13 +42,15 @@ pub enum PgError {
 impl From<tokio_postgres::Error> for PgError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
+            // A server message may span lines (a RAISE in a user's
+            // trigger): one line for statuses, logs and tables.
             Some(db) => PgError::Query {
                 code: Some(db.code().code().to_owned()),
-                message: db.message().to_owned(),
+                message: pgfleet_proto::one_line(db.message(), 400),
             },
             None => PgError::Query {
                 code: None,
-                message: e.to_string(),
+                message: pgfleet_proto::one_line(&e.to_string(), 400),
             },
         }
     }

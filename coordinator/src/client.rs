@@ -43,7 +43,9 @@ impl AgentCallError {
             node: node.name.to_string(),
             endpoint: node.agent.clone(),
             code: s.code(),
-            message: s.message().to_owned(),
+            // An agent's message on one line: it ends up in tables, logs
+            // and the journal.
+            message: pgfleet_proto::one_line(s.message(), 2000),
         }
     }
 

@@ -101,12 +101,10 @@ pub enum RebuildError {
     },
 }
 
+/// pg_basebackup's last lines, one indented line each (for the person at
+/// the terminal), each escaped: they come from another program.
 fn stderr_section(lines: &[String]) -> String {
-    if lines.is_empty() {
-        String::new()
-    } else {
-        format!("\n  {}", lines.join("\n  "))
-    }
+    lines.iter().map(|l| format!("\n  {}", pgfleet_proto::shown_max(l, 300))).collect()
 }
 
 impl RebuildError {

@@ -14,7 +14,7 @@ pub mod sync;
 pub mod tls;
 pub mod types;
 
-pub use types::{ClusterName, Lsn, NodeName, OperationId, ParseError, RoleName, SlotName, shown};
+pub use types::{ClusterName, Lsn, NodeName, OperationId, ParseError, RoleName, SlotName, one_line, shown, shown_max};
 
 /// `pgfleet.agent.v1`: the agent's API.
 pub mod agent {

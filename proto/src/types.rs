@@ -36,18 +36,38 @@ impl ParseError {
 /// control characters escaped (no forged log line), at most 80 characters
 /// (no megabyte error message), `…` when cut.
 pub fn shown(value: &str) -> String {
+    shown_max(value, 80)
+}
+
+/// [`shown`] with room for `max` characters: for text from elsewhere that
+/// is worth reading whole (a command's stderr line, a server's message).
+pub fn shown_max(value: &str, max: usize) -> String {
     let mut out = String::new();
     let mut count = 0;
     for c in value.chars() {
         let piece: String = if c.is_control() { c.escape_debug().collect() } else { c.to_string() };
         count += piece.chars().count();
-        if count > 80 {
+        if count > max {
             out.push('…');
             return out;
         }
         out.push_str(&piece);
     }
     out
+}
+
+/// A message that may span lines (PostgreSQL's ERROR and DETAIL, a
+/// program's stderr) as one line for a gRPC status, a log line or a table
+/// cell: its lines joined with " / ", other control characters escaped, at
+/// most `max` characters.
+pub fn one_line(text: &str, max: usize) -> String {
+    let joined = text
+        .split(['\n', '\r'])
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join(" / ");
+    shown_max(&joined, max)
 }
 
 /// The coordinator's operation id a changing call carries, for logs and
@@ -295,6 +315,16 @@ impl<'de> Deserialize<'de> for Lsn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_from_elsewhere_become_one_line() {
+        assert_eq!(
+            one_line("ERROR:  boom\nDETAIL:  it broke\r\n\n", 200),
+            "ERROR:  boom / DETAIL:  it broke"
+        );
+        assert_eq!(one_line("a\u{1b}[2Jb", 200), "a\\u{1b}[2Jb");
+        assert_eq!(one_line(&"y".repeat(5000), 100).chars().count(), 101);
+    }
 
     #[test]
     fn client_values_are_echoed_escaped_and_cut() {

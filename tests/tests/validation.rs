@@ -201,6 +201,20 @@ async fn the_service_refuses_what_the_cli_refuses() {
     assert!(own.slot_held_by_replica, "{own:?}");
     assert_eq!(one(primary, "select count(*) from pg_replication_slots where slot_name = 'node1' and active").await, "1");
 
+    // An operation id that is not one is refused, not echoed raw (a newline
+    // in a status or a log line forges a line): through the API and the CLI.
+    let forged = "sync-1\nFORGED";
+    let e = api.get_operation(cpb::GetOperationRequest { operation_id: forged.into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(!e.message().contains('\n'), "{e:?}");
+    let e = api.cancel_operation(cpb::CancelOperationRequest { operation_id: forged.into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    for args in [["ops", "show", forged], ["ops", "abort", forged]] {
+        let out = pgfleet(&fleet, &args);
+        assert_eq!(out.code(), Some(2), "{out}");
+        assert!(!out.stderr.contains("\nFORGED"), "{out}");
+    }
+
     // --all-replicas without --cluster through the service: the only cluster.
     let out = pgfleet(&fleet, &["--coordinator", c.url.as_str(), "rebuild", "--all-replicas", "--dry-run"]);
     assert_eq!(out.code(), Some(0), "{out}");

@@ -172,6 +172,7 @@ async fn run_ops_local(inventory: &Inventory, action: &OpsAction, d: Deadlines) 
             }
         }
         OpsAction::Show { id, json } => {
+            pgfleet_proto::OperationId::parse(id)?;
             let o = crate::ops::store::find(&inventory.store, id).await?
                 .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inventory.store)))?;
             if *json {

@@ -14,8 +14,11 @@ impl Table {
         }
     }
 
+    /// A cell holds one line: a newline or an escape sequence in a value
+    /// (a server's message, a name from elsewhere) would break the columns.
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        let one = |c: String| if c.chars().any(char::is_control) { pgfleet_proto::one_line(&c, 100_000) } else { c };
+        self.rows.push(cells.into_iter().map(one).collect());
     }
 
     pub fn is_empty(&self) -> bool {
@@ -61,5 +64,14 @@ mod tests {
         let mut t = Table::new(&["A", "BB", "C"]);
         t.row(vec!["long".into(), "x".into(), "end".into()]);
         assert_eq!(t.render(), "A     BB  C\nlong  x   end\n");
+    }
+
+    #[test]
+    fn a_cell_is_one_line() {
+        let mut t = Table::new(&["A", "B"]);
+        t.row(vec!["could not connect\nDETAIL: x".into(), "\u{1b}[2J".into()]);
+        let out = t.render();
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(out.contains("could not connect / DETAIL: x") && !out.contains('\u{1b}'), "{out}");
     }
 }

@@ -165,7 +165,7 @@ pub fn op(o: &OpRecord) -> String {
             .flatten();
         let detail = match &plan {
             Some(p) => format!("{} ({} steps)", p.title, p.steps.len()),
-            None => e.detail.clone(),
+            None => pgfleet_proto::one_line(&e.detail, 100_000),
         };
         s += &format!("  {} {:<26} {:<10} {detail}\n", e.time, e.step, e.event);
         if let Some(p) = plan {

@@ -41,6 +41,7 @@ pub async fn begin(
     tx: Option<UnboundedSender<pb::OperationEvent>>,
     cancel: Arc<CancelState>,
 ) -> Result<(OpCtx, OpRecord, OpRequest), CoordinatorError> {
+    pgfleet_proto::OperationId::parse(id)?;
     let rec = store::find(&inv.store, id).await?
         .ok_or_else(|| CoordinatorError::Usage(format!("no operation {id} in the journal ({})", inv.store)))?;
     if rec.state != "interrupted" {

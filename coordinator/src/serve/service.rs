@@ -50,10 +50,12 @@ fn access(method: &str) -> Access {
 pub fn status(e: CoordinatorError) -> Status {
     // is_usage() also counts an agent's INVALID_ARGUMENT as the caller's.
     let code = if e.is_usage() { tonic::Code::InvalidArgument } else { e.code() };
-    Status::new(code, e.to_string())
+    Status::new(code, pgfleet_proto::one_line(&e.to_string(), 2000))
 }
 
 async fn record_of(state: &State, id: &str) -> Result<Option<ops::store::OpRecord>, Status> {
+    // An id is echoed in the answer: refuse what is not one.
+    pgfleet_proto::OperationId::parse(id).map_err(|e| status(e.into()))?;
     ops::store::find(&state.inventory.store, id).await.map_err(|e| status(e.into()))
 }
 
