@@ -55,6 +55,26 @@ pub fn parse(text: &str) -> ControlData {
     cd
 }
 
+/// A setting as the server's configuration files give it (`postgres -C`),
+/// for a server that is down.
+pub async fn configured_setting(config: &AgentConfig, name: &str) -> Result<String, ExecError> {
+    let program = config.pg_bin("postgres");
+    let mut cmd = Cmd::new(&program, PG_CONTROLDATA_TIMEOUT)
+        .arg("-D")
+        .arg(&config.postgres.data_dir);
+    // Debian's configuration is under /etc/postgresql.
+    if let Some(conf) = config.server_config_file() {
+        cmd = cmd.arg("-c").arg(format!("config_file={}", conf.display()));
+    }
+    let out = cmd
+        .arg("-C")
+        .arg(name)
+        .run()
+        .await?
+        .success(&program)?;
+    Ok(out.stdout.trim_end_matches('\n').to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,24 +102,4 @@ mod tests {
         );
         assert_eq!(parse(""), ControlData::default());
     }
-}
-
-/// A setting as the server's configuration files give it (`postgres -C`),
-/// for a server that is down.
-pub async fn configured_setting(config: &AgentConfig, name: &str) -> Result<String, ExecError> {
-    let program = config.pg_bin("postgres");
-    let mut cmd = Cmd::new(&program, PG_CONTROLDATA_TIMEOUT)
-        .arg("-D")
-        .arg(&config.postgres.data_dir);
-    // Debian's configuration is under /etc/postgresql.
-    if let Some(conf) = config.server_config_file() {
-        cmd = cmd.arg("-c").arg(format!("config_file={}", conf.display()));
-    }
-    let out = cmd
-        .arg("-C")
-        .arg(name)
-        .run()
-        .await?
-        .success(&program)?;
-    Ok(out.stdout.trim_end_matches('\n').to_owned())
 }

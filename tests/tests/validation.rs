@@ -264,7 +264,9 @@ fn error_of(out: &pgfleet_tests::CliOutput) -> String {
 /// Both doors, one check: every bad-input refusal the suite makes of an
 /// operation command, run in-process and through `pgfleet serve` (the CLI
 /// with --coordinator sends the API message, which the service validates):
-/// the same exit code 2 and the same message, and nothing changed.
+/// the same exit code 2 and the same message, and nothing changed. Then the
+/// refusals the fleet's state causes (a primary to rebuild, a failover of a
+/// live primary, an active slot): the same code and message both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cli_refusal_is_the_same_through_the_service() {
     let (fleet, c) = primary_replica_and_service();
@@ -312,6 +314,27 @@ async fn every_cli_refusal_is_the_same_through_the_service() {
         let remote = pgfleet(&fleet, &through);
         assert_eq!(local.code(), Some(2), "in-process {args:?}: {local}");
         assert_eq!(remote.code(), Some(2), "through the service {args:?}: {remote}");
+        assert_eq!(error_of(&remote), error_of(&local), "{args:?} is refused differently through the service");
+    }
+    // Refusals of well-formed requests the fleet's state forbids (exit 1):
+    // the service checks them in the same place, with the same words.
+    let preconditions: Vec<Vec<&str>> = vec![
+        vec!["rebuild", "node0"],
+        vec!["rebuild", "node0", "--dry-run"],
+        vec!["switchover", "--to", "node0"],
+        vec!["failover"],
+        vec!["failover", "--dry-run"],
+        vec!["slots", "drop", "node0", "nosuchslot", "--dry-run"],
+        vec!["slots", "drop", "node0", "node1"],
+        vec!["sync", "set", "node0"],
+    ];
+    for args in &preconditions {
+        let local = pgfleet(&fleet, args);
+        let mut through = vec!["--coordinator", c.url.as_str()];
+        through.extend_from_slice(args);
+        let remote = pgfleet(&fleet, &through);
+        assert!(matches!(local.code(), Some(1 | 2)), "in-process {args:?}: {local}");
+        assert_eq!(remote.code(), local.code(), "through the service {args:?}: {remote}");
         assert_eq!(error_of(&remote), error_of(&local), "{args:?} is refused differently through the service");
     }
     let after = (
