@@ -786,7 +786,7 @@ fn check_space(ctx: &Ctx<'_>) -> Result<String, RebuildError> {
             continue;
         };
         let fsid = nix::sys::statvfs::statvfs(&existing)
-            .map(|s| u64::from(s.filesystem_id()))
+            .map(|s| s.filesystem_id())
             .unwrap_or(0);
         let free = disk_space(&existing).map(|d| d.free_bytes).unwrap_or(0);
         let e = by_fs.entry(fsid).or_insert((path.clone(), 0, free));
