@@ -51,6 +51,9 @@ pub struct Admitted {
     pub follower: String,
     pub hba_line: String,
     pub hba_line_added: bool,
+    /// The upstream's whole answer: what a rebuild's job needs to know of it
+    /// (its size, tablespaces, whether the follower holds its slot).
+    pub response: pb::PrepareUpstreamResponse,
 }
 
 impl Admitted {
@@ -102,8 +105,9 @@ pub async fn admit(
         let r = prepare(upstream, f, req, d).await?;
         done.push(Admitted {
             follower: f.node.name.to_string(),
-            hba_line: r.hba_line,
+            hba_line: r.hba_line.clone(),
             hba_line_added: r.hba_line_added,
+            response: r,
         });
     }
     Ok(done)

@@ -91,7 +91,6 @@ impl CoordinatorError {
             CoordinatorError::Cancelled(_)
                 | CoordinatorError::Rebuild(crate::rebuild::RebuildError::Cancelled(_))
                 | CoordinatorError::Move(crate::ops::exec::MoveError::Cancelled(_))
-                | CoordinatorError::Sync(crate::sync::SyncError::Cancelled(_))
         )
     }
 }

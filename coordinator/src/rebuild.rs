@@ -356,6 +356,31 @@ pub async fn preflight<'a>(
     })
 }
 
+/// What a planned rebuild step acts with, from the step's fields: its
+/// checks were made when it was planned.
+pub async fn prepared_for<'a>(
+    cluster: &'a Cluster,
+    node: &'a Node,
+    upstream: &'a Node,
+    slot: SlotName,
+    tablespace_mappings: &[String],
+    system_identifier: &str,
+    password: Secret,
+) -> Result<Prepared<'a>, RebuildError> {
+    Ok(Prepared {
+        cluster,
+        node,
+        upstream,
+        slot,
+        mappings: tablespace_mappings.iter().map(|m| parse_mapping(m)).collect::<Result<Vec<_>, _>>()?,
+        cluster_system_identifier: system_identifier.to_owned(),
+        replica_address: resolve(node).await?,
+        // Only the upstream's PrepareUpstream reads it: done by the admit step.
+        replica_streams_through_slot: false,
+        password,
+    })
+}
+
 pub async fn resolve(node: &Node) -> Result<IpAddr, RebuildError> {
     node.address().await.ok_or_else(|| RebuildError::Address {
         node: node.name.to_string(),
@@ -400,7 +425,7 @@ pub async fn plan(p: &Prepared<'_>, req: &RebuildRequest, d: Deadlines) -> Resul
         .into_inner();
     let mut target = client::connect(p.node, d).await?;
     let plan = target
-        .start_rebuild(start_request(p, &prep, req, true, ""))
+        .start_rebuild(start_request(p, &prep, req.spread_checkpoint, true, ""))
         .await
         .map_err(|s| AgentCallError::from_status(p.node, s))?
         .into_inner();
@@ -442,7 +467,7 @@ fn prepare_request(p: &Prepared<'_>, dry_run: bool, op: &str) -> pb::PrepareUpst
 fn start_request(
     p: &Prepared<'_>,
     prep: &pb::PrepareUpstreamResponse,
-    req: &RebuildRequest,
+    spread_checkpoint: bool,
     dry_run: bool,
     op: &str,
 ) -> pb::StartRebuildRequest {
@@ -454,7 +479,7 @@ fn start_request(
         slot_name: p.slot.to_string(),
         application_name: p.node.name.to_string(),
         tablespace_mappings: p.mappings.clone(),
-        checkpoint: if req.spread_checkpoint {
+        checkpoint: if spread_checkpoint {
             pb::CheckpointMode::Spread
         } else {
             pb::CheckpointMode::Fast
@@ -468,7 +493,38 @@ fn start_request(
     }
 }
 
-/// Runs the rebuild: upstream access, the node's job, then confirmation.
+/// The checks both agents make before anything changes: the upstream's
+/// PrepareUpstream and the node's StartRebuild, both as dry runs. The node
+/// validates the request (tablespace targets inside its allowed roots,
+/// space, names) here: a request it would refuse must not leave a role or a
+/// pg_hba.conf line behind on the upstream.
+pub async fn check(p: &Prepared<'_>, spread_checkpoint: bool, d: Deadlines, op: &str) -> Result<(), RebuildError> {
+    let mut up = client::connect(p.upstream, d).await?;
+    let facts = up
+        .prepare_upstream(prepare_request(p, true, op))
+        .await
+        .map_err(|s| AgentCallError::from_status(p.upstream, s))?
+        .into_inner();
+    let mut target = client::connect(p.node, d).await?;
+    target
+        .start_rebuild(start_request(p, &facts, spread_checkpoint, true, op))
+        .await
+        .map_err(|s| AgentCallError::from_status(p.node, s))?;
+    Ok(())
+}
+
+/// Why a rebuild cannot be cancelled once its job started.
+pub fn no_return(node: &str) -> String {
+    format!(
+        "the rebuild of {node} has started on its agent: its data directory is being moved aside and replaced; \
+         stopping now would leave it without data. Let it finish, or rebuild it again afterwards"
+    )
+}
+
+/// Runs the whole rebuild outside a plan of its own (rejoin's fallback,
+/// inside its rewind step): checks, upstream access, the node's job, then
+/// confirmation. A planned rebuild runs the same pieces as the admit,
+/// rebuild and confirm steps.
 pub async fn execute(
     p: &Prepared<'_>,
     req: &RebuildRequest,
@@ -478,21 +534,9 @@ pub async fn execute(
     let started = Instant::now();
     let op = ctx.id().to_owned();
     ctx.checkpoint()?;
-    let mut up = client::connect(p.upstream, d).await?;
-    // The node validates the request (tablespace targets inside its allowed
-    // roots, names) against a dry run first: a request it would refuse must
-    // not leave a role or a pg_hba.conf line behind on the upstream.
-    let facts = up
-        .prepare_upstream(prepare_request(p, true, &op))
-        .await
-        .map_err(|s| AgentCallError::from_status(p.upstream, s))?
-        .into_inner();
-    let mut target = client::connect(p.node, d).await?;
-    target
-        .start_rebuild(start_request(p, &facts, req, true, &op))
-        .await
-        .map_err(|s| AgentCallError::from_status(p.node, s))?;
+    check(p, req.spread_checkpoint, d, &op).await?;
     ctx.checkpoint()?;
+    let mut up = client::connect(p.upstream, d).await?;
     let prep = up
         .prepare_upstream(prepare_request(p, false, &op))
         .await
@@ -519,13 +563,33 @@ pub async fn execute(
     // A cancel before this line leaves the node untouched (the role and
     // pg_hba.conf line on the upstream are what any rebuild needs); after
     // it, the node's data directory moves and the copy must finish.
-    ctx.point_of_no_return(&format!(
-        "the rebuild of {} has started on its agent: its data directory is being moved aside and replaced; \
-         stopping now would leave it without data. Let it finish, or rebuild it again afterwards",
-        p.node.name
-    ))?;
+    ctx.point_of_no_return(&no_return(p.node.name.as_str()))?;
+    let job = run_job(p, &prep, req.spread_checkpoint, d, ctx).await?;
+    confirmed(p.node, p.upstream, &p.slot, job, started, d).await
+}
+
+/// What a finished job left: where the old data went, its log.
+#[derive(Debug, Clone)]
+pub struct JobDone {
+    pub job_id: String,
+    pub moved_aside_to: Option<String>,
+    pub log_file: Option<String>,
+    pub replayed_lsn: Option<String>,
+}
+
+/// The node's job, given what the upstream's (real) PrepareUpstream
+/// answered: started, journaled with its id (how `ops resume` re-attaches),
+/// followed to its end. A failed job's slot is dropped on the upstream.
+pub async fn run_job(
+    p: &Prepared<'_>,
+    prep: &pb::PrepareUpstreamResponse,
+    spread_checkpoint: bool,
+    d: Deadlines,
+    ctx: &OpCtx,
+) -> Result<JobDone, RebuildError> {
+    let mut target = client::connect(p.node, d).await?;
     let job_id = target
-        .start_rebuild(start_request(p, &prep, req, false, &op))
+        .start_rebuild(start_request(p, prep, spread_checkpoint, false, ctx.id()))
         .await
         .map_err(|s| AgentCallError::from_status(p.node, s))?
         .into_inner()
@@ -538,7 +602,7 @@ pub async fn execute(
             p.node.name
         ),
     );
-    follow(p.node, p.upstream, &p.slot, &job_id, target, d, ctx, started).await
+    watch(p.node, p.upstream, &p.slot, &job_id, target, d, ctx).await
 }
 
 /// Re-attaches to a running or finished job on `node`.
@@ -577,12 +641,14 @@ pub async fn attach(
         from: upstream_name.clone(),
         reason: e.to_string(),
     })?;
+    let started = Instant::now();
     let target = client::connect(n, d).await?;
-    follow(n, upstream, &slot, job_id, target, d, ctx, Instant::now()).await
+    let job = watch(n, upstream, &slot, job_id, target, d, ctx).await?;
+    confirmed(n, upstream, &slot, job, started, d).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn follow(
+/// Follows the job's events to its end.
+async fn watch(
     node: &Node,
     upstream: &Node,
     slot: &SlotName,
@@ -590,8 +656,7 @@ async fn follow(
     mut target: AgentClient<Channel>,
     d: Deadlines,
     ctx: &OpCtx,
-    started: Instant,
-) -> Result<RebuildReport, RebuildError> {
+) -> Result<JobDone, RebuildError> {
     // The call deadline would cut a long copy short: the stream has none.
     let mut request = tonic::Request::new(pb::WatchJobRequest {
         job_id: job_id.to_owned(),
@@ -642,15 +707,32 @@ async fn follow(
             slot_note,
         });
     }
+    Ok(JobDone {
+        job_id: job_id.to_owned(),
+        moved_aside_to: f.moved_aside_to,
+        log_file: f.log_file,
+        replayed_lsn: f.replayed_lsn,
+    })
+}
+
+/// The upstream shows the node streaming through its slot: the report.
+pub async fn confirmed(
+    node: &Node,
+    upstream: &Node,
+    slot: &SlotName,
+    job: JobDone,
+    started: Instant,
+    d: Deadlines,
+) -> Result<RebuildReport, RebuildError> {
     let (state, sync_state, lag) = confirm(node, upstream, slot, d).await?;
     Ok(RebuildReport {
         node: node.name.to_string(),
         upstream: upstream.name.to_string(),
         slot: slot.to_string(),
-        job_id: job_id.to_owned(),
-        moved_aside_to: f.moved_aside_to,
-        log_file: f.log_file,
-        replayed_lsn: f.replayed_lsn,
+        job_id: job.job_id,
+        moved_aside_to: job.moved_aside_to,
+        log_file: job.log_file,
+        replayed_lsn: job.replayed_lsn,
         state,
         sync_state,
         lag_bytes: lag,

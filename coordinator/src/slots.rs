@@ -7,7 +7,6 @@ use pgfleet_proto::{Lsn, SlotName};
 use serde::Serialize;
 
 use crate::client::{self, AgentCallError, Deadlines};
-use crate::error::CoordinatorError;
 use crate::inventory::{Cluster, Node};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -110,16 +109,14 @@ pub struct DropReport {
 /// What a dry run of `slots drop` checks before it shows the plan: the slot
 /// exists on the node, and is not active unless `force`, as the real drop
 /// would refuse (the same words).
-pub async fn check_droppable(node: &Node, slot: &SlotName, force: bool, d: Deadlines) -> Result<(), CoordinatorError> {
+pub async fn check_droppable(node: &Node, slot: &SlotName, force: bool, d: Deadlines) -> Result<(), AgentCallError> {
     let info = client::call(node, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;
     let found = info.slots.iter().find(|s| s.slot_name == slot.as_str());
-    let refuse = |message: String| {
-        CoordinatorError::Agent(AgentCallError::Status {
-            node: node.name.to_string(),
-            endpoint: node.agent.clone(),
-            code: tonic::Code::FailedPrecondition,
-            message,
-        })
+    let refuse = |message: String| AgentCallError::Status {
+        node: node.name.to_string(),
+        endpoint: node.agent.clone(),
+        code: tonic::Code::FailedPrecondition,
+        message,
     };
     match found {
         None => Err(refuse(format!("no replication slot named {slot} on this node"))),

@@ -12,8 +12,6 @@ use crate::client::{self, AgentCallError, Deadlines};
 use crate::fleet_status::{self, ClusterReport};
 use crate::inventory::{Cluster, Inventory, Node, PasswordError};
 use crate::journal::JournalError;
-use crate::ops::ctx::Cancelled;
-use crate::ops::exec::MoveError;
 
 pub(crate) const SYNC_WAIT: Duration = Duration::from_secs(30);
 pub(crate) const SYNC_POLL: Duration = Duration::from_millis(100);
@@ -30,10 +28,6 @@ pub enum SyncError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Password(#[from] PasswordError),
-    #[error(transparent)]
-    Cancelled(#[from] Cancelled),
-    #[error(transparent)]
-    Step(#[from] MoveError),
     #[error(
         "synchronous_standby_names is set to {value:?} on {primary}, but within {}s pg_stat_replication shows: {seen}",
         SYNC_WAIT.as_secs()
@@ -47,10 +41,7 @@ pub enum SyncError {
 
 impl SyncError {
     pub fn is_usage(&self) -> bool {
-        match self {
-            SyncError::Step(e) => e.is_usage(),
-            e => matches!(e, SyncError::Invalid { .. }),
-        }
+        matches!(self, SyncError::Invalid { .. })
     }
 
     pub fn code(&self) -> tonic::Code {
@@ -61,8 +52,6 @@ impl SyncError {
             SyncError::Agent(e) => e.code(),
             SyncError::Journal(e) => e.code(),
             SyncError::Password(e) => e.code(),
-            SyncError::Cancelled(_) => Code::Cancelled,
-            SyncError::Step(e) => e.code(),
             SyncError::NotReached { .. } => Code::DeadlineExceeded,
         }
     }
@@ -173,6 +162,37 @@ pub(crate) fn reached(spec: &SyncSpec, rows: &[StandbySync]) -> bool {
     }
 }
 
+/// Refuses (with why) when `node`'s absence would leave the primary short of
+/// synchronous standbys: commits would wait for it. What a rolling rebuild
+/// checks before each replica stops.
+pub async fn keeps_sync(inventory: &Inventory, cluster: &str, node: &str, d: Deadlines) -> Result<(), String> {
+    let report = show(inventory, cluster, d).await.map_err(|e| e.to_string())?;
+    let Some(spec) = report.spec.filter(|s| s.is_synchronous()) else {
+        return Ok(());
+    };
+    if !spec.lists(node) {
+        return Ok(());
+    }
+    let others: Vec<&str> = report
+        .standbys
+        .iter()
+        .filter(|s| s.application_name != node && s.state == "streaming" && spec.lists(&s.application_name))
+        .map(|s| s.application_name.as_str())
+        .collect();
+    if (others.len() as u32) < spec.num_sync {
+        return Err(format!(
+            "rebuilding {node} would leave {} synchronous standby candidate(s) streaming ({}) where \
+             synchronous_standby_names = '{}' on {} needs {}: commits would wait until {node} is back. \
+             Add a standby to the list first (pgfleet sync set), or rebuild {node} alone if that wait is acceptable",
+            others.len(),
+            if others.is_empty() { "none".to_owned() } else { others.join(", ") },
+            report.synchronous_standby_names,
+            report.primary,
+            spec.num_sync
+        ));
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

@@ -449,9 +449,36 @@ async fn rebuild_of_an_empty_node_streams() {
     let (primary, node) = (fleet.host(0), fleet.host(1));
     assert!(!node.data_dir().exists());
 
+    // The dry run's typed plan is what runs: its steps, by index, in the
+    // journal.
+    let dry = pgfleet(&fleet, &["rebuild", "node1", "--dry-run", "--json"]);
+    assert_eq!(dry.code(), Some(0), "{dry}");
+    let planned: Vec<String> = json_values(&dry.stdout)[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}", s["host"].as_str().unwrap(), s["step"].as_str().unwrap()))
+        .collect();
+    assert_eq!(planned, ["node0 admit", "node1 rebuild", "node0 confirm"]);
+
     let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(out.stdout.contains("rebuilt node1 from node0"), "{out}");
+    let ops = pgfleet(&fleet, &["ops", "list", "--json"]);
+    let id = json_values(&ops.stdout)[0].as_array().unwrap()[0]["id"].as_str().unwrap().to_owned();
+    let shown = pgfleet(&fleet, &["ops", "show", &id, "--json"]);
+    let journal = json_values(&shown.stdout)[0]["journal"].as_array().unwrap().clone();
+    let started: Vec<(u64, String)> = journal
+        .iter()
+        .filter(|e| e["event"] == "start")
+        .filter_map(|e| Some((e["index"].as_u64()?, e["step"].as_str()?.to_owned())))
+        .collect();
+    assert_eq!(
+        started,
+        [(0, "admit".to_owned()), (1, "rebuild".to_owned()), (2, "confirm".to_owned())],
+        "the journal's steps are not the plan's: {shown}"
+    );
+    assert!(journal.iter().any(|e| e["step"] == "job" && e["event"] == "started"), "{shown}");
 
     assert_eq!(one(node, "select pg_is_in_recovery()").await, "t");
     assert_eq!(one(primary, "select pg_is_in_recovery()").await, "f");
@@ -1364,7 +1391,17 @@ async fn rebuild_dry_run_changes_nothing() {
     let plan = json_values(&out.stdout);
     assert_eq!(plan.len(), 1, "{out}");
     assert_eq!(plan[0]["dry_run"], true);
-    let steps = plan[0]["steps"].as_array().unwrap();
+    // The typed plan: the upstream admits node1, its agent rebuilds it,
+    // the upstream confirms it streams.
+    let typed: Vec<(&str, &str)> = plan[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["host"].as_str().unwrap(), s["step"].as_str().unwrap()))
+        .collect();
+    assert_eq!(typed, [("node0", "admit"), ("node1", "rebuild"), ("node0", "confirm")], "{out}");
+    // Under it, what each agent will do, from their own dry runs.
+    let steps = plan[0]["agent_steps"].as_array().unwrap();
     let on = |host: &str| -> Vec<&str> {
         steps
             .iter()
@@ -1432,7 +1469,7 @@ async fn rebuild_dry_run_changes_nothing() {
     );
     assert_eq!(out.code(), Some(0), "{out}");
     let plan = json_values(&out.stdout);
-    let spread = plan[0]["steps"]
+    let spread = plan[0]["agent_steps"]
         .as_array()
         .unwrap()
         .iter()

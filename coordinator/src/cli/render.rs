@@ -71,9 +71,10 @@ fn rejoin_text(r: &RejoinReport) -> String {
 pub fn text(r: &OpResult) -> String {
     match r {
         OpResult::Plan(p) => plan_text(p),
-        OpResult::RebuildPlan { node, upstream, steps } => {
-            let mut s = format!("plan (dry run, nothing changed): rebuild {node} from {upstream}\n");
-            for (i, step) in steps.iter().enumerate() {
+        OpResult::RebuildPlan { plan, agent_steps } => {
+            let mut s = plan_text(plan);
+            s += "what the agents will do:\n";
+            for (i, step) in agent_steps.iter().enumerate() {
                 s += &format!("  {:>2}. [{}] {}: {}\n", i + 1, step.host, step.step, step.description);
                 if !step.argv.is_empty() {
                     s += &format!("        $ {}\n", pgfleet_proto::shell_words(&step.argv));
@@ -81,16 +82,6 @@ pub fn text(r: &OpResult) -> String {
                 if let Some(sql) = &step.sql {
                     s += &format!("        SQL: {sql}\n");
                 }
-            }
-            s
-        }
-        OpResult::RebuildAllPlan { cluster, primary, replicas } => {
-            let mut s = format!("plan (dry run, nothing changed): rebuild every replica of {cluster} from {primary}, one at a time\n");
-            for (i, r) in replicas.iter().enumerate() {
-                s += &format!(
-                    "  {:>2}. [{r}] check synchronous standbys left, rebuild from {primary} (pgfleet rebuild {r} --dry-run shows its steps), wait until it streams\n",
-                    i + 1
-                );
             }
             s
         }
@@ -135,9 +126,10 @@ pub fn json(r: &OpResult) -> String {
     let pretty = |v: serde_json::Value| serde_json::to_string_pretty(&v).unwrap_or_default() + "\n";
     match r {
         OpResult::Plan(p) => pretty(p.to_json()),
-        OpResult::RebuildPlan { steps, .. } => pretty(serde_json::json!({ "dry_run": true, "steps": steps })),
-        OpResult::RebuildAllPlan { cluster, primary, replicas } => {
-            pretty(serde_json::json!({ "dry_run": true, "cluster": cluster, "primary": primary, "replicas": replicas }))
+        OpResult::RebuildPlan { plan, agent_steps } => {
+            let mut v = plan.to_json();
+            v["agent_steps"] = serde_json::to_value(agent_steps).unwrap_or_default();
+            pretty(v)
         }
         // A rebuild's --json output is a stream of JSON lines (its events):
         // its result is one line too.

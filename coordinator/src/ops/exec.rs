@@ -16,6 +16,7 @@ use crate::admit::{self, Follower};
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::inventory::{Cluster, Inventory, Node, PasswordError};
 use crate::journal::{self, JournalError};
+use crate::rebuild::{self, JobDone, RebuildError, RebuildReport};
 use crate::ops::ctx::{Cancelled, OpCtx};
 use crate::ops::plan::{Plan, Step};
 
@@ -55,11 +56,19 @@ pub enum MoveError {
     Step { step: &'static str, detail: String },
     #[error(transparent)]
     Cancelled(#[from] Cancelled),
+    /// A rebuild step's error as the rebuild says it (a failed job names
+    /// its step, its stderr, where the old data is).
+    #[error(transparent)]
+    Rebuild(#[from] RebuildError),
 }
 
 impl MoveError {
     pub fn is_usage(&self) -> bool {
-        matches!(self, MoveError::Invalid { .. })
+        match self {
+            MoveError::Invalid { .. } => true,
+            MoveError::Rebuild(e) => e.is_usage(),
+            _ => false,
+        }
     }
 
     pub fn code(&self) -> tonic::Code {
@@ -73,6 +82,7 @@ impl MoveError {
             // A step that failed midway: the operation stopped there.
             MoveError::Step { .. } => Code::Aborted,
             MoveError::Cancelled(_) => Code::Cancelled,
+            MoveError::Rebuild(e) => e.code(),
         }
     }
 }
@@ -114,6 +124,8 @@ pub struct Executed {
     pub rejoined_by: Option<&'static str>,
     /// What a drop-slot step dropped.
     pub dropped: Option<crate::slots::DropReport>,
+    /// What each confirmed rebuild did, in order.
+    pub rebuilt: Vec<RebuildReport>,
 }
 
 pub async fn call<T>(
@@ -152,6 +164,8 @@ pub async fn run(inventory: &Inventory, cluster: &Cluster, plan: &Plan, d: Deadl
         fence: None,
         rebuilt: Vec::new(),
         sync: None,
+        admitted: Vec::new(),
+        jobs: Vec::new(),
     };
     op.planned(plan).await?;
     for (i, step) in plan.steps.iter().enumerate() {
@@ -184,6 +198,12 @@ struct Exec<'a> {
     /// step is skipped.
     rebuilt: Vec<NodeName>,
     sync: Option<SyncSpec>,
+    /// Each admitted follower and its upstream's answer (a rebuild step's
+    /// job needs it).
+    admitted: Vec<(NodeName, pb::PrepareUpstreamResponse)>,
+    /// Each finished rebuild job, for its confirm step, and when its
+    /// rebuild step started.
+    jobs: Vec<(NodeName, JobDone, Instant)>,
 }
 
 impl<'a> Exec<'a> {
@@ -344,7 +364,11 @@ impl<'a> Exec<'a> {
                 let done = admit::admit(self.cluster, up, &fs, &password, self.op.id(), d)
                     .await
                     .map_err(|e| MoveError::Refused(e.to_string()))?;
-                done.iter().map(admit::Admitted::describe).collect::<Vec<_>>().join("; ")
+                let said = done.iter().map(admit::Admitted::describe).collect::<Vec<_>>().join("; ");
+                for (f, a) in followers.iter().zip(done) {
+                    self.admitted.push((f.node.clone(), a.response));
+                }
+                said
             }
             Step::Replay { standby, primary } => {
                 let (s, p) = (self.node(standby)?, self.node(primary)?);
@@ -455,6 +479,54 @@ impl<'a> Exec<'a> {
                     terminated_sender: r.terminated_sender,
                     released_wal_bytes: r.released_wal_bytes,
                 });
+                detail
+            }
+            Step::Rebuild { node, upstream, slot, tablespace_mappings, spread_checkpoint, system_identifier, keep_sync } => {
+                if *keep_sync {
+                    crate::sync::keeps_sync(self.inventory, self.cluster.name.as_str(), node.as_str(), d)
+                        .await
+                        .map_err(MoveError::Refused)?;
+                }
+                let (n, up) = (self.node(node)?, self.node(upstream)?);
+                let facts = self
+                    .admitted
+                    .iter()
+                    .rev()
+                    .find(|(f, _)| f == node)
+                    .map(|(_, r)| r.clone())
+                    .ok_or_else(|| MoveError::Step {
+                        step: "rebuild",
+                        detail: format!("{upstream} did not admit {node} first: the plan admits a node before its rebuild"),
+                    })?;
+                let password = self.password()?;
+                let p = rebuild::prepared_for(self.cluster, n, up, slot.clone(), tablespace_mappings, system_identifier, password).await?;
+                let job = rebuild::run_job(&p, &facts, *spread_checkpoint, d, self.op).await?;
+                let detail = format!(
+                    "job {} done; previous data directory kept at {}",
+                    job.job_id,
+                    job.moved_aside_to.as_deref().unwrap_or("(none: it had no data)")
+                );
+                self.jobs.push((node.clone(), job, t));
+                detail
+            }
+            Step::Confirm { node, upstream, slot } => {
+                let (n, up) = (self.node(node)?, self.node(upstream)?);
+                let at = self.jobs.iter().rposition(|(j, _, _)| j == node).ok_or_else(|| MoveError::Step {
+                    step: "confirm",
+                    detail: format!("no rebuild of {node} ran before: the plan rebuilds a node before confirming it"),
+                })?;
+                let (_, job, started) = self.jobs.remove(at);
+                let report = rebuild::confirmed(n, up, slot, job, started, d).await?;
+                let detail = format!(
+                    "{} streams from {} through slot {}: {} ({}), {} bytes behind",
+                    report.node,
+                    report.upstream,
+                    report.slot,
+                    report.state,
+                    report.sync_state,
+                    report.lag_bytes.map_or_else(|| "?".into(), |l| l.to_string())
+                );
+                self.out.rebuilt.push(report);
                 detail
             }
             Step::Verify { node, standbys, seconds } => {

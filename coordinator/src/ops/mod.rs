@@ -12,6 +12,7 @@ pub mod ctx;
 pub mod exec;
 pub mod failover;
 pub mod plan;
+pub mod rebuild;
 pub mod rejoin;
 pub mod request;
 pub mod result;
@@ -28,14 +29,15 @@ use pgfleet_proto::coordinator::v1::OperationState;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub use ctx::{CancelState, Cancelled, OpCtx};
-pub use request::{ApiRequest, OpRequest, SyncRequest, named_cluster, one_cluster, resolved};
+pub use request::{ApiRequest, OpRequest, named_cluster, one_cluster, resolved};
+pub use sync::SyncRequest;
 pub use result::OpResult;
 
 use crate::client::Deadlines;
 use crate::error::CoordinatorError;
 use crate::inventory::Inventory;
 use crate::journal::Operation;
-use crate::{rebuild, slots};
+use crate::slots;
 
 /// Validates `req`, then (unless it is a dry run) takes its cluster's lock
 /// and journals it. A second operation on a locked cluster fails here,
@@ -121,7 +123,7 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             spread_checkpoint,
             dry_run,
         } => {
-            let r = rebuild::RebuildRequest {
+            let r = crate::rebuild::RebuildRequest {
                 node: node.to_string(),
                 from: from.as_ref().map(|f| f.to_string()),
                 slot: slot.as_ref().map(|s| s.to_string()),
@@ -129,25 +131,33 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
                 spread_checkpoint: *spread_checkpoint,
                 dry_run: *dry_run,
             };
-            let prepared = rebuild::preflight(inv, &r, d).await?;
+            let prepared = crate::rebuild::preflight(inv, &r, d).await?;
+            let plan = rebuild::plan(&prepared, *spread_checkpoint);
             if *dry_run {
-                let steps = rebuild::plan(&prepared, &r, d).await?;
+                // The plan, and what each agent's part of it will do in
+                // detail (its commands and SQL), from their own dry runs.
+                let steps = crate::rebuild::plan(&prepared, &r, d).await?;
                 return Ok(OpResult::RebuildPlan {
-                    node: prepared.node.name.to_string(),
-                    upstream: prepared.upstream.name.to_string(),
-                    steps: steps
+                    plan,
+                    agent_steps: steps
                         .into_iter()
                         .map(|(host, s)| result::AgentStep { host, step: s.name, description: s.description, argv: s.argv, sql: s.sql })
                         .collect(),
                 });
             }
-            Ok(OpResult::Rebuilt(rebuild::execute(&prepared, &r, d, ctx).await?))
+            crate::rebuild::check(&prepared, *spread_checkpoint, d, ctx.id()).await?;
+            let done = exec::run(inv, prepared.cluster, &plan, d, ctx).await?;
+            done.rebuilt
+                .into_iter()
+                .next()
+                .map(OpResult::Rebuilt)
+                .ok_or_else(|| CoordinatorError::Usage("the rebuild plan confirmed no rebuild".into()))
         }
         OpRequest::RebuildAll {
             cluster,
             spread_checkpoint,
             dry_run,
-        } => rolling::rebuild_all(inv, resolved(cluster)?, *spread_checkpoint, *dry_run, d, ctx).await,
+        } => rolling::rebuild_all(inv, resolved(cluster)?, *spread_checkpoint, *dry_run, &[], d, ctx).await,
         OpRequest::Sync { cluster, spec, dry_run } => {
             if *dry_run {
                 let planned = sync::plan(inv, resolved(cluster)?, spec.as_ref(), d).await?;

@@ -87,6 +87,26 @@ pub enum Step {
     /// A replication slot dropped on `node`; with `force` an active one's
     /// WAL sender is terminated first (its standby is cut off).
     DropSlot { node: NodeName, slot: SlotName, force: bool },
+    /// `node` is rebuilt from `upstream` by its agent's job: checks, its
+    /// data directory moved aside (kept), pg_basebackup through `slot`,
+    /// started as a standby. `keep_sync` (a rolling rebuild): first refuse
+    /// if its absence would leave synchronous_standby_names unmet.
+    Rebuild {
+        node: NodeName,
+        upstream: NodeName,
+        slot: SlotName,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tablespace_mappings: Vec<String>,
+        spread_checkpoint: bool,
+        /// The cluster's identity the upstream must have (DESIGN.md
+        /// invariant 3), decided when planned.
+        system_identifier: String,
+        #[serde(default)]
+        keep_sync: bool,
+    },
+    /// `upstream` shows `node` streaming through `slot`
+    /// (pg_stat_replication, pg_replication_slots).
+    Confirm { node: NodeName, upstream: NodeName, slot: SlotName },
     /// Every standby streams from `node`.
     Verify {
         node: NodeName,
@@ -121,6 +141,8 @@ impl Step {
             Step::Writes { .. } => "writes",
             Step::DropOldSlots { .. } => "old-slots",
             Step::DropSlot { .. } => "drop-slot",
+            Step::Rebuild { .. } => "rebuild",
+            Step::Confirm { .. } => "confirm",
             Step::Verify { .. } => "verify",
         }
     }
@@ -142,7 +164,9 @@ impl Step {
             | Step::Writes { node }
             | Step::DropOldSlots { node }
             | Step::DropSlot { node, .. }
+            | Step::Rebuild { node, .. }
             | Step::Verify { node, .. } => node.as_str(),
+            Step::Confirm { upstream, .. } => upstream.as_str(),
             Step::RememberSync { .. } => "",
         }
     }
@@ -190,6 +214,20 @@ impl Step {
             Step::DropSlot { slot, force: true, .. } => format!(
                 "if the slot is active, SELECT pg_terminate_backend(active_pid) to cut off its standby; \
                  then SELECT pg_drop_replication_slot('{slot}')"
+            ),
+            Step::Rebuild { upstream, slot, tablespace_mappings, spread_checkpoint, keep_sync, .. } => format!(
+                "{}its agent's job: stop it, move its data directory aside (kept), pg_basebackup -X stream -C -R -S {slot} \
+                 from {upstream} (checkpoint {}{}), start it as a standby",
+                if *keep_sync { "unless its absence leaves synchronous_standby_names unmet, " } else { "" },
+                if *spread_checkpoint { "spread" } else { "fast" },
+                if tablespace_mappings.is_empty() {
+                    String::new()
+                } else {
+                    format!(", tablespaces {}", tablespace_mappings.join(" "))
+                },
+            ),
+            Step::Confirm { node, slot, .. } => format!(
+                "wait until pg_stat_replication shows {node} streaming and slot {slot} is active; report the byte lag"
             ),
             Step::Verify { standbys, seconds, .. } => {
                 format!("wait (up to {seconds}s) until {} stream from it", names(&mut standbys.iter()))

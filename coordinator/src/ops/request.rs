@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::CoordinatorError;
 use crate::inventory::Inventory;
+use crate::ops::sync::SyncRequest;
 use crate::rebuild;
 
 /// What an operator or a system asked for. Journaled as JSON at the start
@@ -66,15 +67,6 @@ pub enum OpRequest {
         force: bool,
         dry_run: bool,
     },
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SyncRequest {
-    pub method: SyncMethod,
-    /// At least 1 (checked against the standbys by `sync::validate`).
-    pub num: u32,
-    /// At least one.
-    pub standbys: Vec<NodeName>,
 }
 
 /// A tablespace mapping `OLD=NEW`, both absolute, no `..`, no control

@@ -25,13 +25,12 @@ pub struct AgentStep {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "kebab-case")]
 pub enum OpResult {
-    /// `--dry-run` of switchover, failover and `sync set`: the typed plan.
+    /// `--dry-run` of switchover, failover, rejoin, `sync set`, `slots
+    /// drop` and `rebuild --all-replicas`: the typed plan.
     Plan(Plan),
-    /// `--dry-run` of a rebuild: what the node's and the upstream's agents
-    /// would do.
-    RebuildPlan { node: String, upstream: String, steps: Vec<AgentStep> },
-    /// `--dry-run` of `rebuild --all-replicas`.
-    RebuildAllPlan { cluster: String, primary: String, replicas: Vec<String> },
+    /// `--dry-run` of a rebuild: its typed plan, and what the node's and
+    /// the upstream's agents would do in detail (commands, SQL).
+    RebuildPlan { plan: Plan, agent_steps: Vec<AgentStep> },
     Rebuilt(RebuildReport),
     RebuiltAll { cluster: String, primary: String, rebuilt: Vec<RebuildReport> },
     Sync(SyncReport),

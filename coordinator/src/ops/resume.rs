@@ -88,6 +88,47 @@ pub async fn resume(inv: &Inventory, rec: &OpRecord, req: &OpRequest, d: Deadlin
             }
             crate::ops::execute(inv, req, d, ctx).await
         }
+        OpRequest::RebuildAll { cluster, spread_checkpoint, .. } => {
+            // Replicas already confirmed are not rebuilt again; a job the
+            // interrupted run started is followed to its end first.
+            let mut done = rec.confirmed_rebuilds();
+            let mut rebuilt = Vec::new();
+            if let Some((node, job)) = last_job(rec).filter(|(n, _)| !done.contains(n)) {
+                ctx.note(&node, &format!("re-attaching to job {job}"));
+                let c = inv.select(Some(crate::ops::resolved(cluster)?))?[0];
+                let primary = crate::fleet_status::gather_cluster(c, d).await.primary;
+                match rebuild::attach(inv, &node, &job, primary.as_deref(), None, d, ctx).await {
+                    Ok(report) => {
+                        done.push(node);
+                        rebuilt.push(report);
+                    }
+                    Err(RebuildError::Agent(e)) if !e.is_unreachable() => {
+                        ctx.note(&node, &format!("job {job} is gone ({}); rebuilding it again", e.reason()));
+                    }
+                    Err(e @ RebuildError::JobFailed { .. }) => {
+                        ctx.note(&node, &format!("job {job} failed ({e}); rebuilding it again"));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let rest = crate::ops::rolling::rebuild_all(
+                inv,
+                crate::ops::resolved(cluster)?,
+                *spread_checkpoint,
+                false,
+                &done,
+                d,
+                ctx,
+            )
+            .await?;
+            match rest {
+                OpResult::RebuiltAll { cluster, primary, rebuilt: more } => {
+                    rebuilt.extend(more);
+                    Ok(OpResult::RebuiltAll { cluster, primary, rebuilt })
+                }
+                other => Ok(other),
+            }
+        }
         OpRequest::Switchover { cluster, to, .. } | OpRequest::Failover { cluster, to, .. } => {
             converge(inv, rec, req, crate::ops::resolved(cluster)?, to.as_deref(), d, ctx).await
         }

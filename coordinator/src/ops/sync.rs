@@ -6,16 +6,29 @@
 
 use std::time::Instant;
 
-use pgfleet_proto::sync::SyncSpec;
+use pgfleet_proto::sync::{SyncMethod, SyncSpec};
+use pgfleet_proto::NodeName;
+use serde::{Deserialize, Serialize};
 use pgfleet_proto::SlotName;
 
 use crate::client::Deadlines;
+use crate::error::CoordinatorError;
 use crate::fleet_status::{self, Role};
 use crate::inventory::{Cluster, Inventory, Node};
 use crate::ops::ctx::OpCtx;
-use crate::ops::request::SyncRequest;
 use crate::ops::plan::{FollowerSlot, Plan, Step};
 use crate::sync::{SYNC_POLL, SYNC_WAIT, SyncError, SyncReport, primary_of, reached, replication, standbys};
+
+/// The synchronous standbys a request asks for, checked as values (each a
+/// node name); `validate` checks them against the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub method: SyncMethod,
+    /// At least 1 (checked against the standbys by `validate`).
+    pub num: u32,
+    /// At least one.
+    pub standbys: Vec<NodeName>,
+}
 
 /// The synchronous configuration asked for, every name checked against the
 /// cluster (they reach synchronous_standby_names and primary_conninfo).
@@ -133,7 +146,7 @@ pub async fn set(
     spec: Option<&SyncRequest>,
     d: Deadlines,
     op: &OpCtx,
-) -> Result<SyncReport, SyncError> {
+) -> Result<SyncReport, CoordinatorError> {
     let Planned { cluster: c, primary, spec, plan } = plan(inventory, cluster, spec, d).await?;
     crate::ops::exec::run(inventory, c, &plan, d, op).await?;
 
@@ -160,7 +173,8 @@ pub async fn set(
                 primary: primary.name.to_string(),
                 value: spec.to_string(),
                 seen: if seen.is_empty() { "no standby connected".into() } else { seen },
-            });
+            }
+            .into());
         }
         tokio::time::sleep(SYNC_POLL).await;
     }
