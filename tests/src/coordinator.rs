@@ -1,7 +1,9 @@
 //! `pgfleet serve` for a test fleet: a coordinator process in the root
-//! namespace on 127.0.0.1, serving mutual TLS with a certificate from the
-//! fleet's CA, acting on the fleet's inventory (and so its state_dir). It can
-//! be killed (SIGKILL, as a crash) and started again on the same address.
+//! namespace on 127.0.0.1 (or on a test host, in its namespace and on its
+//! address, to be cut off with the host's link), serving mutual TLS with a
+//! certificate from the fleet's CA, acting on the fleet's inventory (and so
+//! its state_dir). It can be killed (SIGKILL, as a crash) and started again
+//! on the same address.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,8 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::process::die_with_parent;
-use crate::{TestFleet, bin_path};
+use crate::process::{die_with_parent, enter_netns};
+use crate::{Host, TestFleet, bin_path};
+
+/// Where a placed coordinator listens inside its host's namespace.
+const PLACED_PORT: u16 = 7430;
 
 const READY_WITHIN: Duration = Duration::from_secs(20);
 
@@ -22,7 +27,9 @@ pub struct Coordinator {
     config: PathBuf,
     log: PathBuf,
     addr: SocketAddr,
-    /// `https://127.0.0.1:PORT`
+    /// The namespace it runs in (None: the root namespace).
+    netns: Option<String>,
+    /// `https://127.0.0.1:PORT`, or `https://HOST_ADDR:7430` when placed.
     pub url: String,
     pub audit_log: PathBuf,
 }
@@ -41,23 +48,43 @@ impl TestFleet {
     /// Another coordinator with its own directory, port and log (several
     /// share one etcd store).
     pub fn start_coordinator_named(&self, name: &str) -> Result<Coordinator> {
+        self.issue_coordinator_cert("coordinator", "127.0.0.1")?;
+        // A port the kernel just handed out and took back: free for us.
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        self.coordinator_at(name, "coordinator", addr, None)
+    }
+
+    /// A coordinator on test host `host` (in its namespace, as root, on its
+    /// address): `host.link_down()` cuts it from etcd, the agents and its
+    /// callers at once. The host needs no PostgreSQL or agent.
+    pub fn start_coordinator_on(&self, name: &str, host: &Host) -> Result<Coordinator> {
+        let cert = format!("coordinator-{}", host.node_name());
+        self.issue_coordinator_cert(&cert, &host.addr().to_string())?;
+        let addr = SocketAddr::from((host.addr(), PLACED_PORT));
+        self.coordinator_at(name, &cert, addr, Some(host.netns().to_owned()))
+    }
+
+    fn issue_coordinator_cert(&self, cert: &str, san: &str) -> Result<()> {
         if !self.inventory_path().exists() {
             self.write_inventory()?;
         }
         let pki = self.pki_dir();
-        if !pki.join("coordinator.crt").exists() {
+        if !pki.join(format!("{cert}.crt")).exists() {
             let out = Command::new(bin_path("pgfleet")?)
                 .args(["certs", "issue", "--dir"])
                 .arg(&pki)
-                .args(["--role", "agent", "coordinator", "--san", "127.0.0.1"])
+                .args(["--role", "agent", cert, "--san", san])
                 .output()
                 .context("running pgfleet certs issue")?;
             if !out.status.success() {
                 bail!("pgfleet certs issue: {}", String::from_utf8_lossy(&out.stderr));
             }
         }
-        // A port the kernel just handed out and took back: free for us.
-        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        Ok(())
+    }
+
+    fn coordinator_at(&self, name: &str, cert: &str, addr: SocketAddr, netns: Option<String>) -> Result<Coordinator> {
+        let pki = self.pki_dir();
         let dir = self.dir().join(name);
         fs::create_dir_all(&dir)?;
         let audit_log = dir.join("audit.jsonl");
@@ -69,8 +96,8 @@ impl TestFleet {
                 toml_str(&self.inventory_path()),
                 toml_str(&audit_log),
                 toml_str(&pki.join("ca.crt")),
-                toml_str(&pki.join("coordinator.crt")),
-                toml_str(&pki.join("coordinator.key")),
+                toml_str(&pki.join(format!("{cert}.crt"))),
+                toml_str(&pki.join(format!("{cert}.key"))),
             ),
         )?;
         let mut c = Coordinator {
@@ -78,6 +105,7 @@ impl TestFleet {
             config,
             log: dir.join("serve.log"),
             addr,
+            netns,
             url: format!("https://{addr}"),
             audit_log,
         };
@@ -97,7 +125,10 @@ impl Coordinator {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        die_with_parent(&mut cmd);
+        match &self.netns {
+            Some(ns) => enter_netns(&mut cmd, ns)?,
+            None => die_with_parent(&mut cmd),
+        }
         let mut child = cmd.spawn().context("starting pgfleet serve")?;
         let started = Instant::now();
         loop {

@@ -2,7 +2,7 @@
 //! coordinators sharing state. Members are killed by PID when dropped, and
 //! can be killed one by one.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,7 +33,15 @@ fn free_port() -> Result<u16> {
 
 impl EtcdCluster {
     pub fn start(dir: &Path, members: usize) -> Result<EtcdCluster> {
-        Self::start_with(dir, members, None)
+        Self::start_with(dir, members, None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Members whose client URLs are on `ip`, e.g. a test fleet's bridge
+    /// address (198.18.N.1): reachable from the root namespace and from the
+    /// fleet's hosts, so a coordinator in a host's namespace can be cut off
+    /// from them by taking its link down.
+    pub fn start_on(dir: &Path, members: usize, ip: Ipv4Addr) -> Result<EtcdCluster> {
+        Self::start_with(dir, members, None, ip)
     }
 
     /// Members that serve clients over TLS only, with the server
@@ -41,10 +49,10 @@ impl EtcdCluster {
     /// `pgfleet certs issue --role agent etcd --san 127.0.0.1`), and that
     /// require a client certificate of that CA.
     pub fn start_tls(dir: &Path, members: usize, pki: &Path) -> Result<EtcdCluster> {
-        Self::start_with(dir, members, Some(pki))
+        Self::start_with(dir, members, Some(pki), Ipv4Addr::LOCALHOST)
     }
 
-    fn start_with(dir: &Path, members: usize, pki: Option<&Path>) -> Result<EtcdCluster> {
+    fn start_with(dir: &Path, members: usize, pki: Option<&Path>, ip: Ipv4Addr) -> Result<EtcdCluster> {
         if !Path::new(ETCD).exists() {
             bail!("{ETCD} is missing: run scripts/setup (installs etcd-server)");
         }
@@ -67,7 +75,7 @@ impl EtcdCluster {
         for (i, (client, peer)) in ports.iter().enumerate() {
             let data = dir.join(format!("m{i}"));
             std::fs::create_dir_all(&data)?;
-            let client_url = format!("{scheme}://127.0.0.1:{client}");
+            let client_url = format!("{scheme}://{ip}:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let mut argv: Vec<std::ffi::OsString> = Vec::new();
             for a in ["--name", &format!("m{i}"), "--data-dir"] {
@@ -96,7 +104,7 @@ impl EtcdCluster {
         }
         let started = Instant::now();
         for (client, _) in &ports {
-            let addr = SocketAddr::from(([127, 0, 0, 1], *client));
+            let addr = SocketAddr::from((ip, *client));
             while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
                 if started.elapsed() > Duration::from_secs(20) {
                     bail!("etcd member on {addr} did not listen within 20s; logs in {}", cluster.dir.display());
@@ -144,8 +152,10 @@ impl EtcdCluster {
     pub fn restart(&mut self, i: usize) -> Result<()> {
         self.kill(i);
         self.spawn(i)?;
-        let port: u16 = self.client_urls[i].rsplit(':').next().and_then(|p| p.parse().ok()).context("member port")?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr: SocketAddr = self.client_urls[i]
+            .split_once("://")
+            .and_then(|(_, a)| a.parse().ok())
+            .context("member address")?;
         let started = Instant::now();
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             if started.elapsed() > Duration::from_secs(20) {

@@ -660,6 +660,21 @@ impl Host {
         Ok(())
     }
 
+    /// Cuts this host off the network: its veth's outer end goes down, so
+    /// nothing reaches it and it reaches nothing but itself (a pulled
+    /// cable, or a switch port down). Established connections stall rather
+    /// than fail, as with a real cut.
+    pub fn link_down(&self) -> Result<()> {
+        net::ip(&["link", "set", &net::veth_name(self.n, self.index), "down"])?;
+        Ok(())
+    }
+
+    /// Undoes [`link_down`](Self::link_down).
+    pub fn link_up(&self) -> Result<()> {
+        net::ip(&["link", "set", &net::veth_name(self.n, self.index), "up"])?;
+        Ok(())
+    }
+
     /// Makes `addr` unreachable from this host (an `unreachable` route:
     /// connections fail at once with "No route to host"); other hosts and
     /// the root namespace still reach this host and each other.

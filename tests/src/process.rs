@@ -87,6 +87,24 @@ pub fn enter_netns_as(cmd: &mut Command, netns: &str, user: &PgUser) -> Result<(
     Ok(())
 }
 
+/// Makes `cmd`'s child enter the network namespace `netns` as it is (root:
+/// a coordinator placed on a test host) and die with SIGKILL when the
+/// thread that spawned it exits.
+pub fn enter_netns(cmd: &mut Command, netns: &str) -> Result<()> {
+    let path = format!("/run/netns/{netns}");
+    let ns = File::open(&path).with_context(|| format!("opening network namespace {path}"))?;
+    let parent = getpid();
+    // SAFETY: setns, prctl and getppid are async-signal-safe system calls on
+    // data prepared before the fork; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            setns(&ns, CloneFlags::CLONE_NEWNET)?;
+            die_with(parent)
+        });
+    }
+    Ok(())
+}
+
 /// Makes `cmd`'s child die with SIGKILL when the thread that spawned it exits,
 /// without changing namespace or user (the CLI runs as root in the root
 /// namespace).

@@ -346,3 +346,204 @@ async fn an_etcd_that_requires_client_certificates_is_reached_over_tls() {
     assert!(out.stderr.contains("https://"), "{out}");
     assert_eq!(one(fleet.host(0), "show synchronous_standby_names").await, r#"FIRST 1 ("node1")"#);
 }
+
+/// The fleet's inventory without node `name` (a host that is no database
+/// node: the machine a coordinator runs on).
+fn inventory_without(fleet: &TestFleet, name: &str) -> String {
+    let text = fleet.inventory_toml("main", &[]).unwrap();
+    let mut parts = text.split("\n[[clusters.nodes]]\n");
+    let head = parts.next().unwrap().to_owned();
+    parts
+        .filter(|n| !n.starts_with(&format!("name = \"{name}\"")))
+        .fold(head, |acc, n| format!("{acc}\n[[clusters.nodes]]\n{n}"))
+}
+
+/// The timestamps (RFC 3339, UTC: they sort as text) of the coordinator's
+/// log lines containing `needle`.
+fn logged_at(c: &Coordinator, needle: &str) -> Vec<String> {
+    c.log_text()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// A coordinator cut off the network (its host's link down: etcd, the
+/// agents and its callers gone at once), the leader, with a rebuild
+/// running through it. Shorter than the lease TTL: it stays the leader and
+/// acts afterwards. Longer: it stops acting before its lease can have
+/// expired in etcd, and the other coordinator is elected only after that
+/// (their own logs' clocks say so; asked every 100 ms, never both SERVING);
+/// the cut-off leader neither exits nor acts again when its link returns;
+/// the rebuild it was running finishes, or reads interrupted and is resumed
+/// through the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_stops_acting_before_another_is_elected() {
+    let fleet = TestFleet::new(3).unwrap();
+    start_primary(&fleet, 0);
+    for h in &fleet.hosts()[..2] {
+        h.start_agent().unwrap();
+    }
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    // Host 2 runs no PostgreSQL: it is the first coordinator's machine.
+    let place = fleet.host(2);
+    let etcd = EtcdCluster::start_on(&fleet.dir().join("etcd"), 3, pgfleet_tests::net::bridge_addr(fleet.n())).unwrap();
+    let inventory = inventory_without(&fleet, "node2") + &etcd.inventory_toml(&format!("{}s", FAULT_LEASE_TTL.as_secs()));
+    std::fs::write(fleet.inventory_path(), inventory).unwrap();
+    let mut a = fleet.start_coordinator_on("coordinator-a", place).unwrap();
+    wait_for_leader(&[&a], Duration::from_secs(30));
+    let mut b = fleet.start_coordinator_named("coordinator-b").unwrap();
+    let pki = fleet.pki_dir();
+    let poller = Poller::start(
+        a.channel_as(&pki, "test-reader").await.unwrap(),
+        b.channel_as(&pki, "test-reader").await.unwrap(),
+    );
+    poller.wait_one_serving(Duration::from_secs(10)).await;
+    let out = remote(&fleet, &b.url, &["ops", "list"]);
+    assert_eq!(out.code(), Some(0), "the follower redirects to the leader: {out}");
+
+    // Shorter than the TTL: a's keep-alive gets through again in time; it
+    // never stopped acting, b never led, and a acts afterwards.
+    place.link_down().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    place.link_up().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(logged_at(&a, "not sure to live").is_empty(), "a stepped down after a 2 s cut:\n{}", a.log_text());
+    assert!(logged_at(&b, "elected leader").is_empty(), "b was elected after a 2 s cut:\n{}", b.log_text());
+    let out = remote(&fleet, &a.url, &["sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "a acts after a short cut: {out}");
+
+    // Longer than the TTL, with a rebuild running through a (slowed by the
+    // primary's egress limit, past its point of no return).
+    let p = fleet.host(0);
+    exec(p, "create table filler as select g, repeat(md5(g::text), 30) as pad from generate_series(1, 30000) g").await;
+    let out = remote(&fleet, &a.url, &["sync", "set", "--off"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    p.limit_egress("40mbit").unwrap();
+    let mut cli = fleet
+        .pgfleet_spawn(&["--coordinator", a.url.as_str(), "rebuild", "node1", "--json"])
+        .unwrap();
+    cli.wait_for_line(CLI_WAIT, |l| l.contains("\"type\":\"progress\"") && !l.contains("\"done_bytes\":0"))
+        .unwrap();
+    eprintln!("cutting {}'s link", place.netns());
+    place.link_down().unwrap();
+    let cut = Instant::now();
+    while logged_at(&b, "elected leader").is_empty() {
+        assert!(cut.elapsed() < FAULT_LEASE_TTL + Duration::from_secs(15), "b never took over:\n{}", b.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("b elected {:?} after the cut", cut.elapsed());
+    // b acts while a is still cut off.
+    let out = remote(&fleet, &b.url, &["status"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    place.link_up().unwrap();
+    p.clear_egress_limit().unwrap();
+    let _ = cli.wait(CLI_WAIT);
+
+    let stopped = logged_at(&a, "not sure to live");
+    let elected_b = logged_at(&b, "elected leader");
+    eprintln!("a stopped acting at {stopped:?}; b elected at {elected_b:?}");
+    assert!(
+        !stopped.is_empty() && stopped[0] < elected_b[0],
+        "b was elected before a stopped acting:\n--- a ---\n{}\n--- b ---\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    // a came back as a follower: it campaigns, it does not lead.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(a.is_running() && b.is_running(), "a coordinator exited:\n{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(logged_at(&a, "elected leader").len(), 1, "a led again:\n{}", a.log_text());
+    poller.wait_one_serving(Duration::from_secs(10)).await;
+
+    // The rebuild: finished by a once its link came back, or interrupted
+    // (its lock went with a's lease) and resumed through b.
+    let out = remote(&fleet, &b.url, &["ops", "list", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let ops = json(&out);
+    let op = ops.as_array().unwrap().iter().find(|o| o["kind"] == "rebuild" && o["caller"] != "")
+        .cloned()
+        .unwrap_or_else(|| panic!("the rebuild is not in the journal: {ops:#}"));
+    let id = op["id"].as_str().unwrap().to_owned();
+    let mut state = op["state"].as_str().unwrap().to_owned();
+    let settle = Instant::now();
+    while state == "running" && settle.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        state = op_state(&fleet, &b.url, &id).unwrap();
+    }
+    eprintln!("the rebuild through a reads {state} after the cut");
+    if state == "interrupted" {
+        let out = remote(&fleet, &b.url, &["ops", "resume", &id]);
+        assert_eq!(out.code(), Some(0), "{out}");
+        state = op_state(&fleet, &b.url, &id).unwrap();
+    }
+    assert_eq!(state, "succeeded", "{id}");
+    assert_eq!(one(fleet.host(1), "select pg_is_in_recovery()").await, "t");
+    let senders = one(p, "select string_agg(application_name || ' ' || state, ',') from pg_stat_replication").await;
+    assert_eq!(senders, "node1 streaming");
+
+    let (looks, both) = poller.finish().await;
+    eprintln!("{looks} looks at both coordinators, {both} with both SERVING");
+    assert_eq!(both, 0, "two coordinators said SERVING at the same look");
+}
+
+/// Every journal write is checked, under a real fault: etcd loses its
+/// quorum in the middle of a rebuild run in-process. The copy goes on (the
+/// node's agent runs it); the steps after it cannot be journaled, nor can
+/// the operation's end: the CLI says so and exits 1, and once etcd is back
+/// `ops list` shows the operation as what it is, interrupted, and `ops
+/// resume` finishes it from the journal (re-attaching to the job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_whose_end_cannot_be_journaled_says_so_and_reads_interrupted() {
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let p = fleet.host(0);
+    exec(p, "create table filler as select g, repeat(md5(g::text), 30) as pad from generate_series(1, 30000) g").await;
+    let mut etcd = EtcdCluster::start(&fleet.dir().join("etcd"), 3).unwrap();
+    let inventory = fleet.inventory_toml("main", &[]).unwrap() + &etcd.inventory_toml(&format!("{}s", FAULT_LEASE_TTL.as_secs()));
+    std::fs::write(fleet.inventory_path(), inventory).unwrap();
+
+    p.limit_egress("40mbit").unwrap();
+    let mut cli = fleet.pgfleet_spawn(&["rebuild", "node1", "--json"]).unwrap();
+    cli.wait_for_line(CLI_WAIT, |l| l.contains("\"type\":\"progress\"") && !l.contains("\"done_bytes\":0"))
+        .unwrap();
+    eprintln!("killing etcd members m0 and m1 during the copy");
+    etcd.kill(0);
+    etcd.kill(1);
+    p.clear_egress_limit().unwrap();
+    let out = cli.wait(CLI_WAIT).unwrap();
+    eprintln!("$ pgfleet rebuild node1 --json (etcd without quorum)\n{out}");
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("its end could not be written to the journal"), "{out}");
+    assert!(out.stderr.contains("interrupted"), "{out}");
+    // The copy itself finished: node1 streams.
+    assert_eq!(one(fleet.host(1), "select pg_is_in_recovery()").await, "t");
+
+    etcd.restart(0).unwrap();
+    etcd.restart(1).unwrap();
+    // Its lock went with the CLI's lease: interrupted, not failed nor
+    // succeeded (neither was journaled).
+    let started = Instant::now();
+    let id = loop {
+        let out = fleet.pgfleet(&["ops", "list", "--json"]).unwrap();
+        if out.code() == Some(0) {
+            let ops = json(&out);
+            let op = ops.as_array().unwrap().iter().find(|o| o["kind"] == "rebuild").cloned().unwrap();
+            if op["state"] == "interrupted" {
+                break op["id"].as_str().unwrap().to_owned();
+            }
+            assert_eq!(op["state"], "running", "{op}");
+        }
+        assert!(started.elapsed() < FAULT_LEASE_TTL + Duration::from_secs(20), "never read interrupted: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let out = fleet.pgfleet(&["ops", "resume", &id]).unwrap();
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.starts_with("rebuilt node1 from node0"), "{out}");
+    let out = fleet.pgfleet(&["ops", "list", "--json"]).unwrap();
+    let ops = json(&out);
+    let op = ops.as_array().unwrap().iter().find(|o| o["id"] == id.as_str()).cloned().unwrap();
+    assert_eq!(op["state"], "succeeded", "{op}");
+}
