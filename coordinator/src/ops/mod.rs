@@ -80,7 +80,7 @@ pub async fn finish(mut ctx: OpCtx, result: &Result<OpResult, CoordinatorError>,
             format!(
                 "the operation {outcome}, but its end could not be written to the journal ({e}): \
                  `pgfleet ops list` shows it as interrupted; check the cluster with `pgfleet status`, \
-                 then `pgfleet ops abort` it"
+                 then `pgfleet ops resume` it (it carries on from its journal) or `pgfleet ops abort` it"
             )
         });
     let mut fin = match result {
