@@ -273,6 +273,16 @@ async fn coordinators_ride_through_etcd_faults_and_never_two_serve() {
     assert_eq!(last, (false, false), "a coordinator still serves without an etcd quorum ({looks} looks)");
     assert!(a.is_running() && b.is_running(), "a coordinator exited:\n{}\n{}", a.log_text(), b.log_text());
     assert_eq!(both, 0);
+    // Neither starts anything: an operation is refused by both, and the
+    // fleet is as it was; a view still answers.
+    let setting = one(fleet.host(0), "show synchronous_standby_names").await;
+    for c in [&a, &b] {
+        let out = remote(&fleet, &c.url, &["sync", "set", "--off"]);
+        assert_ne!(out.code(), Some(0), "{} acted without an etcd quorum: {out}", c.url);
+        let out = remote(&fleet, &c.url, &["status"]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
+    assert_eq!(one(fleet.host(0), "show synchronous_standby_names").await, setting);
     etcd.restart(0).unwrap();
     etcd.restart(1).unwrap();
     poller.wait_one_serving(Duration::from_secs(30)).await;
