@@ -502,6 +502,27 @@ impl pb::agent_server::Agent for AgentService {
         self.audited(&caller, "Rewind", &target, result)
     }
 
+    async fn probe(&self, req: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeResponse>, Status> {
+        self.gate(&req, "Probe")?;
+        let r = req.into_inner();
+        let invalid = |field: &'static str, reason: String| Status::from(AgentError::Invalid { field, reason });
+        let ip = single_host(&r.address).map_err(|reason| invalid("address", reason))?;
+        let port = u16::try_from(r.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid("port", format!("{} is not a TCP port (1-65535)", r.port)))?;
+        let started = std::time::Instant::now();
+        let connected = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect((ip, port))).await;
+        let millis = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        let (reachable, error) = match connected {
+            Ok(Ok(_)) => (true, String::new()),
+            Ok(Err(e)) => (false, e.to_string()),
+            Err(_) => (false, format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+        };
+        tracing::debug!(%ip, port, reachable, %error, millis, "probe");
+        Ok(Response::new(pb::ProbeResponse { reachable, error, millis }))
+    }
+
     async fn watch_job(
         &self,
         req: Request<pb::WatchJobRequest>,
@@ -708,6 +729,9 @@ fn single_host(s: &str) -> Result<std::net::IpAddr, String> {
     }
     Ok(ip)
 }
+
+/// How long a Probe waits for a connection to be accepted.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// More names than any cluster has standbys is a malformed call.
 const MAX_SYNC_NAMES: usize = 64;

@@ -66,6 +66,10 @@ pub struct Cluster {
     pub replication_password_file: Option<PathBuf>,
     /// The cluster's system identifier, when pinned in the inventory.
     pub system_identifier: Option<String>,
+    /// How long `pgfleet serve` must see the primary unreachable while no
+    /// standby receives WAL from it before it declares it failed
+    /// (`detect.rs`).
+    pub failure_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -156,7 +160,14 @@ struct RawCluster {
     /// Pin the cluster's system identifier (decimal).
     #[serde(default)]
     system_identifier: Option<String>,
+    /// E.g. "3s": see `Cluster::failure_timeout`.
+    #[serde(default)]
+    failure_timeout: Option<String>,
 }
+
+/// The default failure timeout: a dead primary is declared about this long
+/// after the coordinator and its standbys last heard of it.
+pub const DEFAULT_FAILURE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn default_role() -> String {
     "pgfleet_replication".into()
@@ -257,12 +268,28 @@ impl Inventory {
                     f.display()
                 )));
             }
+            let failure_timeout = match &rc.failure_timeout {
+                None => DEFAULT_FAILURE_TIMEOUT,
+                Some(t) => {
+                    let d = humantime::parse_duration(t).map_err(|e| {
+                        invalid(format!("cluster {name}: failure_timeout {}: {e}; e.g. \"3s\"", pgfleet_proto::shown(t)))
+                    })?;
+                    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(600) {
+                        return Err(invalid(format!(
+                            "cluster {name}: failure_timeout {t} is outside 1s..10m: shorter declares a primary \
+                             failed on one slow look, longer leaves writes down for minutes"
+                        )));
+                    }
+                    d
+                }
+            };
             clusters.push(Cluster {
                 name,
                 nodes,
                 replication_role,
                 replication_password_file: rc.replication_password_file,
                 system_identifier: rc.system_identifier,
+                failure_timeout,
             });
         }
         if clusters.is_empty() {

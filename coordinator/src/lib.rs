@@ -10,6 +10,7 @@ pub mod admit;
 pub mod certs;
 pub mod cli;
 pub mod client;
+pub mod detect;
 pub mod error;
 pub mod etcd;
 pub mod fleet_status;

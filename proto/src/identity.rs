@@ -56,8 +56,9 @@ pub enum Access {
 pub fn agent_method_access(method: &str) -> Option<Access> {
     Some(match method {
         "GetStatus" | "GetReplication" | "GetWal" | "GetSettings" | "WatchJob" => Access::Read,
+        // Probe changes nothing, but makes the agent connect out: admin.
         "DropSlot" | "PrepareUpstream" | "StartRebuild" | "SetSynchronousStandbys"
-        | "ConfigureStandby" | "Fence" | "Unfence" | "Promote" | "CreateSlot" | "Rewind" => {
+        | "ConfigureStandby" | "Fence" | "Unfence" | "Promote" | "CreateSlot" | "Rewind" | "Probe" => {
             Access::Change
         }
         _ => return None,

@@ -358,6 +358,10 @@ impl Agent for FakeAgents {
     ) -> Result<Response<pb::RewindResponse>, Status> {
         simulated("Rewind")
     }
+
+    async fn probe(&self, _: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeResponse>, Status> {
+        simulated("Probe")
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -10,6 +10,7 @@ mod leader;
 mod registry;
 mod service;
 mod watch_fleet;
+mod watch_primary;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -148,6 +149,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
         registry,
         leadership,
     });
+    watch_primary::spawn(state.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pgfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

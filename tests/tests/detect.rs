@@ -1,0 +1,134 @@
+//! Failure detection in `pgfleet serve` (issue #14, detection only): the
+//! leader looks at every cluster twice a second; a primary the coordinator
+//! cannot reach while its standbys still reach it is a partition, never a
+//! failure; a primary whose postmaster died, or whose whole host is gone,
+//! is declared failed once the cluster's failure_timeout has passed, not
+//! before.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common::{one, pgfleet, start_agents, start_primary};
+use pgfleet_tests::{Coordinator, TestFleet};
+
+/// An `unreachable` route to `addr` in the root namespace, where the test's
+/// coordinator runs: it cannot reach that host, the other hosts still do.
+/// Removed when dropped, even when the test fails.
+struct CutFromRoot(Ipv4Addr);
+
+impl CutFromRoot {
+    fn new(addr: Ipv4Addr) -> CutFromRoot {
+        pgfleet_tests::net::ip(&["route", "add", "unreachable", &format!("{addr}/32")]).unwrap();
+        CutFromRoot(addr)
+    }
+}
+
+impl Drop for CutFromRoot {
+    fn drop(&mut self) {
+        let _ = pgfleet_tests::net::ip(&["route", "del", "unreachable", &format!("{}/32", self.0)]);
+    }
+}
+
+/// Waits until the coordinator's log has a line containing `needle`.
+fn wait_for_log(c: &Coordinator, needle: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    while !c.log_text().contains(needle) {
+        assert!(started.elapsed() < within, "no {needle:?} in the log within {within:?}:\n{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_is_not_a_failure_and_a_dead_primary_is_declared_after_the_timeout() {
+    let fleet = TestFleet::new(3).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    for node in ["node1", "node2"] {
+        let out = pgfleet(&fleet, &["rebuild", node, "--no-progress-bar"]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
+    let c = fleet.start_coordinator().unwrap();
+    wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
+
+    // The coordinator cut from node0; node1 and node2 still stream from it.
+    let p = fleet.host(0);
+    {
+        let _cut = CutFromRoot::new(p.addr());
+        wait_for_log(&c, "a partition between this coordinator and node0, not a failure", Duration::from_secs(10));
+        // Longer than the failure timeout (3 s): still no verdict of failure.
+        std::thread::sleep(Duration::from_secs(5));
+        for h in [fleet.host(1), fleet.host(2)] {
+            assert_eq!(one(h, "select status from pg_stat_wal_receiver").await, "streaming");
+        }
+    }
+    wait_for_log(&c, "primary node0 answers again", Duration::from_secs(10));
+    assert!(!c.log_text().contains("failed"), "a partition was taken for a failure:\n{}", c.log_text());
+
+    // node0's postmaster dies: its agent answers, the standbys' WAL
+    // receivers stop and their probes are refused. Declared failed after
+    // the timeout, not before.
+    p.kill_postgres().unwrap();
+    let killed = Instant::now();
+    wait_for_log(&c, "primary node0 failed", Duration::from_secs(15));
+    let after = killed.elapsed();
+    eprintln!("postmaster killed: declared failed {after:?} after");
+    assert!(after >= Duration::from_millis(2900), "declared failed after {after:?}, before the 3 s timeout");
+    assert!(after <= Duration::from_secs(7), "declared failed only after {after:?}");
+    assert!(c.log_text().contains("its agent answers, PostgreSQL does not"), "{}", c.log_text());
+    for h in [fleet.host(1), fleet.host(2)] {
+        assert_eq!(one(h, "select count(*) from pg_stat_wal_receiver where status = 'streaming'").await, "0");
+    }
+
+    // Back, then the whole host lost: agent and postmaster SIGKILLed, its
+    // link down (no TCP reset reaches the standbys, whose WAL receivers go
+    // on saying "streaming"). Their probes time out: failed.
+    p.start_postgres().unwrap();
+    wait_for_log(&c, "primary node0 answers again", Duration::from_secs(15));
+    for h in [fleet.host(1), fleet.host(2)] {
+        wait_streaming(h).await;
+    }
+    let lines_before = c.log_text().matches("primary node0 failed").count();
+    p.kill_agent().unwrap();
+    p.kill_postgres().unwrap();
+    let lost = LinkDown::new(p);
+    let killed = Instant::now();
+    let started = Instant::now();
+    while c.log_text().matches("primary node0 failed").count() == lines_before {
+        assert!(started.elapsed() < Duration::from_secs(20), "host loss never declared:\n{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = killed.elapsed();
+    eprintln!("host lost: declared failed {after:?} after");
+    assert!(after >= Duration::from_millis(2900), "declared failed after {after:?}, before the 3 s timeout");
+    assert!(after <= Duration::from_secs(8), "declared failed only after {after:?}");
+    assert!(c.log_text().contains("its agent does not answer"), "{}", c.log_text());
+    drop(lost);
+}
+
+/// A host's link down until dropped, even when the test fails.
+struct LinkDown<'a>(&'a pgfleet_tests::Host);
+
+impl<'a> LinkDown<'a> {
+    fn new(h: &'a pgfleet_tests::Host) -> LinkDown<'a> {
+        h.link_down().unwrap();
+        LinkDown(h)
+    }
+}
+
+impl Drop for LinkDown<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.link_up();
+    }
+}
+
+/// Waits until `h`'s WAL receiver streams again.
+async fn wait_streaming(h: &pgfleet_tests::Host) {
+    let started = Instant::now();
+    while one(h, "select count(*) from pg_stat_wal_receiver where status = 'streaming'").await != "1" {
+        assert!(started.elapsed() < Duration::from_secs(30), "{} does not stream again", h.node_name());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
