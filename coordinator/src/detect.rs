@@ -14,7 +14,7 @@
 //! Why a probe and not the standbys' WAL receivers alone: a receiver whose
 //! primary's host vanished (no TCP reset: power, a cable, a kernel panic)
 //! reads "streaming" until wal_receiver_timeout (60 s by default); a probe
-//! fails within its one second. Which standbys stream is reported along.
+//! fails within its 700 ms.
 //!
 //! The cost of the timeout: a dead primary is declared that long after the
 //! coordinator and the standbys last saw it (plus one look's interval), and
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::fleet_status::{ClusterReport, NodeReport, Role};
+use crate::fleet_status::ClusterReport;
 use crate::inventory::Cluster;
 
 /// What the detector concludes from the last look at a cluster.
@@ -114,9 +114,11 @@ impl Detector {
     }
 
     /// The verdict after one more look at the cluster, taken at `now`, and
-    /// the standbys whose agents reached the remembered primary's
-    /// PostgreSQL when probed (asked only when the look found no primary).
-    pub fn observe(&mut self, cluster: &Cluster, look: &ClusterReport, reached_by: &[String], now: Instant) -> Verdict {
+    /// the standbys' opinions: each standby whose agent answered the probe
+    /// of the remembered primary's PostgreSQL, and whether it reached it
+    /// (asked only when the look found no primary; a standby whose agent
+    /// did not answer the probe has no opinion).
+    pub fn observe(&mut self, cluster: &Cluster, look: &ClusterReport, opinions: &[(String, bool)], now: Instant) -> Verdict {
         // A primary that answers is the primary; one that promoted since
         // (a switchover, a failover) replaces the remembered one.
         if let Some(p) = &look.primary {
@@ -135,26 +137,25 @@ impl Detector {
                 "its agent answers, PostgreSQL does not ({})",
                 r.down_reason.as_deref().unwrap_or("server is down")
             ),
-            // Up, but not the primary any more (fenced into a standby, or
-            // a second primary hides it): not this detector's case.
-            Some(r) if r.role != Role::Primary => {
+            // Up, but not the one primary any more: fenced into a standby,
+            // or two primaries (status warns of that). Not a failure.
+            Some(_) => {
                 self.down_since = None;
                 return Verdict::Unknown;
             }
-            Some(_) => unreachable!("a reachable primary that is up is look.primary"),
         };
         if !cluster.nodes.iter().any(|n| n.name.as_str() == primary) {
             self.down_since = None;
             return Verdict::Unknown;
         }
-        let standbys: Vec<&NodeReport> = look.nodes.iter().filter(|n| n.name != primary).collect();
-        let reached_by: Vec<String> = reached_by.iter().filter(|s| **s != primary).cloned().collect();
+        let opinions: Vec<&(String, bool)> = opinions.iter().filter(|(s, _)| *s != primary).collect();
+        let reached_by: Vec<String> = opinions.iter().filter(|(_, r)| *r).map(|(s, _)| s.clone()).collect();
         if !reached_by.is_empty() {
             // The primary lives: whatever counted towards a failure is void.
             self.down_since = None;
             return Verdict::Partitioned { primary, reached_by };
         }
-        if !standbys.iter().any(|r| r.reachable) {
+        if opinions.is_empty() {
             self.down_since = None;
             return Verdict::NoSecondOpinion { primary, why };
         }
@@ -172,6 +173,7 @@ impl Detector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet_status::{NodeReport, Role};
     use crate::fleet_status::WalReceiverView;
 
     fn cluster() -> Cluster {
@@ -239,7 +241,8 @@ mod tests {
                 node("node2", true, true, Role::Replica, None),
             ],
         );
-        let reached = vec!["node1".to_owned()];
+        let reached = [("node1".to_owned(), true), ("node2".to_owned(), false)];
+        let nobody = [("node1".to_owned(), false), ("node2".to_owned(), false)];
         for s in [0, 5, 60] {
             let v = d.observe(&c, &cut, &reached, t0 + Duration::from_secs(s));
             assert_eq!(v, Verdict::Partitioned { primary: "node0".into(), reached_by: vec!["node1".into()] });
@@ -257,17 +260,18 @@ mod tests {
             ],
         );
         let t1 = t0 + Duration::from_secs(100);
-        assert_eq!(d.observe(&c, &gone, &[], t1).kind(), "suspect");
-        assert_eq!(d.observe(&c, &gone, &[], t1 + Duration::from_millis(2900)).kind(), "suspect");
+        assert_eq!(d.observe(&c, &gone, &nobody, t1).kind(), "suspect");
+        assert_eq!(d.observe(&c, &gone, &nobody, t1 + Duration::from_millis(2900)).kind(), "suspect");
         // One look where a standby reaches it resets the count.
         assert_eq!(d.observe(&c, &cut, &reached, t1 + Duration::from_millis(2950)).kind(), "partitioned");
-        assert_eq!(d.observe(&c, &gone, &[], t1 + Duration::from_secs(4)).kind(), "suspect");
-        let v = d.observe(&c, &gone, &[], t1 + Duration::from_secs(7));
+        assert_eq!(d.observe(&c, &gone, &nobody, t1 + Duration::from_secs(4)).kind(), "suspect");
+        let v = d.observe(&c, &gone, &nobody, t1 + Duration::from_secs(7));
         assert_eq!(v.kind(), "failed", "{v:?}");
         assert!(v.describe().contains("its agent does not answer"), "{}", v.describe());
 
         // The postmaster dead, its agent answering: the same rule.
         let mut d = Detector::new(Duration::from_secs(3));
+        let nobody = [("node1".to_owned(), false)];
         d.observe(&c, &healthy, &[], t0);
         let crashed = look(
             None,
@@ -277,12 +281,13 @@ mod tests {
                 node("node2", true, true, Role::Replica, None),
             ],
         );
-        d.observe(&c, &crashed, &[], t0);
-        let v = d.observe(&c, &crashed, &[], t0 + Duration::from_secs(3));
+        d.observe(&c, &crashed, &nobody, t0);
+        let v = d.observe(&c, &crashed, &nobody, t0 + Duration::from_secs(3));
         assert_eq!(v.kind(), "failed");
         assert!(v.describe().contains("PostgreSQL does not"), "{}", v.describe());
 
-        // Nobody answers at all: this coordinator may be the one cut off.
+        // No standby's agent answers the probe: this coordinator may be the
+        // one cut off. No opinion, no verdict.
         let mut d = Detector::new(Duration::from_secs(3));
         d.observe(&c, &healthy, &[], t0);
         let alone = look(
@@ -298,7 +303,7 @@ mod tests {
         }
         // A cluster never seen with a primary: nothing to watch.
         let mut d = Detector::new(Duration::from_secs(3));
-        assert_eq!(d.observe(&c, &gone, &[], t0), Verdict::Unknown);
+        assert_eq!(d.observe(&c, &gone, &nobody, t0), Verdict::Unknown);
     }
 
     #[test]
@@ -320,8 +325,9 @@ mod tests {
             None,
             vec![node("node0", true, true, Role::Replica, None), node("node1", false, false, Role::Unknown, None)],
         );
-        d.observe(&c, &lost, &[], t0);
-        let v = d.observe(&c, &lost, &[], t0 + Duration::from_secs(3));
+        let nobody = [("node0".to_owned(), false)];
+        d.observe(&c, &lost, &nobody, t0);
+        let v = d.observe(&c, &lost, &nobody, t0 + Duration::from_secs(3));
         assert!(matches!(v, Verdict::Failed { ref primary, .. } if primary == "node1"), "{v:?}");
     }
 }

@@ -176,6 +176,28 @@ pub async fn gather(clusters: &[&Cluster], deadlines: Deadlines) -> FleetReport 
 }
 
 /// One cluster's status.
+/// [`gather_cluster`] where a node whose agent has not answered within
+/// `limit` counts as unreachable for this look. The deadlines stay those of
+/// every other caller: an agent's channel is kept and shared, and its
+/// per-call timeout is set when it is made.
+pub async fn gather_cluster_within(cluster: &Cluster, deadlines: Deadlines, limit: Duration) -> ClusterReport {
+    let answers = join_all(cluster.nodes.iter().map(|n| async move {
+        match tokio::time::timeout(limit, ask(n, deadlines)).await {
+            Ok(a) => a,
+            Err(_) => NodeAnswer {
+                status: Err(AgentCallError::Unreachable {
+                    node: n.name.to_string(),
+                    endpoint: n.agent.clone(),
+                    reason: format!("no answer within {}", humantime::format_duration(limit)),
+                }),
+                replication: None,
+            },
+        }
+    }))
+    .await;
+    merge(cluster, answers)
+}
+
 pub async fn gather_cluster(cluster: &Cluster, deadlines: Deadlines) -> ClusterReport {
     let answers = join_all(cluster.nodes.iter().map(|n| ask(n, deadlines))).await;
     merge(cluster, answers)

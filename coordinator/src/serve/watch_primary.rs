@@ -22,9 +22,12 @@ use crate::serve::State;
 
 /// How often each cluster is looked at.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
-/// A look must not wait on a dead host for longer than this: its agent's
-/// silence is the answer.
-const LOOK_DEADLINES: Deadlines = Deadlines { connect: Duration::from_secs(1), call: Duration::from_secs(1) };
+/// A look does not wait on a dead host for longer than this: its agent's
+/// silence is the answer. (Probes too: the agent gives up on the primary
+/// after 700 ms, inside it.) The calls themselves use the service's
+/// deadlines: an agent's channel is kept and shared with the operations,
+/// and its per-call timeout is set when it is made.
+const LOOK_LIMIT: Duration = Duration::from_secs(1);
 
 pub fn spawn(state: Arc<State>) {
     tokio::spawn(async move {
@@ -42,18 +45,19 @@ pub fn spawn(state: Arc<State>) {
             // its deadlines, which must not delay what it saw.
             let looked_at = Instant::now();
             let clusters = &state.inventory.clusters;
-            let looks = join_all(clusters.iter().map(|c| fleet_status::gather_cluster(c, LOOK_DEADLINES))).await;
+            let d = state.deadlines;
+            let looks = join_all(clusters.iter().map(|c| fleet_status::gather_cluster_within(c, d, LOOK_LIMIT))).await;
             for (c, look) in clusters.iter().zip(looks) {
                 let (detector, last) = detectors
                     .entry(c.name.to_string())
                     .or_insert_with(|| (Detector::new(c.failure_timeout), "unknown"));
                 // No primary answered: the second opinion, from every
                 // standby whose agent answers.
-                let reached_by = match (&look.primary, detector.primary()) {
-                    (None, Some(p)) => reached_by(c, &look, p).await,
+                let opinions = match (&look.primary, detector.primary()) {
+                    (None, Some(p)) => opinions(c, &look, p, d).await,
                     _ => Vec::new(),
                 };
-                let verdict = detector.observe(c, &look, &reached_by, looked_at);
+                let verdict = detector.observe(c, &look, &opinions, looked_at);
                 if verdict.kind() != *last {
                     report(c.name.as_str(), &verdict, last);
                     *last = verdict.kind();
@@ -63,9 +67,11 @@ pub fn spawn(state: Arc<State>) {
     });
 }
 
-/// The standbys (reachable by their agents) that reach `primary`'s
-/// PostgreSQL, each asked concurrently.
-async fn reached_by(c: &Cluster, look: &ClusterReport, primary: &str) -> Vec<String> {
+/// Each standby whose agent answered the probe of `primary`'s PostgreSQL,
+/// and whether it reached it; asked concurrently. A probe the agent did not
+/// answer (down, or refused: the probe needs an admin certificate) is no
+/// opinion, not a "no".
+async fn opinions(c: &Cluster, look: &ClusterReport, primary: &str, d: Deadlines) -> Vec<(String, bool)> {
     let Some(p) = c.nodes.iter().find(|n| n.name.as_str() == primary) else {
         return Vec::new();
     };
@@ -78,10 +84,17 @@ async fn reached_by(c: &Cluster, look: &ClusterReport, primary: &str) -> Vec<Str
         .filter(|n| n.name.as_str() != primary && look.nodes.iter().any(|r| r.name == n.name.as_str() && r.reachable))
         .map(|n| async move {
             let req = pb::ProbeRequest { address: address.to_string(), port: u32::from(p.port) };
-            let reached = client::call(n, LOOK_DEADLINES, async |a| a.probe(req).await)
-                .await
-                .is_ok_and(|r| r.reachable);
-            reached.then(|| n.name.to_string())
+            match tokio::time::timeout(LOOK_LIMIT, client::call(n, d, async |a| a.probe(req).await)).await {
+                Ok(Ok(r)) => Some((n.name.to_string(), r.reachable)),
+                Ok(Err(e)) => {
+                    tracing::debug!(standby = %n.name, error = %e, "no second opinion from this standby");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(standby = %n.name, "no second opinion from this standby: its agent did not answer the probe in time");
+                    None
+                }
+            }
         });
     join_all(asked).await.into_iter().flatten().collect()
 }
