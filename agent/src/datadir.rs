@@ -79,7 +79,9 @@ pub fn move_aside(dir: &Path, stamp: &str) -> Result<PathBuf, DataDirError> {
 /// with `..` (so it can be checked against allowed roots).
 pub fn normalise(p: &str) -> Option<PathBuf> {
     let path = Path::new(p);
-    if !path.is_absolute() {
+    // A newline or an escape in a path would forge a log line (the paths
+    // are logged as they are moved) and reach pg_basebackup's arguments.
+    if !path.is_absolute() || p.chars().any(char::is_control) {
         return None;
     }
     let mut out = PathBuf::from("/");
@@ -108,6 +110,7 @@ mod tests {
     #[test]
     fn normalise_refuses_escapes() {
         assert_eq!(normalise("/a/./b//c/").unwrap(), Path::new("/a/b/c"));
+        assert_eq!(normalise("/a/b\nFORGED"), None);
         assert!(normalise("a/b").is_none());
         assert!(normalise("/a/../etc").is_none());
     }

@@ -122,7 +122,7 @@ impl Jobs {
         lock(&self.jobs)
             .get(id)
             .cloned()
-            .ok_or_else(|| JobError::NotFound(id.to_owned()))
+            .ok_or_else(|| JobError::NotFound(pgfleet_proto::shown(id)))
     }
 }
 

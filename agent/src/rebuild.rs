@@ -180,10 +180,13 @@ pub fn validate(config: &AgentConfig, r: pb::StartRebuildRequest) -> Result<Rebu
         return Err(E::invalid("expected_system_identifier", "must be the cluster's system identifier in decimal"));
     }
     let path = |field: &'static str, p: &str| -> Result<PathBuf, RebuildError> {
+        let shown = pgfleet_proto::shown(p);
         if p.contains('=') {
-            return Err(E::invalid(field, format!("{p:?}: '=' is not supported in tablespace paths")));
+            return Err(E::invalid(field, format!("{shown:?}: '=' is not supported in tablespace paths")));
         }
-        datadir::normalise(p).ok_or_else(|| E::invalid(field, format!("{p:?} must be an absolute path without '..'")))
+        datadir::normalise(p).ok_or_else(|| {
+            E::invalid(field, format!("{shown:?} must be an absolute path without '..' or control characters"))
+        })
     };
     let mut mappings = Vec::new();
     for m in &r.tablespace_mappings {
@@ -221,7 +224,7 @@ pub fn validate(config: &AgentConfig, r: pb::StartRebuildRequest) -> Result<Rebu
                 format!(
                     "tablespace {} would be written to {}, outside the directories this agent may write; \
                      map it with --tablespace-mapping {}=NEW",
-                    t.name,
+                    pgfleet_proto::shown(&t.name),
                     target.display(),
                     old.display()
                 ),
