@@ -70,6 +70,9 @@ pub struct Cluster {
     /// standby receives WAL from it before it declares it failed
     /// (`detect.rs`).
     pub failure_timeout: std::time::Duration,
+    /// Whether `pgfleet serve` fails over by itself once it declared the
+    /// primary failed (off unless the inventory says so).
+    pub auto_failover: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +166,8 @@ struct RawCluster {
     /// E.g. "3s": see `Cluster::failure_timeout`.
     #[serde(default)]
     failure_timeout: Option<String>,
+    #[serde(default)]
+    auto_failover: bool,
 }
 
 /// The default failure timeout: a dead primary is declared about this long
@@ -290,6 +295,7 @@ impl Inventory {
                 replication_password_file: rc.replication_password_file,
                 system_identifier: rc.system_identifier,
                 failure_timeout,
+                auto_failover: rc.auto_failover,
             });
         }
         if clusters.is_empty() {

@@ -1,4 +1,5 @@
-//! Failure detection in `pgfleet serve` (issue #14, detection only): the
+//! Failure detection in `pgfleet serve` (issue #14) and, where the
+//! inventory allows it, the automatic failover that follows: the
 //! leader looks at every cluster twice a second; a primary the coordinator
 //! cannot reach while its standbys still reach it is a partition, never a
 //! failure; a primary whose postmaster died, or whose whole host is gone,
@@ -10,6 +11,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use common::writer::{Writer, assert_rows_present};
 use common::{one, pgfleet, start_agents, start_primary};
 use pgfleet_tests::{Coordinator, TestFleet};
 
@@ -131,4 +133,61 @@ async fn wait_streaming(h: &pgfleet_tests::Host) {
         assert!(started.elapsed() < Duration::from_secs(30), "{} does not stream again", h.node_name());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `auto_failover = true`: node0's postmaster SIGKILLed under a client
+/// committing every 10 ms, with FIRST 1 (node1, node2). The leader declares
+/// it failed, then runs the failover operation itself: fenced through its
+/// agent, the synchronous standby with every acknowledged commit promoted,
+/// the other re-pointed. Checked from outside: every acknowledged row is on
+/// the new primary, exactly one node accepts writes, node0 is down with
+/// standby.signal, and the journal holds the failover with its automatic
+/// caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits() {
+    let fleet = TestFleet::new(3).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    for node in ["node1", "node2"] {
+        let out = pgfleet(&fleet, &["rebuild", node, "--no-progress-bar"]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
+    let p = fleet.host(0);
+    common::exec(p, "create table acks (id bigint primary key)").await;
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let inventory = fleet.inventory_toml("main", &[]).unwrap();
+    assert!(inventory.contains("name = \"main\"\n"), "{inventory}");
+    std::fs::write(fleet.inventory_path(), inventory.replacen("name = \"main\"\n", "name = \"main\"\nauto_failover = true\n", 1)).unwrap();
+    let c = fleet.start_coordinator().unwrap();
+    wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
+
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(50).await;
+    p.kill_postgres().unwrap();
+    let killed = Instant::now();
+    wait_for_log(&c, "automatic failover done", Duration::from_secs(60));
+    writer.wait_for_more(50).await;
+    let gap = writer.longest_gap_since(killed);
+    eprintln!("writes unavailable {gap:?} (postmaster SIGKILL to the first commit on the new primary; failure_timeout 3 s)");
+    let (acked, uncertain) = writer.finish().await;
+
+    // Exactly one node takes writes, asked of each node itself.
+    let mut writable = Vec::new();
+    for h in [fleet.host(1), fleet.host(2)] {
+        if one(h, "select pg_is_in_recovery()").await == "f" {
+            writable.push(h);
+        }
+    }
+    assert_eq!(writable.len(), 1, "not exactly one writable standby after the failover");
+    assert!(p.data_dir().join("standby.signal").exists(), "node0 was not fenced");
+    let data = p.data_dir().display().to_string();
+    assert!(p.run(&["pg_ctl", "-D", data.as_str(), "status"]).is_err(), "node0's server runs again");
+    assert_rows_present(writable[0], &acked, &uncertain).await;
+
+    let out = pgfleet(&fleet, &["ops", "list", "--json"]);
+    let ops = common::json(&out);
+    let op = ops.as_array().unwrap().iter().find(|o| o["kind"] == "failover").cloned().expect("no failover in the journal");
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(op["caller"], "pgfleet serve (automatic failover)", "{op}");
 }

@@ -27,6 +27,15 @@ pub struct Running {
     finished: AtomicBool,
 }
 
+/// Collects an operation's events into its registry entry as they come.
+pub fn collect(running: Arc<Running>, mut rx: tokio::sync::mpsc::UnboundedReceiver<pb::OperationEvent>) {
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            running.push(ev);
+        }
+    });
+}
+
 impl Running {
     pub fn new(id: String, kind: &str, cluster: String, summary: String, caller: String, dry_run: bool, cancel: Arc<CancelState>) -> Self {
         Running {

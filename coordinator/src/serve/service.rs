@@ -134,12 +134,8 @@ impl CoordinatorService {
     }
 
     /// Collects an operation's events into its registry entry.
-    fn spawn(&self, running: Arc<Running>, mut rx: tokio::sync::mpsc::UnboundedReceiver<pb::OperationEvent>) {
-        tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                running.push(ev);
-            }
-        });
+    fn spawn(&self, running: Arc<Running>, rx: tokio::sync::mpsc::UnboundedReceiver<pb::OperationEvent>) {
+        super::registry::collect(running, rx);
     }
 
     async fn resume_or_abort(&self, caller: &Caller, method: &'static str, id: &str, abort: bool) -> Result<Response<pb::OperationRef>, Status> {

@@ -1,9 +1,16 @@
-//! The leader watches every cluster's primary (issue #14's detection):
-//! a look at each cluster every [`LOOK_EVERY`], fed to its `Detector`, and
-//! each change of verdict logged (a failure as an error, with what was
-//! seen). Only the leader watches: a follower's view would be a second
-//! voice with nothing to act on. This is detection only; no automatic
-//! action is taken from it yet.
+//! The leader watches every cluster's primary (issue #14): a look at each
+//! cluster every [`LOOK_EVERY`], fed to its `Detector`, each change of
+//! verdict logged (a failure as an error, with what was seen). Only the
+//! leader watches: a follower's view would be a second voice with nothing
+//! to act on.
+//!
+//! A cluster with `auto_failover = true` is failed over when its verdict
+//! turns to failed: the same operation `pgfleet failover` runs (lock,
+//! journal, typed plan, the same checks), begun by this process. It fences
+//! the old primary through its agent and promotes only a standby that
+//! provably holds every acknowledged commit; what it refuses (the old
+//! primary's agent gone: it cannot be fenced yet; no proof) is logged, and
+//! nothing is tried again until the verdict changes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +25,9 @@ use crate::client::{self, Deadlines};
 use crate::detect::{Detector, Verdict};
 use crate::fleet_status::{self, ClusterReport};
 use crate::inventory::Cluster;
+use crate::ops::{self, CancelState, OpRequest, OpResult};
+use crate::serve::registry::{self, Running};
+use pgfleet_proto::ClusterName;
 use crate::serve::State;
 
 /// How often each cluster is looked at.
@@ -61,6 +71,9 @@ pub fn spawn(state: Arc<State>) {
                 if verdict.kind() != *last {
                     report(c.name.as_str(), &verdict, last);
                     *last = verdict.kind();
+                    if matches!(verdict, Verdict::Failed { .. }) && c.auto_failover {
+                        tokio::spawn(fail_over(state.clone(), c.name.clone()));
+                    }
                 }
             }
         }
@@ -98,6 +111,38 @@ async fn opinions(c: &Cluster, look: &ClusterReport, primary: &str, d: Deadlines
         });
     join_all(asked).await.into_iter().flatten().collect()
 }
+
+/// The automatic failover: `pgfleet failover --cluster C`, begun here.
+async fn fail_over(state: Arc<State>, cluster: ClusterName) {
+    let mut req = OpRequest::Failover { cluster: Some(cluster.clone()), to: None, fenced: false, accept_data_loss: false, dry_run: false };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = Arc::new(CancelState::default());
+    let who = AUTOMATIC.to_owned();
+    let (ctx, name, summary) = match ops::begin(&state.inventory, &mut req, &who, Some(tx), cancel.clone()).await {
+        Ok(b) => b,
+        Err(e) => {
+            error!(cluster = %cluster, "automatic failover refused: {e}");
+            return;
+        }
+    };
+    let running = Arc::new(Running::new(ctx.id().to_owned(), req.kind(), name, summary, who, false, cancel));
+    registry::collect(running.clone(), rx);
+    state.registry.insert(running.clone());
+    warn!(cluster = %cluster, operation = %running.id, "automatic failover started");
+    let result = ops::execute(&state.inventory, &req, state.deadlines, &ctx).await;
+    let fin = ops::finish(ctx, &result, false).await;
+    match (&result, fin.error) {
+        (Ok(OpResult::Moved(m)), None) => warn!(
+            cluster = %cluster, operation = %running.id,
+            "automatic failover done: {} promoted (timeline {}), {} fenced", m.new_primary, m.timeline, m.old_primary
+        ),
+        (_, Some(e)) => error!(cluster = %cluster, operation = %running.id, "automatic failover did not complete: {e}"),
+        (_, None) => warn!(cluster = %cluster, operation = %running.id, "automatic failover ended"),
+    }
+}
+
+/// Who the journal names as the caller of an automatic failover.
+const AUTOMATIC: &str = "pgfleet serve (automatic failover)";
 
 fn report(cluster: &str, v: &Verdict, was: &str) {
     let what = v.describe();

@@ -4,6 +4,8 @@
 // they serve (clippy.toml allows it only inside test functions).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod writer;
+
 use std::time::{Duration, Instant};
 
 use pgfleet_proto::Lsn;
