@@ -43,8 +43,8 @@ fn wait_for_log(c: &Coordinator, needle: &str, within: Duration) -> Duration {
     started.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_is_not_a_failure_and_a_dead_primary_is_declared_after_the_timeout() {
+/// node0 primary (initdb, scram), node1 and node2 rebuilt from it by pgfleet.
+fn primary_and_two_rebuilt_standbys() -> TestFleet {
     let fleet = TestFleet::new(3).unwrap();
     start_primary(&fleet, 0);
     start_agents(&fleet);
@@ -52,6 +52,12 @@ async fn a_partition_is_not_a_failure_and_a_dead_primary_is_declared_after_the_t
         let out = pgfleet(&fleet, &["rebuild", node, "--no-progress-bar"]);
         assert_eq!(out.code(), Some(0), "{out}");
     }
+    fleet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_is_not_a_failure_and_a_dead_primary_is_declared_after_the_timeout() {
+    let fleet = primary_and_two_rebuilt_standbys();
     let c = fleet.start_coordinator().unwrap();
     wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
 
@@ -145,13 +151,7 @@ async fn wait_streaming(h: &pgfleet_tests::Host) {
 /// caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits() {
-    let fleet = TestFleet::new(3).unwrap();
-    start_primary(&fleet, 0);
-    start_agents(&fleet);
-    for node in ["node1", "node2"] {
-        let out = pgfleet(&fleet, &["rebuild", node, "--no-progress-bar"]);
-        assert_eq!(out.code(), Some(0), "{out}");
-    }
+    let fleet = primary_and_two_rebuilt_standbys();
     let p = fleet.host(0);
     common::exec(p, "create table acks (id bigint primary key)").await;
     let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
