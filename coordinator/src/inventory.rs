@@ -456,6 +456,21 @@ mod tests {
     }
 
     #[test]
+    fn failure_timeout_and_auto_failover_are_read_and_checked() {
+        let inv = Inventory::parse(GOOD, Path::new("i.toml")).unwrap();
+        assert_eq!(inv.clusters[0].failure_timeout, DEFAULT_FAILURE_TIMEOUT);
+        assert!(!inv.clusters[0].auto_failover);
+        let with = |extra: &str| GOOD.replacen("name = \"main\"", &format!("name = \"main\"\n{extra}"), 1);
+        let inv = Inventory::parse(&with("failure_timeout = \"5s\"\nauto_failover = true"), Path::new("i.toml")).unwrap();
+        assert_eq!(inv.clusters[0].failure_timeout, std::time::Duration::from_secs(5));
+        assert!(inv.clusters[0].auto_failover);
+        for bad in ["\"100ms\"", "\"1h\"", "\"soon\\nFORGED\""] {
+            let e = Inventory::parse(&with(&format!("failure_timeout = {bad}")), Path::new("i.toml")).unwrap_err().to_string();
+            assert!(e.contains("failure_timeout") && !e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
     fn parses_and_finds_nodes() {
         let inv = Inventory::parse(GOOD, Path::new("i.toml")).unwrap();
         let (c, n) = inv.node("pg2").unwrap();

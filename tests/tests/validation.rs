@@ -43,6 +43,18 @@ async fn the_agent_refuses_malformed_calls_and_changes_nothing() {
     exec(p, "alter system set synchronous_standby_names = 'ANY 1 (node1)'").await;
     exec(p, "select pg_reload_conf()").await;
 
+    // Probe: one host's address and a TCP port, or INVALID_ARGUMENT; a
+    // reader may not make the agent connect out.
+    for (address, port) in [("0.0.0.0", 5432), ("255.255.255.255", 5432), ("node0", 5432), ("127.0.0.1", 0), ("127.0.0.1", 70000)] {
+        let e = agent.probe(pb::ProbeRequest { address: address.into(), port }).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{address}:{port}: {e:?}");
+    }
+    let probed = agent.probe(pb::ProbeRequest { address: p.addr().to_string(), port: 5432 }).await.unwrap().into_inner();
+    assert!(probed.reachable, "{probed:?}");
+    let mut reader = AgentClient::new(p.agent_channel_as("test-reader").await.unwrap());
+    let e = reader.probe(pb::ProbeRequest { address: p.addr().to_string(), port: 5432 }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
     // A SetSynchronousStandbys without its config is malformed, not "off".
     let e = agent
         .set_synchronous_standbys(pb::SetSynchronousStandbysRequest { config: None, operation_id: String::new() })
