@@ -132,6 +132,61 @@ impl Drop for LinkDown<'_> {
     }
 }
 
+/// The inventory with `auto_failover = true`, and its coordinator started,
+/// watching node0.
+fn start_with_auto_failover(fleet: &TestFleet) -> Coordinator {
+    let inventory = fleet.inventory_toml("main", &[]).unwrap();
+    assert!(inventory.contains("name = \"main\"\n"), "{inventory}");
+    std::fs::write(fleet.inventory_path(), inventory.replacen("name = \"main\"\n", "name = \"main\"\nauto_failover = true\n", 1)).unwrap();
+    let c = fleet.start_coordinator().unwrap();
+    wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
+    c
+}
+
+/// The nodes that accept writes, asked of each node itself (a node whose
+/// server cannot be reached accepts none from here).
+async fn writable(fleet: &TestFleet) -> Vec<String> {
+    let mut out = Vec::new();
+    for h in fleet.hosts() {
+        if h.query_one_string("select pg_is_in_recovery()").await.is_ok_and(|v| v == "f") {
+            out.push(h.node_name());
+        }
+    }
+    out
+}
+
+/// After node0's failover: the one standby that accepts writes (node1 or
+/// node2, whichever had received more), and the other. Asked of every node
+/// node0 excluded only when it cannot be reached.
+async fn promoted(fleet: &TestFleet) -> (&pgfleet_tests::Host, &pgfleet_tests::Host) {
+    let w = writable(fleet).await;
+    assert!(w == ["node1"] || w == ["node2"], "not exactly one writable node, or node0 among them: {w:?}");
+    if w[0] == "node1" { (fleet.host(1), fleet.host(2)) } else { (fleet.host(2), fleet.host(1)) }
+}
+
+/// The journal's automatic operation of this kind, which must have
+/// succeeded; its steps' done lines, in order.
+fn automatic_op(fleet: &TestFleet, kind: &str) -> (serde_json::Value, Vec<String>) {
+    let out = pgfleet(fleet, &["ops", "list", "--json"]);
+    let ops = common::json(&out);
+    let op = ops.as_array().unwrap().iter().rev().find(|o| o["kind"] == kind).cloned().unwrap_or_else(|| panic!("no {kind} in {ops:#}"));
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(op["caller"], format!("pgfleet serve (automatic {kind})"), "{op}");
+    let out = pgfleet(fleet, &["ops", "show", op["id"].as_str().unwrap(), "--json"]);
+    let shown = common::json(&out);
+    for e in shown["journal"].as_array().into_iter().flatten() {
+        eprintln!("{} {} {} {}", e["time"], e["step"], e["event"], e["detail"]);
+    }
+    let done = shown["journal"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{shown:#}"))
+        .iter()
+        .filter(|e| e["event"] == "done")
+        .map(|e| e["step"].as_str().unwrap().to_owned())
+        .collect();
+    (op, done)
+}
+
 /// Waits until `h`'s WAL receiver streams again.
 async fn wait_streaming(h: &pgfleet_tests::Host) {
     let started = Instant::now();
@@ -156,11 +211,7 @@ async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits()
     common::exec(p, "create table acks (id bigint primary key)").await;
     let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
     assert_eq!(out.code(), Some(0), "{out}");
-    let inventory = fleet.inventory_toml("main", &[]).unwrap();
-    assert!(inventory.contains("name = \"main\"\n"), "{inventory}");
-    std::fs::write(fleet.inventory_path(), inventory.replacen("name = \"main\"\n", "name = \"main\"\nauto_failover = true\n", 1)).unwrap();
-    let c = fleet.start_coordinator().unwrap();
-    wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
+    let c = start_with_auto_failover(&fleet);
 
     let writer = Writer::start(&fleet);
     writer.wait_for_more(50).await;
@@ -190,4 +241,96 @@ async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits()
     let op = ops.as_array().unwrap().iter().find(|o| o["kind"] == "failover").cloned().expect("no failover in the journal");
     assert_eq!(op["state"], "succeeded", "{op}");
     assert_eq!(op["caller"], "pgfleet serve (automatic failover)", "{op}");
+}
+
+/// `auto_failover = true`, FIRST 1 (node1, node2): node0's whole host is
+/// lost (agent and postmaster SIGKILLed, link down) under a client
+/// committing every 10 ms. Nobody can fence it through its agent, so the
+/// automatic failover isolates it: the other synchronous standby re-pointed
+/// at the candidate and streaming from it before the candidate is
+/// promoted. Every acknowledged row is on the new primary, exactly one node
+/// accepts writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_primary_host_is_failed_over_by_isolation() {
+    let fleet = primary_and_two_rebuilt_standbys();
+    let p = fleet.host(0);
+    common::exec(p, "create table acks (id bigint primary key)").await;
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let c = start_with_auto_failover(&fleet);
+
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(50).await;
+    p.kill_agent().unwrap();
+    p.kill_postgres().unwrap();
+    let lost = LinkDown::new(p);
+    let killed = Instant::now();
+    wait_for_log(&c, "automatic failover done", Duration::from_secs(60));
+    writer.wait_for_more(50).await;
+    let gap = writer.longest_gap_since(killed);
+    eprintln!("host lost: writes unavailable {gap:?} (fault to the first commit on the new primary; failure_timeout 3 s)");
+    let (acked, uncertain) = writer.finish().await;
+    drop(lost);
+
+    // The most advanced of the two synchronous standbys was promoted.
+    let (new, other) = promoted(&fleet).await;
+    assert_rows_present(new, &acked, &uncertain).await;
+    assert_eq!(one(new, "select client_addr::text from pg_stat_replication").await, format!("{}/32", other.addr()));
+    let (_, done) = automatic_op(&fleet, "failover");
+    let at = |s: &str| done.iter().position(|d| d == s).unwrap_or_else(|| panic!("no {s} done in {done:?}"));
+    assert!(at("isolate") < at("promote"), "{done:?}");
+}
+
+/// `auto_failover = true`, FIRST 1 (node1, node2): node0 is cut from
+/// everything (its link down) while its agent and PostgreSQL run on. The
+/// coordinator and the standbys lose it: failed over by isolation. Back on
+/// the network, node0 still runs as a primary on its old timeline, and
+/// acknowledges no commit (no standby streams from it); the leader makes it
+/// a standby of the new primary (the journal shows pgfleet isolated it), with
+/// pg_rewind. Every acknowledged row is on the new primary, and on node0
+/// once it replays; only the new primary accepts writes, asked of every
+/// node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_from_everything_acknowledges_nothing_and_comes_back_a_standby() {
+    let fleet = primary_and_two_rebuilt_standbys();
+    let p = fleet.host(0);
+    common::exec(p, "create table acks (id bigint primary key)").await;
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let c = start_with_auto_failover(&fleet);
+
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(50).await;
+    let cut = LinkDown::new(p);
+    let at_cut = Instant::now();
+    wait_for_log(&c, "automatic failover done", Duration::from_secs(60));
+    writer.wait_for_more(50).await;
+    eprintln!("cut from everything: writes unavailable {:?}", writer.longest_gap_since(at_cut));
+    let (acked, uncertain) = writer.finish().await;
+    let (new, _) = promoted(&fleet).await;
+
+    // Back: a commit on node0 is never acknowledged (it waits for a
+    // synchronous standby that no longer streams from it, or the server
+    // is fenced under it).
+    drop(cut);
+    let node0 = p.addr().to_string();
+    let conn = format!("host={node0} port=5432 user=postgres password={} dbname=postgres connect_timeout=3", p.superuser_password());
+    let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client.execute("insert into acks (id) values (-1)", &[]).await
+    })
+    .await;
+    assert!(!matches!(attempt, Ok(Ok(_))), "node0 acknowledged a commit after it was failed over: {attempt:?}");
+
+    wait_for_log(&c, "automatic rejoin done", Duration::from_secs(60));
+    assert_eq!(writable(&fleet).await, [new.node_name()]);
+    assert_eq!(one(p, "select sender_host from pg_stat_wal_receiver").await, new.addr().to_string());
+    assert_rows_present(new, &acked, &uncertain).await;
+    assert_eq!(one(new, "select count(*) from acks where id = -1").await, "0");
+    common::wait_replayed(new, p).await;
+    assert_rows_present(p, &acked, &uncertain).await;
+    assert_eq!(one(p, "select count(*) from acks where id = -1").await, "0");
+    let (_, done) = automatic_op(&fleet, "rejoin");
+    assert!(done.iter().any(|d| d == "rewind"), "{done:?}");
 }

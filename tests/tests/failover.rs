@@ -854,7 +854,7 @@ async fn failover_with_only_asynchronous_standbys_needs_accept_data_loss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_with_old_primary_agent_unreachable_needs_fenced() {
+async fn failover_with_old_primary_agent_unreachable_isolates_it() {
     let _shared = TIMED.read().await;
     let fleet = primary_and_two_rebuilt_standbys().await;
     let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
@@ -871,43 +871,42 @@ async fn failover_with_old_primary_agent_unreachable_needs_fenced() {
     node0.kill_postgres().unwrap();
     let (r1, r2) = (received(node1).await, received(node2).await);
 
-    refused(&fleet, &["failover"], 1, &["node0", "--fenced"]).await;
-    refused(
-        &fleet,
-        &["failover", "--accept-data-loss"],
-        1,
-        &["--fenced"],
-    )
-    .await;
+    // Nobody can fence node0 through its agent, so the plan isolates it:
+    // the other quorum standby is re-pointed at the candidate before the
+    // candidate is promoted (with ANY 1 and no standby left, node0 could
+    // acknowledge nothing even if it ran). With --fenced, the operator's
+    // word stands in for that.
+    let out = pgfleet(&fleet, &["failover", "--dry-run", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let steps = plan_steps(&out);
+    let isolate = position(&steps, "node0", "isolate");
+    assert!(steps.iter().all(|(_, s)| s != "fence"), "{steps:?}");
+    let candidate = steps.iter().find(|(_, s)| s == "promote").map(|(n, _)| n.clone()).unwrap();
+    assert!(isolate < position(&steps, &candidate, "promote"), "{steps:?}");
+    let out = pgfleet(&fleet, &["failover", "--fenced", "--dry-run"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("--fenced says the operator made sure it is down"), "{out}");
 
-    // The operator made sure node0 is down: the most advanced of the quorum
-    // standbys is promoted (pgfleet's record of the synchronous setting
-    // stands in for node0's unreadable configuration).
-    let out = pgfleet(&fleet, &["failover", "--fenced", "--json"]);
+    let out = pgfleet(&fleet, &["failover", "--json"]);
     assert_eq!(out.code(), Some(0), "{out}");
     let r = json(&out);
     let new = r["new_primary"].as_str().unwrap().to_owned();
+    assert_eq!(new, candidate, "{r:#}");
     let best = if r1 > r2 { "node1" } else { "node2" };
     if r1 != r2 {
         assert_eq!(new, best, "node1 received {r1}, node2 {r2}: {r:#}");
     }
     assert_eq!(primaries(&fleet).await, [new.as_str()]);
-    let steps: Vec<&str> = r["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
-    assert!(!steps.contains(&"fence"), "{steps:?}");
-    let op = r["operation"].as_str().unwrap();
-    assert!(
-        journal(&fleet, op)
-            .iter()
-            .any(|l| l["step"] == "fence" && l["event"] == "skipped"),
-        "{:?}",
-        journal(&fleet, op)
-    );
     let other = if new == "node1" { node2 } else { node1 };
+    // The journal has the isolation done, with the re-pointed standby
+    // streaming from the candidate, before the promotion.
+    let op = r["operation"].as_str().unwrap();
+    let lines = journal(&fleet, op);
+    let at = |step: &str| lines.iter().position(|l| l["step"] == step && l["event"] == "done");
+    let isolated = at("isolate").unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(isolated < at("promote").unwrap(), "{lines:?}");
+    let said = lines[isolated]["detail"].as_str().unwrap();
+    assert!(said.contains(&format!("{} streams from {new}", other.node_name())), "{said}");
     assert_streaming(host(&fleet, &new), &[other]).await;
     writer.wait_for_more(20).await;
     let (acked, uncertain) = writer.finish().await;
@@ -929,6 +928,44 @@ async fn failover_with_old_primary_agent_unreachable_needs_fenced() {
     assert_eq!(primaries(&fleet).await, [new.as_str()]);
     wait_replayed(new_host, node0).await;
     assert_rows_present(node0, &acked, &uncertain).await;
+}
+
+/// An asynchronous cluster whose old primary's host is gone: cutting its
+/// standbys off would not stop its commits, so pgfleet can neither fence
+/// nor isolate it and refuses, naming --fenced; with the operator's word
+/// (and the loss accepted) it fails over, journaling the fence as skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_of_an_asynchronous_cluster_whose_old_primary_is_gone_needs_fenced() {
+    let _shared = TIMED.read().await;
+    let fleet = primary_and_two_rebuilt_standbys().await;
+    let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
+    exec(node0, "create table t (id int); insert into t select generate_series(1, 100)").await;
+    wait_replayed(node0, node1).await;
+    wait_replayed(node0, node2).await;
+    node0.kill_agent().unwrap();
+    node0.kill_postgres().unwrap();
+
+    for args in [&["failover"][..], &["failover", "--accept-data-loss"]] {
+        refused(&fleet, args, 1, &["--fenced", "synchronous replication"]).await;
+    }
+
+    let out = pgfleet(&fleet, &["failover", "--fenced", "--accept-data-loss", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let r = json(&out);
+    let new = r["new_primary"].as_str().unwrap().to_owned();
+    assert_eq!(primaries(&fleet).await, [new.as_str()]);
+    let op = r["operation"].as_str().unwrap();
+    assert!(
+        journal(&fleet, op)
+            .iter()
+            .any(|l| l["step"] == "fence" && l["event"] == "skipped"),
+        "{:?}",
+        journal(&fleet, op)
+    );
+    let other = if new == "node1" { node2 } else { node1 };
+    assert_streaming(host(&fleet, &new), &[other]).await;
+    assert_eq!(one(host(&fleet, &new), "select count(*) from t").await, "100");
+    assert_eq!(role(node0).await, "down");
 }
 
 // ---------------------------------------------------------------------------

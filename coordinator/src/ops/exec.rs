@@ -349,7 +349,7 @@ impl<'a> Exec<'a> {
             return Ok(());
         }
         let t = self.op.start_step(i, step).await?;
-        if let Step::Fence { .. } = step {
+        if let Step::Fence { .. } | Step::Isolate { .. } = step {
             // Writes stop here.
             self.fenced_at = Some(t);
         }
@@ -403,6 +403,19 @@ impl<'a> Exec<'a> {
                 }
             }
             Step::FencedByOperator { .. } => unreachable!("handled above"),
+            Step::Isolate { node, upstream, followers, .. } => {
+                // A physical slot can be made on a standby: the candidate
+                // keeps their WAL from now on.
+                for f in followers {
+                    self.point_at(&f.node, upstream, &f.slot, false, true).await?;
+                }
+                let until = t + ISOLATE_DEADLINE;
+                let mut said = Vec::new();
+                for f in followers {
+                    said.push(detached(self.node(&f.node)?, self.node(upstream)?, self.node(node)?, d, until).await?);
+                }
+                if said.is_empty() { format!("no other standby; {upstream} stops streaming from {node} when promoted") } else { said.join("; ") }
+            }
             Step::CatchUp { node, fenced } => {
                 let (new, old) = (self.node(node)?, self.node(fenced)?);
                 let checkpoint = self.checkpoint.ok_or_else(|| MoveError::Step {
@@ -611,6 +624,42 @@ async fn catch_up(op: &OpCtx, new: &Node, old: &Node, checkpoint: Lsn, d: Deadli
 }
 
 /// Whether a synchronous standby streams from `primary` before `until`.
+/// How long a re-pointed standby may take to drop its old stream.
+const ISOLATE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Waits until `standby`'s WAL receiver streams from `upstream`: its
+/// stream from `old` is gone, and no retry with the old primary_conninfo
+/// can bring it back (it connected with the new one).
+async fn detached(standby: &Node, upstream: &Node, old: &Node, d: Deadlines, until: Instant) -> Result<String, MoveError> {
+    loop {
+        let st = call(standby, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+        let from = st.wal_receiver.as_ref().and_then(|w| w.sender_host.clone());
+        if from.as_deref() == Some(upstream.host.as_str()) {
+            return Ok(format!("{} streams from {}", standby.name, upstream.name));
+        }
+        if Instant::now() >= until {
+            let now = match from {
+                None => "streams from nowhere".to_owned(),
+                Some(h) if h == old.host => format!("still streams from {}", old.name),
+                Some(h) => format!("streams from {}", pgfleet_proto::one_line(&h, 200)),
+            };
+            return Err(MoveError::Step {
+                step: "isolate",
+                detail: format!(
+                    "{} {now} {}s after it was re-pointed at {}: {} is not provably isolated, so nobody was promoted \
+                     (see {}'s server log)",
+                    standby.name,
+                    ISOLATE_DEADLINE.as_secs(),
+                    upstream.name,
+                    old.name,
+                    standby.name
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn first_sync_standby(primary: &Node, d: Deadlines, until: Instant) -> Result<bool, MoveError> {
     loop {
         let info = call(primary, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;

@@ -6,7 +6,7 @@
 //! [`choose`] decides everything before anything changes; [`plan`] turns
 //! the choice into steps for the one executor ([`crate::ops::exec`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pgfleet_proto::sync::SyncSpec;
 use pgfleet_proto::{Lsn, SlotName};
@@ -48,6 +48,9 @@ pub struct FailoverRequest {
 struct Choice<'a> {
     old: &'a Node,
     old_reachable: bool,
+    /// Fence by isolation: the old primary's agent does not answer and the
+    /// operator did not say it is down.
+    isolate: bool,
     new: &'a Node,
     received: Lsn,
     sync: SyncSpec,
@@ -90,14 +93,6 @@ fn choose<'a>(
     }
     let old_r = olds[0];
     let old = node(c, &old_r.name).ok_or_else(|| MoveError::Refused("old primary not in inventory".into()))?;
-    if !old_r.reachable && !req.fenced {
-        return Err(MoveError::Refused(format!(
-            "the agent of the old primary {} does not answer ({}), so it cannot be fenced; make sure it is down \
-             (power off, or stop PostgreSQL by hand) and run again with --fenced",
-            old.name,
-            old_r.error.as_deref().unwrap_or("unreachable")
-        )));
-    }
     let standbys: Vec<&NodeReport> = cr.nodes.iter().filter(|r| r.role == Role::Replica).collect();
     if standbys.is_empty() {
         return Err(MoveError::Refused("no running standby to promote".into()));
@@ -121,6 +116,36 @@ fn choose<'a>(
         .filter(|n| n.as_str() != old.name.as_str() && n.as_str() != "*" && !listed.iter().any(|r| r.name == **n))
         .count();
     let provable = sync.is_synchronous() && !listed.is_empty() && (missing_listed as u32) < sync.num_sync;
+    // Its agent gone, the old primary is fenced by isolation: only
+    // synchronous replication makes a primary without standbys stop
+    // acknowledging commits, and only if every standby that could
+    // acknowledge for it is known and re-pointed.
+    let isolate = !old_r.reachable && !req.fenced;
+    let cannot_isolate = |why: String| {
+        MoveError::Refused(format!(
+            "the agent of the old primary {} does not answer ({}), so it cannot be fenced, and it cannot be isolated \
+             either: {why}. Make sure it is down (power off, or stop PostgreSQL by hand) and run again with --fenced",
+            old.name,
+            old_r.error.as_deref().unwrap_or("unreachable")
+        ))
+    };
+    if isolate {
+        if !sync.is_synchronous() {
+            return Err(cannot_isolate(
+                "the cluster does not use synchronous replication, so cutting its standbys off does not stop its commits".into(),
+            ));
+        }
+        if sync.names.iter().any(|n| n == "*") {
+            return Err(cannot_isolate(format!(
+                "synchronous_standby_names = '{sync}' lets any standby acknowledge its commits, even one pgfleet does not know"
+            )));
+        }
+        if !provable {
+            return Err(cannot_isolate(format!(
+                "{missing_listed} of the synchronous standbys in '{sync}' do not answer and may still acknowledge its commits"
+            )));
+        }
+    }
     let best_sync = listed.iter().max_by_key(|r| received(r)).copied();
     let best_all = standbys.iter().max_by_key(|r| received(r)).copied();
     let named = |t: &str| {
@@ -189,10 +214,17 @@ fn choose<'a>(
         }
         (cand, Some(reason))
     };
+    if isolate && accepted_loss.is_some() {
+        return Err(cannot_isolate(format!(
+            "{} is not the most advanced synchronous standby, and the others cannot be re-pointed at a standby behind them",
+            chosen.name
+        )));
+    }
     let new = node(c, &chosen.name).ok_or_else(|| MoveError::Refused("candidate not in inventory".into()))?;
     Ok(Choice {
         old,
         old_reachable: old_r.reachable,
+        isolate,
         new,
         received: received(chosen),
         sync,
@@ -205,6 +237,12 @@ fn choose<'a>(
     })
 }
 
+/// A failover is for a primary that is gone: an agent that has not
+/// answered its status within this is taken as gone for the plan (a
+/// live agent answers in milliseconds), rather than waiting out the
+/// connect deadline of a dead host while writes are down.
+const LOOK_LIMIT: Duration = Duration::from_secs(2);
+
 /// The failover as steps, decided before anything changes.
 pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadlines) -> Result<(&'a Cluster, Plan), MoveError> {
     let c = inventory
@@ -215,8 +253,7 @@ pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadli
     {
         return Err(MoveError::Invalid { what: "--to", reason: format!("no node {t:?} in cluster {}", c.name) });
     }
-    let fleet = fleet_status::gather(&[c], d).await;
-    let cr = fleet.clusters.into_iter().next().ok_or_else(|| MoveError::Refused("no status".into()))?;
+    let cr = fleet_status::gather_cluster_within(c, d, LOOK_LIMIT).await;
     let recalled = journal::recall_sync(&inventory.store, c.name.as_str()).await;
     let ch = choose(c, &cr, req, recalled)?;
     let (old, new) = (&ch.old.name, &ch.new.name);
@@ -244,15 +281,26 @@ pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadli
         received: ch.received.to_string(),
         data_loss: ch.accepted_loss.clone(),
     });
-    // Fence before promoting: never two writable primaries.
+    // Fence before promoting: never two writable primaries. Isolation
+    // re-points the standbys that could acknowledge for the old primary
+    // (the listed ones); the others follow once the candidate is promoted.
+    let follower = |r: &Node| FollowerSlot { node: r.name.clone(), slot: slot_of(r, report(&cr, r.name.as_str())), in_use: false };
+    let isolated: Vec<&Node> = if ch.isolate { ch.standbys.iter().copied().filter(|r| ch.sync.lists(r.name.as_str())).collect() } else { Vec::new() };
     steps.push(if ch.old_reachable {
         Step::Fence { node: old.clone(), immediate: true }
+    } else if ch.isolate {
+        Step::Isolate {
+            node: old.clone(),
+            upstream: new.clone(),
+            followers: isolated.iter().map(|r| follower(r)).collect(),
+            sync: ch.sync.to_string(),
+        }
     } else {
         Step::FencedByOperator { node: old.clone() }
     });
     steps.push(Step::SyncConfig { node: new.clone(), value: new_sync.to_string() });
     steps.push(Step::Promote { node: new.clone() });
-    for r in &ch.standbys {
+    for r in ch.standbys.iter().filter(|r| !isolated.iter().any(|i| i.name == r.name)) {
         steps.push(Step::Follow {
             node: r.name.clone(),
             upstream: new.clone(),
@@ -427,6 +475,40 @@ mod tests {
         assert!(e.contains("20 B") && e.contains("node1"), "{e}");
         assert_eq!(pick(first, Some(100), Some(80), Some("node2"), true).unwrap(), "node2");
         assert_eq!(pick(first, Some(100), Some(100), Some("node2"), false).unwrap(), "node2");
+    }
+
+    #[test]
+    fn an_unreachable_old_primary_is_isolated_only_with_synchronous_replication() {
+        let inv = Inventory::parse(INV, Path::new("i.toml")).unwrap();
+        let gone = |sync: &str, r2: Option<u64>| {
+            let mut cr = cluster(&inv, sync, Some(100), r2);
+            cr.nodes[0].reachable = false;
+            cr.nodes[0].role = Role::Unknown;
+            cr.nodes[0].configured_synchronous_standby_names = None;
+            cr
+        };
+        let c = &inv.clusters[0];
+        let isolated = |sync: &str, r2: Option<u64>, accept: bool| {
+            choose(c, &gone(sync, r2), &req(None, accept), Some(sync.to_owned())).map(|ch| (ch.isolate, ch.new.name.to_string()))
+        };
+        assert_eq!(isolated("ANY 1 (\"node1\", \"node2\")", Some(80), false).unwrap(), (true, "node1".into()));
+        // Asynchronous: cutting the standbys off does not stop its commits,
+        // whatever loss the operator accepts.
+        for accept in [false, true] {
+            let e = isolated("", Some(80), accept).err().unwrap().to_string();
+            assert!(e.contains("--fenced") && e.contains("synchronous"), "{e}");
+        }
+        // '*': a standby pgfleet does not know could acknowledge.
+        let e = isolated("FIRST 1 (*)", Some(80), false).err().unwrap().to_string();
+        assert!(e.contains("--fenced") && e.contains("any standby"), "{e}");
+        // FIRST 1 with node2 missing: node2 may still acknowledge for node0.
+        let e = isolated("FIRST 1 (\"node2\", \"node1\")", None, true).err().unwrap().to_string();
+        assert!(e.contains("--fenced") && e.contains("do not answer"), "{e}");
+        // The operator's word still stands in for the fence.
+        let mut fenced = req(None, true);
+        fenced.fenced = true;
+        let ch = choose(c, &gone("", Some(80)), &fenced, Some(String::new())).ok().unwrap();
+        assert!(!ch.isolate);
     }
 
     #[test]

@@ -49,6 +49,20 @@ pub enum Step {
     /// The old primary's agent does not answer: the operator said it is
     /// down (`--fenced`).
     FencedByOperator { node: NodeName },
+    /// The old primary's agent does not answer, so it is fenced by
+    /// isolation: every other standby is re-pointed at `upstream` (the
+    /// candidate, still a standby: they cascade from it) and confirmed to
+    /// stream from nowhere else; the candidate stops streaming from `node`
+    /// when promoted. With synchronous replication that leaves fewer than
+    /// its num_sync listed standbys able to acknowledge for `node`, so it
+    /// cannot acknowledge another commit (DESIGN.md invariant 14).
+    Isolate {
+        node: NodeName,
+        upstream: NodeName,
+        followers: Vec<FollowerSlot>,
+        /// The old primary's synchronous_standby_names, for the record.
+        sync: String,
+    },
     /// `node` replays past `fenced`'s shutdown checkpoint: no acknowledged
     /// commit is left behind (DESIGN.md invariant 5).
     CatchUp { node: NodeName, fenced: NodeName },
@@ -123,6 +137,11 @@ pub fn settle_seconds() -> u64 {
 }
 
 impl Step {
+    /// Whether the step stops the old primary's writes, one way or another.
+    pub fn is_fence(&self) -> bool {
+        matches!(self, Step::Fence { .. } | Step::FencedByOperator { .. } | Step::Isolate { .. })
+    }
+
     /// The step's name in the journal and in events: its JSON tag, except
     /// that a fence the operator made is journaled as a skipped "fence".
     pub fn name(&self) -> &'static str {
@@ -132,6 +151,7 @@ impl Step {
             Step::Choose { .. } => "choose",
             Step::SyncConfig { .. } => "sync-config",
             Step::Fence { .. } | Step::FencedByOperator { .. } => "fence",
+            Step::Isolate { .. } => "isolate",
             Step::CatchUp { .. } => "catch-up",
             Step::Promote { .. } => "promote",
             Step::Rewind { .. } => "rewind",
@@ -156,6 +176,7 @@ impl Step {
             | Step::SyncConfig { node, .. }
             | Step::Fence { node, .. }
             | Step::FencedByOperator { node }
+            | Step::Isolate { node, .. }
             | Step::CatchUp { node, .. }
             | Step::Promote { node }
             | Step::Rewind { node, .. }
@@ -191,6 +212,18 @@ impl Step {
             }
             Step::Fence { immediate: true, .. } => "stop PostgreSQL if it runs (immediate), leave standby.signal".into(),
             Step::FencedByOperator { .. } => "skipped: --fenced says the operator made sure it is down".into(),
+            Step::Isolate { upstream, followers, sync, .. } => format!(
+                "its agent does not answer: {}confirm that no standby streams from it; {upstream} stops streaming from it \
+                 when promoted, so with synchronous_standby_names = '{sync}' it cannot acknowledge another commit",
+                if followers.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "re-point {} at {upstream} (cascading until it is promoted) and ",
+                        names(&mut followers.iter().map(|f| &f.node))
+                    )
+                }
+            ),
             Step::CatchUp { fenced, .. } => format!("wait until pg_last_wal_replay_lsn() passes {fenced}'s shutdown checkpoint"),
             Step::Promote { .. } => "SELECT pg_promote(true, 60)".into(),
             Step::Rewind { upstream, or_rebuild, .. } => format!(
@@ -271,10 +304,11 @@ impl Plan {
         })
     }
 
-    /// The node the plan fences, if it fences one.
+    /// The node the plan fences (by its agent, the operator's word or
+    /// isolation), if it fences one.
     pub fn fences(&self) -> Option<&NodeName> {
         self.steps.iter().find_map(|s| match s {
-            Step::Fence { node, .. } | Step::FencedByOperator { node } => Some(node),
+            Step::Fence { node, .. } | Step::FencedByOperator { node } | Step::Isolate { node, .. } => Some(node),
             _ => None,
         })
     }

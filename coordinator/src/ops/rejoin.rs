@@ -41,7 +41,18 @@ pub async fn plan<'a>(inventory: &'a Inventory, name: &str, rebuild_if_needed: b
         .map_err(|e| MoveError::Invalid { what: "node", reason: e.to_string() })?;
     let fleet = fleet_status::gather(&[c], d).await;
     let cr = &fleet.clusters[0];
-    let primary_name = cr.primary.clone().ok_or_else(|| {
+    let me = cr
+        .nodes
+        .iter()
+        .find(|r| r.name == name)
+        .ok_or_else(|| MoveError::Refused("node missing from status".into()))?;
+    // Two primaries: `name` may be a former primary pgfleet isolated, back
+    // on its old timeline (it acknowledged nothing since).
+    let stale = match &cr.primary {
+        Some(_) => None,
+        None => stale_primary(inventory, c, cr, name).await?,
+    };
+    let primary_name = cr.primary.clone().or_else(|| stale.clone()).ok_or_else(|| {
         MoveError::Refused(format!(
             "cluster {} has no single running primary to rejoin ({}); fail over first",
             c.name,
@@ -53,11 +64,6 @@ pub async fn plan<'a>(inventory: &'a Inventory, name: &str, rebuild_if_needed: b
         .iter()
         .find(|k| k.name.as_str() == primary_name)
         .ok_or_else(|| MoveError::Refused("primary not in inventory".into()))?;
-    let me = cr
-        .nodes
-        .iter()
-        .find(|r| r.name == name)
-        .ok_or_else(|| MoveError::Refused("node missing from status".into()))?;
     if primary_name == name {
         return Err(MoveError::Refused(format!("{name} is the cluster's primary")));
     }
@@ -79,10 +85,11 @@ pub async fn plan<'a>(inventory: &'a Inventory, name: &str, rebuild_if_needed: b
             seconds: 0.0,
         }));
     }
-    if me.role == Role::Primary {
+    if me.role == Role::Primary && stale.is_none() {
         return Err(MoveError::Refused(format!(
             "{name} runs as a primary next to {primary_name}: two writable primaries. Check which writes went \
-             where before anything else; rejoin only takes a node that is down or a standby"
+             where before anything else; rejoin only takes a node that is down or a standby (or a former primary \
+             that pgfleet's last failover isolated)"
         )));
     }
     let p_timeline = cr.nodes.iter().find(|r| r.name == primary_name).and_then(|r| r.timeline).unwrap_or(0);
@@ -99,7 +106,9 @@ pub async fn plan<'a>(inventory: &'a Inventory, name: &str, rebuild_if_needed: b
             role: c.replication_role.clone(),
             followers: vec![FollowerSlot { node: n.name.clone(), slot: n.name.default_slot(), in_use: false }],
         },
-        Step::Fence { node: n.name.clone(), immediate: false },
+        // A stale primary may hold sessions waiting for a synchronous
+        // standby that will never come: no clean shutdown to wait for.
+        Step::Fence { node: n.name.clone(), immediate: stale.is_some() },
     ];
     if maybe_diverged {
         steps.push(Step::Rewind { node: n.name.clone(), upstream: primary.name.clone(), or_rebuild: rebuild_if_needed });
@@ -116,6 +125,25 @@ pub async fn plan<'a>(inventory: &'a Inventory, name: &str, rebuild_if_needed: b
             warnings: Vec::new(),
         },
     })
+}
+
+/// The primary that `name` (itself running as a primary) was failed over
+/// to, when the journal proves `name` isolated by that failover and its
+/// timeline is behind: None otherwise.
+async fn stale_primary(inventory: &Inventory, c: &Cluster, cr: &fleet_status::ClusterReport, name: &str) -> Result<Option<String>, MoveError> {
+    let primaries: Vec<&fleet_status::NodeReport> = cr.nodes.iter().filter(|r| r.role == Role::Primary).collect();
+    let others: Vec<&fleet_status::NodeReport> = primaries.iter().filter(|r| r.name != name).copied().collect();
+    let (Some(me), [other]) = (primaries.iter().find(|r| r.name == name), others.as_slice()) else {
+        return Ok(None);
+    };
+    let behind = matches!((me.timeline, other.timeline), (Some(mine), Some(theirs)) if mine < theirs);
+    if !behind {
+        return Ok(None);
+    }
+    let by = crate::ops::store::isolated_by(&inventory.store, c.name.as_str(), name, &other.name)
+        .await
+        .map_err(|e| MoveError::Refused(format!("cannot read the journal to tell whether {name} was isolated: {e}")))?;
+    Ok(by.map(|_| other.name.clone()))
 }
 
 /// Runs a rejoin plan.

@@ -149,11 +149,11 @@ fn move_target(progress: Option<&Progress>, to: Option<&str>) -> Option<String> 
 fn fenced(progress: Option<&Progress>) -> Option<String> {
     let p = progress?;
     let node = p.plan.fences()?;
-    p.started(|s| matches!(s, Step::Fence { .. } | Step::FencedByOperator { .. })).then(|| node.to_string())
+    p.started(Step::is_fence).then(|| node.to_string())
 }
 
 fn fence_done(progress: Option<&Progress>) -> bool {
-    progress.is_some_and(|p| p.done(|s| matches!(s, Step::Fence { .. } | Step::FencedByOperator { .. })))
+    progress.is_some_and(|p| p.done(Step::is_fence))
 }
 
 async fn converge(

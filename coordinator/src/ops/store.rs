@@ -102,6 +102,24 @@ impl OpRecord {
         out
     }
 
+    /// Every step that ended done, under any of the operation's plans.
+    pub fn done_steps(&self) -> Vec<Step> {
+        let mut plan: Option<Plan> = None;
+        let mut out = Vec::new();
+        for e in &self.journal {
+            if e.step == "plan" && e.event == "planned" {
+                plan = serde_json::from_str(&e.detail).ok();
+                continue;
+            }
+            if e.event == "done"
+                && let Some(step) = e.index.zip(plan.as_ref()).and_then(|(i, p)| p.steps.get(i))
+            {
+                out.push(step.clone());
+            }
+        }
+        out
+    }
+
     pub fn state(&self) -> OperationState {
         match self.state {
             "running" => OperationState::Running,
@@ -250,6 +268,22 @@ pub async fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
     // RFC 3339 UTC times sort as text.
     ops.sort_by(|a, b| a.started_at.cmp(&b.started_at));
     Ok(ops)
+}
+
+/// The cluster's latest failover, if it fenced `node` by isolation and
+/// promoted `promoted`: then `node`, back as a primary on an older
+/// timeline, could acknowledge no commit after that failover began
+/// (DESIGN.md invariant 14), and making it a standby loses nothing that was
+/// acknowledged. Its id.
+pub async fn isolated_by(store: &Store, cluster: &str, node: &str, promoted: &str) -> Result<Option<String>, JournalError> {
+    let ops = load(store).await?;
+    let Some(last) = ops.iter().rev().find(|o| o.cluster == cluster && o.kind == "failover") else {
+        return Ok(None);
+    };
+    let done = last.done_steps();
+    let isolated = done.iter().any(|s| matches!(s, Step::Isolate { node: n, upstream, .. } if n.as_str() == node && upstream.as_str() == promoted));
+    let promoted = done.iter().any(|s| matches!(s, Step::Promote { node: n } if n.as_str() == promoted));
+    Ok((isolated && promoted).then(|| last.id.clone()))
 }
 
 pub async fn find(store: &Store, id: &str) -> Result<Option<OpRecord>, JournalError> {

@@ -9,10 +9,15 @@
 //! journal, typed plan, the same checks), begun by this process. It fences
 //! the old primary through its agent and promotes only a standby that
 //! provably holds every acknowledged commit; what it refuses (the old
-//! primary's agent gone: it cannot be fenced yet; no proof) is logged, and
-//! nothing is tried again until the verdict changes.
+//! primary's agent gone in an asynchronous cluster: it can be neither
+//! fenced nor isolated; no proof) is logged, and nothing is tried again
+//! until the verdict changes.
+//!
+//! A former primary that the last failover isolated and that comes back
+//! still running as a primary, on its old timeline, is made a standby of
+//! the new one (`pgfleet rejoin`, begun here): never a second primary.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +28,7 @@ use pgfleet_proto::agent::v1 as pb;
 
 use crate::client::{self, Deadlines};
 use crate::detect::{Detector, Verdict};
-use crate::fleet_status::{self, ClusterReport};
+use crate::fleet_status::{self, ClusterReport, Role};
 use crate::inventory::Cluster;
 use crate::ops::{self, CancelState, OpRequest, OpResult};
 use crate::serve::registry::{self, Running};
@@ -42,6 +47,11 @@ const LOOK_LIMIT: Duration = Duration::from_secs(1);
 pub fn spawn(state: Arc<State>) {
     tokio::spawn(async move {
         let mut detectors: HashMap<String, (Detector, &'static str)> = HashMap::new();
+        // Clusters with an automatic operation running: one at a time.
+        let busy: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+        // When a stale primary's rejoin was last tried, so that a refusal
+        // is not repeated twice a second.
+        let mut rejoin_tried: HashMap<String, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(LOOK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -69,10 +79,30 @@ pub fn spawn(state: Arc<State>) {
                 };
                 let verdict = detector.observe(c, &look, &opinions, looked_at);
                 if verdict.kind() != *last {
-                    report(c.name.as_str(), &verdict, last);
+                    report(c, &verdict, last);
                     *last = verdict.kind();
                     if matches!(verdict, Verdict::Failed { .. }) && c.auto_failover {
-                        tokio::spawn(fail_over(state.clone(), c.name.clone()));
+                        let req = OpRequest::Failover {
+                            cluster: Some(c.name.clone()),
+                            to: None,
+                            fenced: false,
+                            accept_data_loss: false,
+                            dry_run: false,
+                        };
+                        automatic(&state, &busy, c.name.clone(), req, "failover");
+                    }
+                }
+                if c.auto_failover {
+                    for stale in stale_primaries(&look) {
+                        let key = format!("{}/{stale}", c.name);
+                        if rejoin_tried.get(&key).is_some_and(|t| t.elapsed() < RETRY_REJOIN) {
+                            continue;
+                        }
+                        rejoin_tried.insert(key, Instant::now());
+                        let Ok(node) = pgfleet_proto::NodeName::parse(&stale) else { continue };
+                        warn!(cluster = %c.name, node = %stale, "{stale} is back as a primary on an older timeline: making it a standby");
+                        let req = OpRequest::Rejoin { node, rebuild_if_needed: false, dry_run: false };
+                        automatic(&state, &busy, c.name.clone(), req, "rejoin");
                     }
                 }
             }
@@ -112,23 +142,54 @@ async fn opinions(c: &Cluster, look: &ClusterReport, primary: &str, d: Deadlines
     join_all(asked).await.into_iter().flatten().collect()
 }
 
-/// The automatic failover: `pgfleet failover --cluster C`, begun here.
-async fn fail_over(state: Arc<State>, cluster: ClusterName) {
-    let mut req = OpRequest::Failover { cluster: Some(cluster.clone()), to: None, fenced: false, accept_data_loss: false, dry_run: false };
+/// How long after an automatic rejoin of a stale primary was tried it is
+/// tried again.
+const RETRY_REJOIN: Duration = Duration::from_secs(10);
+
+/// Nodes running as a primary on an older timeline than another primary
+/// of the same cluster: former primaries back from a partition or a
+/// restart. Whether one may be rejoined is the rejoin plan's to decide
+/// (the journal must show pgfleet isolated it).
+fn stale_primaries(look: &ClusterReport) -> Vec<String> {
+    let primaries: Vec<_> = look.nodes.iter().filter(|n| n.role == Role::Primary).collect();
+    let Some(newest) = primaries.iter().filter_map(|n| n.timeline).max() else {
+        return Vec::new();
+    };
+    primaries.iter().filter(|n| n.timeline.is_some_and(|t| t < newest)).map(|n| n.name.clone()).collect()
+}
+
+/// Starts `req` as this process's own operation, unless one runs for the
+/// cluster already: the same lock, journal and plan as the CLI's.
+fn automatic(state: &Arc<State>, busy: &Arc<std::sync::Mutex<HashSet<String>>>, cluster: ClusterName, req: OpRequest, what: &'static str) {
+    {
+        let mut b = busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !b.insert(cluster.to_string()) {
+            info!(cluster = %cluster, "an automatic operation runs for this cluster already: no automatic {what} now");
+            return;
+        }
+    }
+    let (state, busy) = (state.clone(), busy.clone());
+    tokio::spawn(async move {
+        run_automatic(&state, &cluster, req, what).await;
+        busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(cluster.as_str());
+    });
+}
+
+async fn run_automatic(state: &Arc<State>, cluster: &ClusterName, mut req: OpRequest, what: &'static str) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = Arc::new(CancelState::default());
-    let who = AUTOMATIC.to_owned();
+    let who = format!("{AUTOMATIC} (automatic {what})");
     let (ctx, name, summary) = match ops::begin(&state.inventory, &mut req, &who, Some(tx), cancel.clone()).await {
         Ok(b) => b,
         Err(e) => {
-            error!(cluster = %cluster, "automatic failover refused: {e}");
+            error!(cluster = %cluster, "automatic {what} refused: {e}");
             return;
         }
     };
     let running = Arc::new(Running::new(ctx.id().to_owned(), req.kind(), name, summary, who, false, cancel));
     registry::collect(running.clone(), rx);
     state.registry.insert(running.clone());
-    warn!(cluster = %cluster, operation = %running.id, "automatic failover started");
+    warn!(cluster = %cluster, operation = %running.id, "automatic {what} started");
     let result = ops::execute(&state.inventory, &req, state.deadlines, &ctx).await;
     let fin = ops::finish(ctx, &result, false).await;
     match (&result, fin.error) {
@@ -136,15 +197,21 @@ async fn fail_over(state: Arc<State>, cluster: ClusterName) {
             cluster = %cluster, operation = %running.id,
             "automatic failover done: {} promoted (timeline {}), {} fenced", m.new_primary, m.timeline, m.old_primary
         ),
-        (_, Some(e)) => error!(cluster = %cluster, operation = %running.id, "automatic failover did not complete: {e}"),
-        (_, None) => warn!(cluster = %cluster, operation = %running.id, "automatic failover ended"),
+        (Ok(OpResult::Rejoined(r)), None) => warn!(
+            cluster = %cluster, operation = %running.id,
+            "automatic rejoin done: {} is a standby of {} ({})", r.node, r.primary, r.method
+        ),
+        (_, Some(e)) => error!(cluster = %cluster, operation = %running.id, "automatic {what} did not complete: {e}"),
+        (_, None) => warn!(cluster = %cluster, operation = %running.id, "automatic {what} ended"),
     }
 }
 
-/// Who the journal names as the caller of an automatic failover.
-const AUTOMATIC: &str = "pgfleet serve (automatic failover)";
+/// Who the journal names as the caller of an automatic operation, followed
+/// by what it does: "pgfleet serve (automatic failover)".
+const AUTOMATIC: &str = "pgfleet serve";
 
-fn report(cluster: &str, v: &Verdict, was: &str) {
+fn report(c: &Cluster, v: &Verdict, was: &str) {
+    let cluster = c.name.as_str();
     let what = v.describe();
     match v {
         Verdict::Healthy { .. } if was == "unknown" => info!(cluster, verdict = v.kind(), "watching: {what}"),
@@ -153,6 +220,11 @@ fn report(cluster: &str, v: &Verdict, was: &str) {
         Verdict::Partitioned { .. } | Verdict::NoSecondOpinion { .. } | Verdict::Suspect { .. } => {
             warn!(cluster, verdict = v.kind(), "{what}")
         }
-        Verdict::Failed { .. } => error!(cluster, verdict = v.kind(), "{what}; no automatic failover yet: `pgfleet failover`"),
+        Verdict::Failed { .. } if c.auto_failover => error!(cluster, verdict = v.kind(), "{what}; failing over"),
+        Verdict::Failed { .. } => error!(
+            cluster,
+            verdict = v.kind(),
+            "{what}; automatic failover is off for this cluster (auto_failover): `pgfleet failover --cluster {cluster}`"
+        ),
     }
 }
