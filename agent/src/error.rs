@@ -100,6 +100,7 @@ impl From<AgentError> for Status {
                 | StandbyError::RunningForRewind
                 | StandbyError::NotCleanPrimary { .. }
                 | StandbyError::NotFenced
+                | StandbyError::NotCrashed(_)
                 | StandbyError::NoDataDir(_) => Code::FailedPrecondition,
                 StandbyError::PromoteTimeout => Code::DeadlineExceeded,
             },

@@ -210,6 +210,18 @@ impl AgentService {
         }))
     }
 
+    async fn start_crashed_impl(
+        &self,
+        req: Request<pb::StartCrashedRequest>,
+    ) -> Result<Response<pb::StartCrashedResponse>, Status> {
+        let r = req.into_inner();
+        let cluster_state = standby::start_crashed(&self.state.config, &self.state.pg)
+            .instrument(info_span!("rpc", method = "StartCrashed", op_id = %r.operation_id))
+            .await
+            .map_err(AgentError::from)?;
+        Ok(Response::new(pb::StartCrashedResponse { cluster_state }))
+    }
+
     async fn unfence_impl(
         &self,
         req: Request<pb::UnfenceRequest>,
@@ -450,6 +462,19 @@ impl pb::agent_server::Agent for AgentService {
         self.audited(&caller, "Fence", &target, result)
     }
 
+    async fn start_crashed(
+        &self,
+        req: Request<pb::StartCrashedRequest>,
+    ) -> Result<Response<pb::StartCrashedResponse>, Status> {
+        let caller = self.gate(&req, "StartCrashed")?;
+        let target = req.get_ref().target();
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => self.start_crashed_impl(req).await,
+            Err(s) => Err(s),
+        };
+        self.audited(&caller, "StartCrashed", &target, result)
+    }
+
     async fn unfence(
         &self,
         req: Request<pb::UnfenceRequest>,
@@ -633,6 +658,7 @@ operation_id_of!(
     pb::PromoteRequest,
     pb::CreateSlotRequest,
     pb::RewindRequest,
+    pb::StartCrashedRequest,
 );
 
 impl Target for pb::DropSlotRequest {
@@ -684,6 +710,14 @@ impl Target for pb::FenceRequest {
     }
 }
 impl Target for pb::UnfenceRequest {
+    fn target(&self) -> String {
+        "this node".into()
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
+    }
+}
+impl Target for pb::StartCrashedRequest {
     fn target(&self) -> String {
         "this node".into()
     }

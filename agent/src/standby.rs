@@ -74,6 +74,8 @@ pub enum StandbyError {
     NoDataDir(PathBuf),
     #[error("PostgreSQL runs on this node: there is no fence to undo (unfence starts a stopped, fenced primary again)")]
     NotFenced,
+    #[error("refusing to restart in place: {0}")]
+    NotCrashed(String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> StandbyError {
@@ -429,6 +431,36 @@ pub async fn unfence(config: &AgentConfig, pg: &Pg) -> Result<(), StandbyError> 
         .map_err(|source| StandbyError::Service { step: "start", source })?;
     warn!("fence undone: started again as a primary");
     Ok(())
+}
+
+/// Restart in place: starts again a primary whose postmaster died. Never
+/// a server someone stopped ("shut down"), a standby, or a node pgfleet
+/// fenced (standby.signal): those come back through rejoin or by hand.
+pub async fn start_crashed(config: &AgentConfig, pg: &Pg) -> Result<String, StandbyError> {
+    if pg.status().await.is_ok() {
+        return Err(StandbyError::NotCrashed("PostgreSQL runs".into()));
+    }
+    for signal in ["standby.signal", "recovery.signal"] {
+        if config.postgres.data_dir.join(signal).exists() {
+            return Err(StandbyError::NotCrashed(format!(
+                "{signal} is in the data directory: a fenced node or a standby comes back through `pgfleet rejoin`"
+            )));
+        }
+    }
+    let cd = controldata::read(config)
+        .await
+        .map_err(|source| StandbyError::Command { step: "pg_controldata", source })?;
+    let state = cd.cluster_state.unwrap_or_default();
+    if state != "in production" {
+        return Err(StandbyError::NotCrashed(format!(
+            "pg_controldata says {state:?}, not \"in production\": it did not crash as a primary"
+        )));
+    }
+    service::perform(config, Action::Start)
+        .await
+        .map_err(|source| StandbyError::Service { step: "start", source })?;
+    warn!("restarted in place after its postmaster died");
+    Ok(state)
 }
 
 fn immediate_stop(config: &AgentConfig) -> Cmd {

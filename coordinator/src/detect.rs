@@ -213,7 +213,7 @@ mod tests {
     }
 
     fn look(primary: Option<&str>, nodes: Vec<NodeReport>) -> ClusterReport {
-        ClusterReport { name: "main".into(), primary: primary.map(str::to_owned), nodes, warnings: vec![] }
+        ClusterReport { name: "main".into(), primary: primary.map(str::to_owned), nodes, warnings: vec![], policy: None }
     }
 
     #[test]

@@ -19,6 +19,18 @@ pub struct FleetReport {
     pub all_reachable: bool,
 }
 
+impl FleetReport {
+    /// Each cluster's automatic-failover policy, from the store.
+    pub async fn with_policies(mut self, clusters: &[&Cluster], store: &crate::journal::Store) -> Self {
+        for cr in &mut self.clusters {
+            if let Some(c) = clusters.iter().find(|c| c.name.as_str() == cr.name) {
+                cr.policy = Some(crate::policy::current(store, c).await);
+            }
+        }
+        self
+    }
+}
+
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ClusterReport {
     pub name: String,
@@ -28,6 +40,10 @@ pub struct ClusterReport {
     /// Things a DBA should look at: two primaries, differing system
     /// identifiers, a replica not streaming, timelines apart.
     pub warnings: Vec<String>,
+    /// Automatic failover: on or off, and whether the cluster is paused
+    /// (`pgfleet status` and GetFleetStatus fill it in from the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::Policy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -475,6 +491,7 @@ fn merge(cluster: &Cluster, answers: Vec<NodeAnswer>) -> ClusterReport {
         primary: primary.map(|p| nodes[p].name.clone()),
         nodes,
         warnings,
+        policy: None,
     }
 }
 

@@ -73,6 +73,10 @@ pub struct Cluster {
     /// Whether `pgfleet serve` fails over by itself once it declared the
     /// primary failed (off unless the inventory says so).
     pub auto_failover: bool,
+    /// A primary whose postmaster died while its agent answers is started
+    /// again in place (once per node per `RESTART_WINDOW`) instead of
+    /// waiting out the failure timeout and failing over.
+    pub restart_in_place: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +87,12 @@ pub struct Node {
     /// PostgreSQL host other nodes connect to for replication.
     pub host: String,
     pub port: u16,
+    /// Never promoted by a failover (automatic or not): a standby kept for
+    /// reads, backups or another site.
+    pub nofailover: bool,
+    /// Among standbys that hold the same WAL, failover promotes the one
+    /// with the highest priority (never one that has less: proof first).
+    pub priority: u32,
     /// How its agent is reached: shared by every node of the inventory.
     pub link: Arc<AgentLink>,
 }
@@ -168,6 +178,8 @@ struct RawCluster {
     failure_timeout: Option<String>,
     #[serde(default)]
     auto_failover: bool,
+    #[serde(default)]
+    restart_in_place: bool,
 }
 
 /// The default failure timeout: a dead primary is declared about this long
@@ -190,6 +202,10 @@ struct RawNode {
     /// PostgreSQL port.
     #[serde(default = "default_port")]
     port: u16,
+    #[serde(default)]
+    nofailover: bool,
+    #[serde(default)]
+    priority: u32,
 }
 
 fn default_port() -> u16 {
@@ -250,6 +266,8 @@ impl Inventory {
                     agent: rn.agent,
                     host: rn.host,
                     port: rn.port,
+                    nofailover: rn.nofailover,
+                    priority: rn.priority,
                     link: Arc::default(),
                 });
             }
@@ -296,6 +314,7 @@ impl Inventory {
                 system_identifier: rc.system_identifier,
                 failure_timeout,
                 auto_failover: rc.auto_failover,
+                restart_in_place: rc.restart_in_place,
             });
         }
         if clusters.is_empty() {

@@ -56,6 +56,9 @@ pub enum JournalError {
     Busy { cluster: String, holder: String },
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    /// A stored value that does not read back.
+    #[error("{what} in the store does not read: {reason}; fix or remove it")]
+    Corrupt { what: String, reason: String },
 }
 
 impl JournalError {
@@ -66,6 +69,7 @@ impl JournalError {
             JournalError::Io { .. } => tonic::Code::Internal,
             JournalError::Busy { .. } => tonic::Code::Aborted,
             JournalError::Etcd(_) => tonic::Code::Unavailable,
+            JournalError::Corrupt { .. } => tonic::Code::Internal,
         }
     }
 }
@@ -331,26 +335,40 @@ pub fn new_id(kind: &str) -> String {
 
 /// The cluster's synchronous configuration as pgfleet last set or saw it.
 pub async fn remember_sync(store: &Store, cluster: &str, value: &str) -> Result<(), JournalError> {
+    put_value(store, "sync", cluster, value).await
+}
+
+pub async fn recall_sync(store: &Store, cluster: &str) -> Option<String> {
+    get_value(store, "sync", cluster).await.ok().flatten()
+}
+
+/// Stores one small value of a cluster's: etcd key `KIND/CLUSTER`, or the
+/// file `CLUSTER.KIND` in the state directory (written aside, renamed).
+pub async fn put_value(store: &Store, kind: &str, cluster: &str, value: &str) -> Result<(), JournalError> {
     let state_dir = match store {
         Store::Files(d) => d,
-        Store::Etcd(e) => return Ok(e.put(&format!("sync/{cluster}"), value).await?),
+        Store::Etcd(e) => return Ok(e.put(&format!("{kind}/{cluster}"), value).await?),
     };
     std::fs::create_dir_all(state_dir).map_err(io("creating", state_dir))?;
-    let path = state_dir.join(format!("{cluster}.sync"));
-    let tmp = state_dir.join(format!(".{cluster}.sync.tmp"));
+    let path = state_dir.join(format!("{cluster}.{kind}"));
+    let tmp = state_dir.join(format!(".{cluster}.{kind}.tmp"));
     std::fs::write(&tmp, format!("{value}\n")).map_err(io("writing", &tmp))?;
     same_owner_as_dir(&tmp, state_dir);
     std::fs::rename(&tmp, &path).map_err(io("renaming", &path))
 }
 
-pub async fn recall_sync(store: &Store, cluster: &str) -> Option<String> {
+/// The value [`put_value`] stored, None when there is none.
+pub async fn get_value(store: &Store, kind: &str, cluster: &str) -> Result<Option<String>, JournalError> {
     let state_dir = match store {
         Store::Files(d) => d,
-        Store::Etcd(e) => return e.get(&format!("sync/{cluster}")).await.ok().flatten(),
+        Store::Etcd(e) => return Ok(e.get(&format!("{kind}/{cluster}")).await?),
     };
-    std::fs::read_to_string(state_dir.join(format!("{cluster}.sync")))
-        .ok()
-        .map(|s| s.trim_end_matches('\n').to_owned())
+    let path = state_dir.join(format!("{cluster}.{kind}"));
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s.trim_end_matches('\n').to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(JournalError::Io { action: "reading", path, source: e }),
+    }
 }
 
 #[cfg(test)]

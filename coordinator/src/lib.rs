@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod fleet_status;
 pub mod inventory;
 pub mod journal;
+pub mod policy;
 pub mod link;
 pub mod ops;
 pub mod progress;

@@ -58,7 +58,8 @@ pub fn agent_method_access(method: &str) -> Option<Access> {
         "GetStatus" | "GetReplication" | "GetWal" | "GetSettings" | "WatchJob" => Access::Read,
         // Probe changes nothing, but makes the agent connect out: admin.
         "DropSlot" | "PrepareUpstream" | "StartRebuild" | "SetSynchronousStandbys"
-        | "ConfigureStandby" | "Fence" | "Unfence" | "Promote" | "CreateSlot" | "Rewind" | "Probe" => {
+        | "ConfigureStandby" | "Fence" | "Unfence" | "Promote" | "CreateSlot" | "Rewind" | "Probe"
+        | "StartCrashed" => {
             Access::Change
         }
         _ => return None,

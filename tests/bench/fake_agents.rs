@@ -362,6 +362,13 @@ impl Agent for FakeAgents {
     async fn probe(&self, _: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeResponse>, Status> {
         simulated("Probe")
     }
+
+    async fn start_crashed(
+        &self,
+        _: Request<pb::StartCrashedRequest>,
+    ) -> Result<Response<pb::StartCrashedResponse>, Status> {
+        simulated("StartCrashed")
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -48,10 +48,16 @@ impl TestFleet {
     /// Another coordinator with its own directory, port and log (several
     /// share one etcd store).
     pub fn start_coordinator_named(&self, name: &str) -> Result<Coordinator> {
+        self.start_coordinator_with(name, "")
+    }
+
+    /// [`start_coordinator_named`](Self::start_coordinator_named) with
+    /// `extra` appended to its coordinator.toml (e.g. a `[hook]` table).
+    pub fn start_coordinator_with(&self, name: &str, extra: &str) -> Result<Coordinator> {
         self.issue_coordinator_cert("coordinator", "127.0.0.1")?;
         // A port the kernel just handed out and took back: free for us.
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        self.coordinator_at(name, "coordinator", addr, None)
+        self.coordinator_at(name, "coordinator", addr, None, extra)
     }
 
     /// A coordinator on test host `host` (in its namespace, as root, on its
@@ -61,7 +67,7 @@ impl TestFleet {
         let cert = format!("coordinator-{}", host.node_name());
         self.issue_coordinator_cert(&cert, &host.addr().to_string())?;
         let addr = SocketAddr::from((host.addr(), PLACED_PORT));
-        self.coordinator_at(name, &cert, addr, Some(host.netns().to_owned()))
+        self.coordinator_at(name, &cert, addr, Some(host.netns().to_owned()), "")
     }
 
     fn issue_coordinator_cert(&self, cert: &str, san: &str) -> Result<()> {
@@ -83,7 +89,7 @@ impl TestFleet {
         Ok(())
     }
 
-    fn coordinator_at(&self, name: &str, cert: &str, addr: SocketAddr, netns: Option<String>) -> Result<Coordinator> {
+    fn coordinator_at(&self, name: &str, cert: &str, addr: SocketAddr, netns: Option<String>, extra: &str) -> Result<Coordinator> {
         let pki = self.pki_dir();
         let dir = self.dir().join(name);
         fs::create_dir_all(&dir)?;
@@ -92,7 +98,7 @@ impl TestFleet {
         fs::write(
             &config,
             format!(
-                "listen = \"{addr}\"\ninventory = {}\naudit_log = {}\n[tls]\nca = {}\ncert = {}\nkey = {}\n",
+                "listen = \"{addr}\"\ninventory = {}\naudit_log = {}\n[tls]\nca = {}\ncert = {}\nkey = {}\n{extra}",
                 toml_str(&self.inventory_path()),
                 toml_str(&audit_log),
                 toml_str(&pki.join("ca.crt")),

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::writer::{Writer, assert_rows_present};
 use common::{one, pgfleet, start_agents, start_primary};
+use pgfleet_proto::coordinator::v1 as cpb;
+use pgfleet_proto::coordinator::v1::coordinator_client::CoordinatorClient;
 use pgfleet_tests::{Coordinator, TestFleet};
 
 /// An `unreachable` route to `addr` in the root namespace, where the test's
@@ -132,13 +134,34 @@ impl Drop for LinkDown<'_> {
     }
 }
 
+/// node0 primary with table `acks`, node1 and node2 rebuilt from it,
+/// `FIRST 1 (node1, node2)`.
+async fn synchronous_fleet_with_acks() -> TestFleet {
+    let fleet = primary_and_two_rebuilt_standbys();
+    common::exec(fleet.host(0), "create table acks (id bigint primary key)").await;
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    fleet
+}
+
 /// The inventory with `auto_failover = true`, and its coordinator started,
 /// watching node0.
 fn start_with_auto_failover(fleet: &TestFleet) -> Coordinator {
+    start_with_auto_failover_and(fleet, "")
+}
+
+/// The same with `extra` in the coordinator's configuration.
+fn start_with_auto_failover_and(fleet: &TestFleet, extra: &str) -> Coordinator {
+    start_with_cluster_settings(fleet, "auto_failover = true\n", extra)
+}
+
+/// The inventory with `settings` in the cluster's table, and its
+/// coordinator started with `extra` in its configuration.
+fn start_with_cluster_settings(fleet: &TestFleet, settings: &str, extra: &str) -> Coordinator {
     let inventory = fleet.inventory_toml("main", &[]).unwrap();
     assert!(inventory.contains("name = \"main\"\n"), "{inventory}");
-    std::fs::write(fleet.inventory_path(), inventory.replacen("name = \"main\"\n", "name = \"main\"\nauto_failover = true\n", 1)).unwrap();
-    let c = fleet.start_coordinator().unwrap();
+    std::fs::write(fleet.inventory_path(), inventory.replacen("name = \"main\"\n", &format!("name = \"main\"\n{settings}"), 1)).unwrap();
+    let c = fleet.start_coordinator_with("coordinator", extra).unwrap();
     wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
     c
 }
@@ -206,12 +229,29 @@ async fn wait_streaming(h: &pgfleet_tests::Host) {
 /// caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits() {
-    let fleet = primary_and_two_rebuilt_standbys();
+    let fleet = synchronous_fleet_with_acks().await;
     let p = fleet.host(0);
-    common::exec(p, "create table acks (id bigint primary key)").await;
-    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
-    assert_eq!(out.code(), Some(0), "{out}");
-    let c = start_with_auto_failover(&fleet);
+    // Every automatic decision goes to the hook and to WatchFleet.
+    let hook_out = fleet.dir().join("hook.jsonl");
+    let c = start_with_auto_failover_and(&fleet, &format!("[hook]\ncommand = [\"/usr/bin/tee\", \"-a\", {:?}]\n", hook_out.display().to_string()));
+    let ch = c.channel_as(&fleet.pki_dir(), "test-reader").await.unwrap();
+    let mut changes = CoordinatorClient::new(ch)
+        .watch_fleet(cpb::WatchFleetRequest { cluster: "main".into(), interval_ms: 1000, lag_threshold_bytes: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let watched = tokio::spawn(async move {
+        let mut kinds = Vec::new();
+        while let Ok(Some(change)) = changes.message().await {
+            if let Some(d) = change.decision {
+                kinds.push(d.kind.clone());
+                if d.kind == "promoted" {
+                    break;
+                }
+            }
+        }
+        kinds
+    });
 
     let writer = Writer::start(&fleet);
     writer.wait_for_more(50).await;
@@ -236,11 +276,32 @@ async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits()
     assert!(p.run(&["pg_ctl", "-D", data.as_str(), "status"]).is_err(), "node0's server runs again");
     assert_rows_present(writable[0], &acked, &uncertain).await;
 
-    let out = pgfleet(&fleet, &["ops", "list", "--json"]);
-    let ops = common::json(&out);
-    let op = ops.as_array().unwrap().iter().find(|o| o["kind"] == "failover").cloned().expect("no failover in the journal");
-    assert_eq!(op["state"], "succeeded", "{op}");
-    assert_eq!(op["caller"], "pgfleet serve (automatic failover)", "{op}");
+    let (op, _) = automatic_op(&fleet, "failover");
+
+    // The decisions, in order, as WatchFleet streamed them and as the hook
+    // was given them (one JSON line each on its stdin).
+    let expected = ["detected", "started", "fenced", "promoted"];
+    let streamed = tokio::time::timeout(Duration::from_secs(10), watched).await.expect("WatchFleet sent no promoted decision").unwrap();
+    assert_eq!(streamed, expected);
+    let started = Instant::now();
+    let hooked = loop {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&hook_out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.iter().any(|l| l["decision"] == "promoted") || started.elapsed() > Duration::from_secs(10) {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut kinds: Vec<&str> = hooked.iter().map(|l| l["decision"].as_str().unwrap()).collect();
+    // Hooks run beside each other: their lines may land out of order.
+    kinds.sort_unstable();
+    let mut want = expected.to_vec();
+    want.sort_unstable();
+    assert_eq!(kinds, want, "{hooked:?}");
+    assert!(hooked.iter().filter(|l| l["decision"] != "detected").all(|l| l["operation"] == op["id"]), "{hooked:?}");
 }
 
 /// `auto_failover = true`, FIRST 1 (node1, node2): node0's whole host is
@@ -252,11 +313,8 @@ async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits()
 /// accepts writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_primary_host_is_failed_over_by_isolation() {
-    let fleet = primary_and_two_rebuilt_standbys();
+    let fleet = synchronous_fleet_with_acks().await;
     let p = fleet.host(0);
-    common::exec(p, "create table acks (id bigint primary key)").await;
-    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
-    assert_eq!(out.code(), Some(0), "{out}");
     let c = start_with_auto_failover(&fleet);
 
     let writer = Writer::start(&fleet);
@@ -292,11 +350,8 @@ async fn a_lost_primary_host_is_failed_over_by_isolation() {
 /// node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_from_everything_acknowledges_nothing_and_comes_back_a_standby() {
-    let fleet = primary_and_two_rebuilt_standbys();
+    let fleet = synchronous_fleet_with_acks().await;
     let p = fleet.host(0);
-    common::exec(p, "create table acks (id bigint primary key)").await;
-    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
-    assert_eq!(out.code(), Some(0), "{out}");
     let c = start_with_auto_failover(&fleet);
 
     let writer = Writer::start(&fleet);
@@ -333,4 +388,98 @@ async fn a_primary_cut_from_everything_acknowledges_nothing_and_comes_back_a_sta
     assert_eq!(one(p, "select count(*) from acks where id = -1").await, "0");
     let (_, done) = automatic_op(&fleet, "rejoin");
     assert!(done.iter().any(|d| d == "rewind"), "{done:?}");
+}
+
+/// Control: `failover-policy manual` and `pause` are shown by `status`
+/// (both doors: the CLI's table and JSON, the service's ClusterStatus),
+/// journaled as operations, and obeyed: node0's postmaster SIGKILLed while
+/// the cluster is paused is declared failed and logged, and nothing is
+/// done; `pgfleet resume` while it is still failed starts the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_cluster_is_watched_and_not_failed_over_until_resumed() {
+    let fleet = primary_and_two_rebuilt_standbys();
+    let p = fleet.host(0);
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let c = start_with_auto_failover(&fleet);
+    let status_line = |fleet: &TestFleet| {
+        let out = pgfleet(fleet, &["status"]);
+        out.stdout.lines().find(|l| l.starts_with("main: ")).map(str::to_owned).unwrap_or_else(|| panic!("{out}"))
+    };
+    assert_eq!(status_line(&fleet), "main: automatic failover on (inventory)");
+
+    let out = pgfleet(&fleet, &["failover-policy", "manual"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(status_line(&fleet), "main: automatic failover off (failover-policy)");
+    let out = pgfleet(&fleet, &["failover-policy", "inventory", "main", "--json"]);
+    assert_eq!(common::json(&out)["policy"]["auto_failover"], true, "{out}");
+
+    // Paused through the service: the same operation, journaled.
+    let out = pgfleet(&fleet, &["--coordinator", c.url.as_str(), "pause", "--reason", "kernel upgrade"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let line = status_line(&fleet);
+    assert!(line.starts_with("main: paused since ") && line.contains("(kernel upgrade): no automatic action"), "{line}");
+    let out = pgfleet(&fleet, &["--coordinator", c.url.as_str(), "status", "--json"]);
+    let j = common::json(&out);
+    assert_eq!(j["clusters"][0]["policy"]["paused"]["reason"], "kernel upgrade", "{j:#}");
+    let out = pgfleet(&fleet, &["ops", "list", "--json"]);
+    let kinds: Vec<String> = common::json(&out).as_array().unwrap().iter().map(|o| o["kind"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "failover-policy").count(), 3, "{kinds:?}");
+
+    p.kill_postgres().unwrap();
+    wait_for_log(&c, "primary node0 failed", Duration::from_secs(15));
+    assert!(c.log_text().contains("no automatic failover: paused since"), "{}", c.log_text());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!c.log_text().contains("automatic failover started"), "{}", c.log_text());
+    assert_eq!(writable(&fleet).await, Vec::<String>::new());
+
+    let out = pgfleet(&fleet, &["resume"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(status_line(&fleet), "main: automatic failover on (inventory)");
+    wait_for_log(&c, "automatic failover done", Duration::from_secs(30));
+    promoted(&fleet).await;
+}
+
+/// `restart_in_place = true` (with auto_failover): node0's postmaster
+/// SIGKILLed under a client committing every 10 ms is started again in
+/// place at once (the agent answers; crash recovery, same timeline, no
+/// failover in the journal, a `restart` operation by the leader); killed
+/// again within the restart window, it is failed over (a postmaster that
+/// keeps dying has a reason). No acknowledged row is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_postmaster_is_restarted_in_place_once_then_failed_over() {
+    let fleet = synchronous_fleet_with_acks().await;
+    let p = fleet.host(0);
+    let c = start_with_cluster_settings(&fleet, "auto_failover = true\nrestart_in_place = true\n", "");
+    wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
+    let timeline = one(p, "select timeline_id from pg_control_checkpoint()").await;
+
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(50).await;
+    p.kill_postgres().unwrap();
+    let killed = Instant::now();
+    wait_for_log(&c, "automatic restart done", Duration::from_secs(30));
+    writer.wait_for_more(50).await;
+    eprintln!("restarted in place: writes unavailable {:?}", writer.longest_gap_since(killed));
+    assert_eq!(writable(&fleet).await, ["node0"]);
+    assert_eq!(one(p, "select timeline_id from pg_control_checkpoint()").await, timeline);
+    automatic_op(&fleet, "restart");
+    let out = pgfleet(&fleet, &["ops", "list", "--json"]);
+    assert!(!common::json(&out).as_array().unwrap().iter().any(|o| o["kind"] == "failover"), "{out}");
+    for h in [fleet.host(1), fleet.host(2)] {
+        wait_streaming(h).await;
+    }
+
+    // Again, within the window: failed over this time.
+    wait_for_log(&c, "primary node0 answers again", Duration::from_secs(10));
+    p.kill_postgres().unwrap();
+    let killed = Instant::now();
+    wait_for_log(&c, "automatic failover done", Duration::from_secs(60));
+    writer.wait_for_more(50).await;
+    eprintln!("killed again: failed over, writes unavailable {:?}", writer.longest_gap_since(killed));
+    let (acked, uncertain) = writer.finish().await;
+    let (new, _) = promoted(&fleet).await;
+    assert_rows_present(new, &acked, &uncertain).await;
+    assert!(p.data_dir().join("standby.signal").exists(), "node0 was not fenced");
+    assert_eq!(c.log_text().matches("automatic restart done").count(), 1, "{}", c.log_text());
 }

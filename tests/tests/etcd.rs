@@ -557,3 +557,83 @@ async fn an_operation_whose_end_cannot_be_journaled_says_so_and_reads_interrupte
     let op = ops.as_array().unwrap().iter().find(|o| o["id"] == id.as_str()).cloned().unwrap();
     assert_eq!(op["state"], "succeeded", "{op}");
 }
+
+/// The leader killed in the middle of an automatic failover (issue #14):
+/// node0's postmaster SIGKILLed with `FIRST 1 (node1)`, node2 unable to
+/// reach node1, so the failover's last step (node2 streams from node1)
+/// waits; the leader is SIGKILLed there, node2's route comes back. The
+/// other coordinator, elected, finds the automatic failover interrupted in
+/// the journal and finishes it: it ends succeeded, node1 is the one node
+/// taking writes (asked of each), node2 streams from it, and no row a
+/// client committing every 10 ms was told about is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_whose_leader_died_is_finished_by_the_next_leader() {
+    let fleet = TestFleet::new(3).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
+    exec(node0, "create table acks (id bigint primary key)").await;
+    let etcd = EtcdCluster::start(&fleet.dir().join("etcd"), 1).unwrap();
+    let inventory = fleet.inventory_toml("main", &[]).unwrap().replacen("name = \"main\"\n", "name = \"main\"\nauto_failover = true\n", 1)
+        + &etcd.inventory_toml(&format!("{}s", LEASE_TTL.as_secs()));
+    std::fs::write(fleet.inventory_path(), inventory).unwrap();
+    for node in ["node1", "node2"] {
+        let out = pgfleet(&fleet, &["rebuild", node, "--no-progress-bar"]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
+    // Only node1 is synchronous: it is the one candidate.
+    let out = pgfleet(&fleet, &["sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    let a = fleet.start_coordinator_named("coordinator-a").unwrap();
+    let b = fleet.start_coordinator_named("coordinator-b").unwrap();
+    let first = wait_for_leader(&[&a, &b], Duration::from_secs(30));
+    let (mut leader, follower) = if first == 0 { (a, b) } else { (b, a) };
+    let started = Instant::now();
+    while !leader.log_text().contains("watching: primary node0 answers") {
+        assert!(started.elapsed() < Duration::from_secs(15), "{}", leader.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    node2.block_route_to(node1.addr()).unwrap();
+    let writer = common::writer::Writer::start(&fleet);
+    writer.wait_for_more(50).await;
+    node0.kill_postgres().unwrap();
+
+    // The journal (in etcd) shows the failover at its verify step.
+    let started = Instant::now();
+    let id = loop {
+        assert!(started.elapsed() < Duration::from_secs(30), "no failover reached its verify step:\n{}", leader.log_text());
+        let out = pgfleet(&fleet, &["ops", "list", "--json"]);
+        let running = json(&out).as_array().unwrap().iter().find(|o| o["kind"] == "failover" && o["state"] == "running").cloned();
+        if let Some(op) = running {
+            let id = op["id"].as_str().unwrap().to_owned();
+            let shown = json(&pgfleet(&fleet, &["ops", "show", &id, "--json"]));
+            if shown["journal"].as_array().unwrap().iter().any(|e| e["step"] == "verify" && e["event"] == "start") {
+                break id;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    leader.kill();
+    node2.unblock_route_to(node1.addr()).unwrap();
+
+    let started = Instant::now();
+    while !follower.log_text().contains("automatic failover resumed and done") {
+        assert!(started.elapsed() < Duration::from_secs(60), "the next leader did not finish it:\n{}", follower.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = pgfleet(&fleet, &["ops", "show", &id, "--json"]);
+    let shown = json(&out);
+    assert_eq!(shown["state"], "succeeded", "{shown:#}");
+    assert!(shown["journal"].as_array().unwrap().iter().any(|e| e["step"] == "resume"), "{shown:#}");
+
+    writer.wait_for_more(20).await;
+    let (acked, uncertain) = writer.finish().await;
+    for (h, writable) in [(node1, "f"), (node2, "t")] {
+        assert_eq!(one(h, "select pg_is_in_recovery()").await, writable, "{}", h.node_name());
+    }
+    assert!(node0.query_one_string("select 1").await.is_err(), "node0's server runs again");
+    assert_eq!(one(node1, "select string_agg(client_addr::text, ',') from pg_stat_replication").await, format!("{}/32", node2.addr()));
+    common::writer::assert_rows_present(node1, &acked, &uncertain).await;
+}

@@ -318,6 +318,11 @@ async fn every_cli_refusal_is_the_same_through_the_service() {
         vec!["slots", "drop", "node0", &long, "--dry-run"],
         vec!["slots", "drop", "node0", ""],
         vec!["slots", "drop", "nodex", "r1"],
+        vec!["pause", "--reason", "upgrade\nEVIL"],
+        vec!["pause", "Main"],
+        vec!["pause", "nosuchcluster"],
+        vec!["resume", "nosuchcluster", "--dry-run"],
+        vec!["failover-policy", "manual", "nosuchcluster"],
     ];
     for args in &refusals {
         let local = pgfleet(&fleet, args);

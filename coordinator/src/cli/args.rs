@@ -78,6 +78,15 @@ pub enum Command {
     /// Bring a former primary (fenced or crashed) back as a standby of the
     /// current primary (pg_rewind when its timeline diverged).
     Rejoin(RejoinArgs),
+    /// Maintenance mode: `pgfleet serve` keeps watching the cluster and
+    /// acts on nothing by itself (no automatic failover or rejoin) until
+    /// `pgfleet resume`. Shown in `pgfleet status`.
+    Pause(PauseArgs),
+    /// Ends maintenance mode: automatic actions as the policy says.
+    Resume(PolicyArgs),
+    /// Whether `pgfleet serve` fails a cluster over by itself: automatic,
+    /// manual, or as the inventory's auto_failover says (inventory).
+    FailoverPolicy(FailoverPolicyArgs),
     /// The fleet CA and certificates for agents, admins and readers.
     Certs(CertsArgs),
     /// Operations journaled on this coordinator: list, show, watch, cancel,
@@ -250,6 +259,33 @@ pub struct FailoverArgs {
     pub dry_run: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// Why (a maintenance window, a ticket): shown while paused.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[command(flatten)]
+    pub common: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// The cluster (may be left out when the inventory has one).
+    pub cluster: Option<String>,
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverPolicyArgs {
+    #[arg(value_parser = ["automatic", "manual", "inventory"])]
+    pub policy: String,
+    #[command(flatten)]
+    pub common: PolicyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -435,6 +471,17 @@ pub fn op_request(command: &Command) -> Option<(ApiRequest, bool, Display)> {
             a.json,
             display(a.json, true),
         ),
+        Command::Pause(a) => policy(pb::FailoverPolicyChange::Pause, &a.reason, &a.common),
+        Command::Resume(a) => policy(pb::FailoverPolicyChange::Resume, "", a),
+        Command::FailoverPolicy(a) => policy(
+            match a.policy.as_str() {
+                "automatic" => pb::FailoverPolicyChange::Automatic,
+                "manual" => pb::FailoverPolicyChange::Manual,
+                _ => pb::FailoverPolicyChange::Inventory,
+            },
+            "",
+            &a.common,
+        ),
         Command::Slots(SlotsArgs {
             action: Some(SlotsAction::Drop { node, slot, force, dry_run, json }),
             ..
@@ -450,6 +497,19 @@ pub fn op_request(command: &Command) -> Option<(ApiRequest, bool, Display)> {
         ),
         _ => return None,
     })
+}
+
+fn policy(change: pb::FailoverPolicyChange, reason: &str, a: &PolicyArgs) -> (ApiRequest, bool, Display) {
+    (
+        ApiRequest::SetFailoverPolicy(pb::SetFailoverPolicyRequest {
+            cluster: a.cluster.clone().unwrap_or_default(),
+            change: change as i32,
+            reason: reason.to_owned(),
+            dry_run: a.dry_run,
+        }),
+        a.json,
+        display(a.json, true),
+    )
 }
 
 /// A deadline: a humantime duration greater than zero (a zero deadline

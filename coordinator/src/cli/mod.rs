@@ -59,7 +59,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, CoordinatorError> {
     match &cli.command {
         Command::Status(a) => {
             let clusters = inventory.select(a.cluster.as_deref())?;
-            let report = fleet_status::gather(&clusters, d).await;
+            let report = fleet_status::gather(&clusters, d).await.with_policies(&clusters, &inventory.store).await;
             if a.json {
                 print_json(&report)?;
             } else {

@@ -146,6 +146,7 @@ async fn start_request(c: &mut CoordinatorClient<Channel>, req: ApiRequest) -> R
         ApiRequest::Failover(r) => c.failover(r).await,
         ApiRequest::Rejoin(r) => c.rejoin(r).await,
         ApiRequest::DropSlot(r) => c.drop_slot(r).await,
+        ApiRequest::SetFailoverPolicy(r) => c.set_failover_policy(r).await,
     }
 }
 
@@ -271,7 +272,8 @@ async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
                 watch(&mut c, &id, *json, display(*json, false)).await
             }
         },
-        Command::Certs(_) | Command::Serve(_) | Command::Switchover(_) | Command::Failover(_) | Command::Rejoin(_) | Command::Slots(_) => {
+        Command::Certs(_) | Command::Serve(_) | Command::Switchover(_) | Command::Failover(_) | Command::Rejoin(_) | Command::Slots(_)
+        | Command::Pause(_) | Command::Resume(_) | Command::FailoverPolicy(_) => {
             Ok(Outcome::Done)
         }
     }

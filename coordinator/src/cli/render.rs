@@ -109,6 +109,10 @@ pub fn text(r: &OpResult) -> String {
             resumed_text(operation, cluster, primary, moved.as_ref(), rejoined)
         }
         OpResult::Aborted { operation, state } => format!("aborted {operation}: {}\n", state.join("; ")),
+        OpResult::Restarted { node } => format!("{node} restarted in place\n"),
+        OpResult::Policy { cluster, policy, dry_run } => {
+            format!("{cluster}: {}{}\n", policy.describe(), if *dry_run { " (dry run, nothing changed)" } else { "" })
+        }
     }
 }
 
@@ -146,5 +150,9 @@ pub fn json(r: &OpResult) -> String {
             "text": resumed_text(operation, cluster, primary, moved.as_ref(), rejoined),
         })),
         OpResult::Aborted { operation, state } => pretty(serde_json::json!({ "operation": operation, "aborted": true, "state": state })),
+        OpResult::Restarted { node } => pretty(serde_json::json!({ "restarted": node })),
+        OpResult::Policy { cluster, policy, dry_run } => {
+            pretty(serde_json::json!({ "cluster": cluster, "policy": policy, "dry_run": dry_run }))
+        }
     }
 }

@@ -14,6 +14,9 @@ pub fn render(report: &FleetReport) -> String {
             t.row(row(&c.name, n));
         }
         warnings.extend(c.warnings.iter().map(|w| format!("warning: {}: {w}", c.name)));
+        if let Some(p) = &c.policy {
+            warnings.push(format!("{}: {}", c.name, p.describe()));
+        }
     }
     let mut out = t.render();
     for w in warnings {

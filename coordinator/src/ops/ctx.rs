@@ -53,6 +53,8 @@ pub struct OpCtx {
     tx: Option<UnboundedSender<pb::OperationEvent>>,
     seq: AtomicU64,
     cancel: Arc<CancelState>,
+    /// Who asked, as the journal names them.
+    caller: String,
 }
 
 fn now() -> String {
@@ -60,6 +62,16 @@ fn now() -> String {
 }
 
 impl OpCtx {
+    /// Names who asked for the operation.
+    pub fn by(mut self, caller: &str) -> Self {
+        caller.clone_into(&mut self.caller);
+        self
+    }
+
+    pub fn caller(&self) -> &str {
+        &self.caller
+    }
+
     /// `journal` is None for a dry run (nothing to record: nothing changes).
     pub fn new(
         id: String,
@@ -72,6 +84,7 @@ impl OpCtx {
             journal,
             tx,
             seq: AtomicU64::new(0),
+            caller: String::new(),
             cancel,
         }
     }

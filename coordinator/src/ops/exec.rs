@@ -432,6 +432,12 @@ impl<'a> Exec<'a> {
                 self.out.write_unavailable = self.fenced_at.map(|f| f.elapsed());
                 format!("primary on timeline {}", promoted.timeline)
             }
+            Step::StartCrashed { node } => {
+                let n = self.node(node)?;
+                let operation_id = self.op.id().to_owned();
+                let r = call(n, d, async |c| c.start_crashed(pb::StartCrashedRequest { operation_id }).await).await?;
+                format!("started again (it was {:?}); it accepts connections", r.cluster_state)
+            }
             Step::Rewind { node, upstream, or_rebuild } => self.rewind(node, upstream, *or_rebuild).await?,
             Step::Follow { node, upstream, slot, reset_sync } => {
                 let r = self.point_at(node, upstream, slot, *reset_sync, true).await?;

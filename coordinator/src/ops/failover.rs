@@ -146,9 +146,19 @@ fn choose<'a>(
             )));
         }
     }
+    // A nofailover node is never promoted; among those that hold the same
+    // WAL, the highest priority wins (never over more WAL: proof first).
+    let eligible = |r: &&&NodeReport| node(c, &r.name).is_some_and(|n| !n.nofailover);
+    let rank = |r: &&&NodeReport| (received(r), node(c, &r.name).map_or(0, |n| n.priority));
     let best_sync = listed.iter().max_by_key(|r| received(r)).copied();
-    let best_all = standbys.iter().max_by_key(|r| received(r)).copied();
+    let best_eligible_sync = listed.iter().filter(eligible).max_by_key(rank).copied();
+    let best_all = standbys.iter().filter(eligible).max_by_key(rank).copied();
     let named = |t: &str| {
+        if node(c, t).is_some_and(|n| n.nofailover) {
+            return Err(MoveError::Refused(format!(
+                "{t} is marked nofailover in the inventory: it is never promoted; name another standby, or change the inventory"
+            )));
+        }
         standbys
             .iter()
             .find(|r| r.name == t)
@@ -156,21 +166,42 @@ fn choose<'a>(
             .ok_or_else(|| MoveError::Refused(format!("{t} is not a running standby of {}", c.name)))
     };
     let (chosen, accepted_loss) = if provable {
-        let best = best_sync.ok_or_else(|| MoveError::Refused("no synchronous candidate".into()))?;
+        let most = best_sync.ok_or_else(|| MoveError::Refused("no synchronous candidate".into()))?;
+        let best = best_eligible_sync.ok_or_else(|| {
+            MoveError::Refused(format!(
+                "every running synchronous standby ({}) is marked nofailover in the inventory: nobody may be promoted",
+                listed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
         match &req.to {
+            None if received(best) < received(most) => {
+                if !req.accept_data_loss {
+                    return Err(MoveError::DataLossRisk {
+                        reason: format!(
+                            "the synchronous standby with every acknowledged commit, {}, is marked nofailover, and {} \
+                             has received less",
+                            most.name, best.name
+                        ),
+                        candidate: best.name.clone(),
+                        behind: bytes(received(most).bytes_since(received(best))),
+                        reference: most.name.clone(),
+                    });
+                }
+                (best, Some(format!("{} is behind {}, which is marked nofailover", best.name, most.name)))
+            }
             None => (best, None),
             Some(t) => {
                 let r = named(t)?;
-                if received(r) < received(best) {
+                if received(r) < received(most) {
                     if !req.accept_data_loss {
                         return Err(MoveError::DataLossRisk {
-                            reason: format!("{t} has received less WAL than the synchronous standby {}", best.name),
+                            reason: format!("{t} has received less WAL than the synchronous standby {}", most.name),
                             candidate: t.clone(),
-                            behind: bytes(received(best).bytes_since(received(r))),
-                            reference: best.name.clone(),
+                            behind: bytes(received(most).bytes_since(received(r))),
+                            reference: most.name.clone(),
                         });
                     }
-                    (r, Some(format!("{t} is behind {}", best.name)))
+                    (r, Some(format!("{t} is behind {}", most.name)))
                 } else {
                     (r, None)
                 }
@@ -179,7 +210,9 @@ fn choose<'a>(
     } else {
         let cand = match &req.to {
             Some(t) => named(t)?,
-            None => best_all.ok_or_else(|| MoveError::Refused("no candidate".into()))?,
+            None => best_all.ok_or_else(|| {
+                MoveError::Refused("no running standby may be promoted: every one is marked nofailover in the inventory".into())
+            })?,
         };
         let reason = if !sync.is_synchronous() {
             format!(
@@ -239,9 +272,11 @@ fn choose<'a>(
 
 /// A failover is for a primary that is gone: an agent that has not
 /// answered its status within this is taken as gone for the plan (a
-/// live agent answers in milliseconds), rather than waiting out the
-/// connect deadline of a dead host while writes are down.
-const LOOK_LIMIT: Duration = Duration::from_secs(2);
+/// live agent answers in milliseconds; the detector gives it as long),
+/// rather than waiting out the connect deadline of a dead host while
+/// writes are down. Taken for gone, the old primary is isolated, or the
+/// failover refused: never promoted next to.
+const LOOK_LIMIT: Duration = Duration::from_secs(1);
 
 /// The failover as steps, decided before anything changes.
 pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadlines) -> Result<(&'a Cluster, Plan), MoveError> {
@@ -421,6 +456,7 @@ mod tests {
             primary: None,
             nodes,
             warnings: Vec::new(),
+            policy: None,
         }
     }
 
@@ -509,6 +545,38 @@ mod tests {
         fenced.fenced = true;
         let ch = choose(c, &gone("", Some(80)), &fenced, Some(String::new())).ok().unwrap();
         assert!(!ch.isolate);
+    }
+
+    #[test]
+    fn nofailover_is_never_promoted_and_priority_breaks_ties() {
+        let text = INV
+            .replace("host = \"10.0.0.2\"", "host = \"10.0.0.2\"\n        nofailover = true")
+            .replace("host = \"10.0.0.3\"", "host = \"10.0.0.3\"\n        priority = 5");
+        let inv = Inventory::parse(&text, Path::new("i.toml")).unwrap();
+        let c = &inv.clusters[0];
+        let first = "FIRST 1 (\"node1\", \"node2\")";
+        let pick = |r1: u64, r2: u64, to: Option<&str>, accept: bool| {
+            choose(c, &cluster(&inv, first, Some(r1), Some(r2)), &req(to, accept), None)
+                .map(|ch| ch.new.name.to_string())
+                .map_err(|e| e.to_string())
+        };
+        // node1 has every commit but is nofailover: node2 only with the
+        // loss accepted, the gap named.
+        let e = pick(100, 80, None, false).unwrap_err();
+        assert!(e.contains("nofailover") && e.contains("20 B"), "{e}");
+        assert_eq!(pick(100, 80, None, true).unwrap(), "node2");
+        assert_eq!(pick(100, 100, None, false).unwrap(), "node2");
+        let e = pick(100, 100, Some("node1"), true).unwrap_err();
+        assert!(e.contains("nofailover"), "{e}");
+
+        // Equal WAL: the higher priority; more WAL always wins.
+        let text = INV.replace("host = \"10.0.0.3\"", "host = \"10.0.0.3\"\n        priority = 5");
+        let inv = Inventory::parse(&text, Path::new("i.toml")).unwrap();
+        let c = &inv.clusters[0];
+        let any = "ANY 1 (\"node1\", \"node2\")";
+        let pick = |r1: u64, r2: u64| choose(c, &cluster(&inv, any, Some(r1), Some(r2)), &req(None, false), None).ok().unwrap().new.name.to_string();
+        assert_eq!(pick(100, 100), "node2");
+        assert_eq!(pick(101, 100), "node1");
     }
 
     #[test]

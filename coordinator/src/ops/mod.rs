@@ -52,11 +52,11 @@ pub async fn begin(
     let (cluster, summary) = req.resolve(inv)?;
     if req.dry_run() {
         let id = crate::journal::new_id(&format!("dry-run-{}", req.kind()));
-        return Ok((OpCtx::new(id, None, tx, cancel), cluster, summary));
+        return Ok((OpCtx::new(id, None, tx, cancel).by(caller), cluster, summary));
     }
     let request = serde_json::to_value(&*req).unwrap_or_default();
     let op = Operation::begin(&inv.store, &cluster, req.kind(), &summary, caller, &request).await?;
-    Ok((OpCtx::new(op.id.clone(), Some(op), tx, cancel), cluster, summary))
+    Ok((OpCtx::new(op.id.clone(), Some(op), tx, cancel).by(caller), cluster, summary))
 }
 
 /// Journals the outcome and turns it into the final event. `aborted`: the
@@ -234,6 +234,34 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             done.dropped
                 .map(OpResult::SlotDropped)
                 .ok_or_else(|| CoordinatorError::Usage("the drop-slot plan dropped nothing".into()))
+        }
+        OpRequest::Restart { node, dry_run } => {
+            let (c, _) = inv.node(node.as_str())?;
+            // Never next to another primary: a node failed over from (by
+            // the operator's --fenced, say) is not restarted as a second.
+            let cr = crate::fleet_status::gather_cluster(c, d).await;
+            if let Some(p) = cr.nodes.iter().find(|n| n.role == crate::fleet_status::Role::Primary) {
+                return Err(CoordinatorError::Usage(format!(
+                    "{} is the running primary of {}: {node} is not restarted in place next to it",
+                    p.name, c.name
+                )));
+            }
+            let plan = plan::Plan {
+                title: format!("restart {node} in place"),
+                steps: vec![plan::Step::StartCrashed { node: node.clone() }],
+                no_return: None,
+                warnings: Vec::new(),
+            };
+            if *dry_run {
+                return Ok(OpResult::Plan(plan));
+            }
+            exec::run(inv, c, &plan, d, ctx).await?;
+            Ok(OpResult::Restarted { node: node.to_string() })
+        }
+        OpRequest::Policy { cluster, change, reason, dry_run } => {
+            let c = inv.select(Some(resolved(cluster)?))?[0];
+            let policy = crate::policy::apply(&inv.store, c, *change, ctx.caller(), reason, *dry_run).await?;
+            Ok(OpResult::Policy { cluster: c.name.to_string(), policy, dry_run: *dry_run })
         }
     }
 }

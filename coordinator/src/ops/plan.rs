@@ -67,6 +67,12 @@ pub enum Step {
     /// commit is left behind (DESIGN.md invariant 5).
     CatchUp { node: NodeName, fenced: NodeName },
     Promote { node: NodeName },
+    /// Restart in place: PostgreSQL started again on `node`, whose
+    /// postmaster died while it was the primary (crash recovery first).
+    /// The agent refuses a node that did not crash as a primary or that
+    /// pgfleet fenced.
+    #[serde(rename = "restart")]
+    StartCrashed { node: NodeName },
     /// A fenced former primary whose timeline is behind `upstream`'s takes
     /// its history (pg_rewind); with `or_rebuild`, rebuilt from it instead
     /// when it cannot be rewound. Nothing to do on the same timeline.
@@ -154,6 +160,7 @@ impl Step {
             Step::Isolate { .. } => "isolate",
             Step::CatchUp { .. } => "catch-up",
             Step::Promote { .. } => "promote",
+            Step::StartCrashed { .. } => "restart",
             Step::Rewind { .. } => "rewind",
             Step::Follow { .. } => "follow",
             Step::Reconnect { .. } => "application-name",
@@ -179,6 +186,7 @@ impl Step {
             | Step::Isolate { node, .. }
             | Step::CatchUp { node, .. }
             | Step::Promote { node }
+            | Step::StartCrashed { node }
             | Step::Rewind { node, .. }
             | Step::Follow { node, .. }
             | Step::Reconnect { node, .. }
@@ -226,6 +234,9 @@ impl Step {
             ),
             Step::CatchUp { fenced, .. } => format!("wait until pg_last_wal_replay_lsn() passes {fenced}'s shutdown checkpoint"),
             Step::Promote { .. } => "SELECT pg_promote(true, 60)".into(),
+            Step::StartCrashed { .. } => {
+                "start PostgreSQL again in place (crash recovery), only if it crashed as the primary and is not fenced".into()
+            }
             Step::Rewind { upstream, or_rebuild, .. } => format!(
                 "pg_rewind from {upstream} if its timeline is behind {upstream}'s{}",
                 if *or_rebuild { "; rebuild from it instead if it cannot be rewound" } else { "" }

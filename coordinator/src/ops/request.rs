@@ -67,6 +67,21 @@ pub enum OpRequest {
         force: bool,
         dry_run: bool,
     },
+    /// Restart in place of a primary whose postmaster died (the leader's
+    /// own, with `restart_in_place = true`).
+    Restart {
+        node: NodeName,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// `pgfleet pause`, `resume`, `failover-policy`.
+    Policy {
+        cluster: Option<ClusterName>,
+        change: crate::policy::Change,
+        reason: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 /// A tablespace mapping `OLD=NEW`, both absolute, no `..`, no control
@@ -109,6 +124,7 @@ pub enum ApiRequest {
     Failover(pb::FailoverRequest),
     Rejoin(pb::RejoinRequest),
     DropSlot(pb::DropSlotRequest),
+    SetFailoverPolicy(pb::SetFailoverPolicyRequest),
 }
 
 fn usage(s: impl Into<String>) -> CoordinatorError {
@@ -139,6 +155,7 @@ impl TryFrom<ApiRequest> for OpRequest {
             ApiRequest::Failover(r) => r.try_into(),
             ApiRequest::Rejoin(r) => r.try_into(),
             ApiRequest::DropSlot(r) => r.try_into(),
+            ApiRequest::SetFailoverPolicy(r) => r.try_into(),
         }
     }
 }
@@ -245,6 +262,37 @@ impl TryFrom<pb::DropSlotRequest> for OpRequest {
     }
 }
 
+impl TryFrom<pb::SetFailoverPolicyRequest> for OpRequest {
+    type Error = CoordinatorError;
+
+    fn try_from(r: pb::SetFailoverPolicyRequest) -> Result<Self, CoordinatorError> {
+        use crate::policy::Change;
+        let change = match pb::FailoverPolicyChange::try_from(r.change) {
+            Ok(pb::FailoverPolicyChange::Pause) => Change::Pause,
+            Ok(pb::FailoverPolicyChange::Resume) => Change::Resume,
+            Ok(pb::FailoverPolicyChange::Automatic) => Change::Automatic,
+            Ok(pb::FailoverPolicyChange::Manual) => Change::Manual,
+            Ok(pb::FailoverPolicyChange::Inventory) => Change::Inventory,
+            Ok(pb::FailoverPolicyChange::Unspecified) | Err(_) => {
+                return Err(usage(format!(
+                    "unknown failover policy change {}: pause, resume, automatic, manual or inventory",
+                    r.change
+                )));
+            }
+        };
+        if r.reason.chars().count() > 200 || r.reason.chars().any(char::is_control) {
+            return Err(usage(format!(
+                "the reason {} must be one line of at most 200 characters",
+                pgfleet_proto::shown_max(&r.reason, 40)
+            )));
+        }
+        if !r.reason.is_empty() && change != Change::Pause {
+            return Err(usage("a reason goes with pause only: it is shown while the cluster is paused"));
+        }
+        Ok(OpRequest::Policy { cluster: cluster(&r.cluster)?, change, reason: r.reason, dry_run: r.dry_run })
+    }
+}
+
 impl OpRequest {
     pub fn kind(&self) -> &'static str {
         match self {
@@ -254,6 +302,8 @@ impl OpRequest {
             OpRequest::Failover { .. } => "failover",
             OpRequest::Rejoin { .. } => "rejoin",
             OpRequest::DropSlot { .. } => "drop-slot",
+            OpRequest::Policy { .. } => "failover-policy",
+            OpRequest::Restart { .. } => "restart",
         }
     }
 
@@ -265,6 +315,8 @@ impl OpRequest {
             | OpRequest::Failover { dry_run, .. }
             | OpRequest::Rejoin { dry_run, .. }
             | OpRequest::DropSlot { dry_run, .. }
+            | OpRequest::Policy { dry_run, .. }
+            | OpRequest::Restart { dry_run, .. }
             | OpRequest::Sync { dry_run, .. } => *dry_run,
         }
     }
@@ -321,6 +373,15 @@ impl OpRequest {
             OpRequest::DropSlot { node, slot, .. } => {
                 let (c, _) = inv.node(node.as_str())?;
                 (c.name.to_string(), format!("slot {slot} on {node}"))
+            }
+            OpRequest::Restart { node, .. } => {
+                let (c, _) = inv.node(node.as_str())?;
+                (c.name.to_string(), format!("{node} in place"))
+            }
+            OpRequest::Policy { cluster, change, .. } => {
+                let name = one_cluster(inv, cluster.as_ref())?;
+                *cluster = Some(name.clone());
+                (name.to_string(), change.describe().to_owned())
             }
         })
     }

@@ -49,4 +49,9 @@ pub enum OpResult {
     },
     /// `ops abort`: what was undone, and the state left.
     Aborted { operation: String, state: Vec<String> },
+    /// `pause`, `resume`, `failover-policy`: the policy now in force (with
+    /// `dry_run`, the one that would be).
+    Policy { cluster: String, policy: crate::policy::Policy, dry_run: bool },
+    /// A primary restarted in place after its postmaster died.
+    Restarted { node: String },
 }

@@ -57,7 +57,7 @@ pub async fn begin(
         .ok_or_else(|| CoordinatorError::Usage(format!("operation {id}'s journal does not hold its request")))?;
     let kind = req.kind();
     let op = Operation::reopen(&inv.store, &rec.cluster, kind, id, action, caller).await?;
-    Ok((OpCtx::new(id.to_owned(), Some(op), tx, cancel), rec, req))
+    Ok((OpCtx::new(id.to_owned(), Some(op), tx, cancel).by(&rec.caller), rec, req))
 }
 
 /// The node and job id of the last rebuild job the operation started.

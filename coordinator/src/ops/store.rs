@@ -87,19 +87,13 @@ impl OpRecord {
     /// The nodes whose rebuild was confirmed streaming, under any of the
     /// operation's plans (a resumed rolling rebuild journals one more).
     pub fn confirmed_rebuilds(&self) -> Vec<String> {
-        let mut plan: Option<Plan> = None;
-        let mut out = Vec::new();
-        for e in &self.journal {
-            if e.step == "plan" && e.event == "planned" {
-                plan = serde_json::from_str(&e.detail).ok();
-                continue;
-            }
-            let step = e.index.zip(plan.as_ref()).and_then(|(i, p)| p.steps.get(i));
-            if let (Some(Step::Confirm { node, .. }), "done") = (step, e.event.as_str()) {
-                out.push(node.to_string());
-            }
-        }
-        out
+        self.done_steps()
+            .into_iter()
+            .filter_map(|s| match s {
+                Step::Confirm { node, .. } => Some(node.to_string()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Every step that ended done, under any of the operation's plans.

@@ -48,6 +48,9 @@ pub struct ServeConfig {
     /// or http:// and `listen`).
     #[serde(default)]
     pub advertise: Option<String>,
+    /// A command told of every automatic decision (see `decisions`).
+    #[serde(default)]
+    pub hook: Option<super::decisions::HookConfig>,
 }
 
 fn default_inventory() -> PathBuf {
@@ -75,6 +78,9 @@ impl ServeConfig {
             message,
         };
         let c: ServeConfig = toml::from_str(text).map_err(|e| invalid(e.message().to_owned()))?;
+        if let Some(h) = &c.hook {
+            h.check().map_err(invalid)?;
+        }
         match (&c.tls, c.insecure) {
             (Some(_), true) => Err(invalid("both [tls] and insecure = true: choose one".into())),
             (None, false) => Err(invalid(

@@ -36,6 +36,8 @@ pub fn cluster(c: &ClusterReport) -> pb::ClusterStatus {
         nodes: c.nodes.iter().map(node).collect(),
         primary: c.primary.clone(),
         warnings: c.warnings.clone(),
+        auto_failover: c.policy.as_ref().is_some_and(|p| p.auto_failover),
+        paused: c.policy.as_ref().filter(|p| p.paused.is_some()).map(|p| p.describe()).unwrap_or_default(),
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod config;
 mod convert;
+pub mod decisions;
 mod leader;
 mod registry;
 mod service;
@@ -52,6 +53,9 @@ pub struct State {
     pub audit: pgfleet_proto::auth::Audit,
     pub registry: Arc<registry::Registry>,
     pub leadership: Arc<leader::Leadership>,
+    /// Automatic decisions: logged, streamed by WatchFleet, given to the
+    /// hook.
+    pub decisions: decisions::Decisions,
 }
 
 pub async fn run(config_path: &Path, d: Deadlines) -> Result<(), CoordinatorError> {
@@ -148,6 +152,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
         audit,
         registry,
         leadership,
+        decisions: decisions::Decisions::new(config.hook.clone()),
     });
     watch_primary::spawn(state.clone());
     let reflection = tonic_reflection::server::Builder::configure()

@@ -210,7 +210,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .inventory
             .select(Some(cluster.as_str()).filter(|c| !c.is_empty()))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let report = crate::fleet_status::gather(&clusters, self.state.deadlines).await;
+        let report = crate::fleet_status::gather(&clusters, self.state.deadlines)
+            .await
+            .with_policies(&clusters, &self.state.inventory.store)
+            .await;
         Ok(Response::new(convert::fleet(&report)))
     }
 
@@ -292,6 +295,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn drop_slot(&self, req: Request<pb::DropSlotRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "DropSlot")?;
         self.start(&caller, "DropSlot", ApiRequest::DropSlot(req.into_inner())).await
+    }
+
+    async fn set_failover_policy(&self, req: Request<pb::SetFailoverPolicyRequest>) -> Result<Response<pb::OperationRef>, Status> {
+        let caller = self.gate(&req, "SetFailoverPolicy")?;
+        self.start(&caller, "SetFailoverPolicy", ApiRequest::SetFailoverPolicy(req.into_inner())).await
     }
 
     type WatchOperationStream = EventStream<pb::OperationEvent>;

@@ -63,6 +63,8 @@ pub fn watch(state: Arc<State>, r: pb::WatchFleetRequest) -> Result<Changes, Sta
         .select(Some(r.cluster.as_str()).filter(|c| !c.is_empty()))
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let cluster = r.cluster;
+    // Subscribed before the first look: no decision falls between.
+    let mut decisions = state.decisions.subscribe();
     let stream = async_stream::try_stream! {
         let mut last: HashMap<(String, String), pb::NodeReport> = HashMap::new();
         loop {
@@ -84,10 +86,40 @@ pub fn watch(state: Arc<State>, r: pb::WatchFleetRequest) -> Result<Changes, Sta
                         continue;
                     }
                     last.insert(key, now.clone());
-                    yield pb::FleetChange { time: time.clone(), cluster: c.name.clone(), node: Some(now), changes: what };
+                    yield pb::FleetChange { time: time.clone(), cluster: c.name.clone(), node: Some(now), changes: what, decision: None };
                 }
             }
-            tokio::time::sleep(interval).await;
+            // Decisions as they come, between looks.
+            let next_look = tokio::time::sleep(interval);
+            tokio::pin!(next_look);
+            loop {
+                tokio::select! {
+                    () = &mut next_look => break,
+                    d = decisions.recv() => match d {
+                        Ok(d) if cluster.is_empty() || d.cluster == cluster => {
+                            yield pb::FleetChange {
+                                time: d.time.clone(),
+                                cluster: d.cluster.clone(),
+                                node: None,
+                                changes: vec![format!("{}: {}", d.kind, d.detail)],
+                                decision: Some(d),
+                            };
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            yield pb::FleetChange {
+                                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                                cluster: cluster.clone(),
+                                node: None,
+                                changes: vec![format!("{n} automatic decisions were not sent: this stream fell behind (see the coordinator's log)")],
+                                decision: None,
+                            };
+                        }
+                        // The service is going away.
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
         }
     };
     Ok(Box::pin(stream))

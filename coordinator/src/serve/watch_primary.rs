@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use pgfleet_proto::agent::v1 as pb;
 
@@ -46,20 +46,37 @@ const LOOK_LIMIT: Duration = Duration::from_secs(1);
 
 pub fn spawn(state: Arc<State>) {
     tokio::spawn(async move {
-        let mut detectors: HashMap<String, (Detector, &'static str)> = HashMap::new();
-        // Clusters with an automatic operation running: one at a time.
-        let busy: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+        // Per cluster: its detector, the last verdict's kind, and whether
+        // this failure was acted on already (once per failure; a pause
+        // lifted while it lasts acts then).
+        let mut detectors: HashMap<String, (Detector, &'static str, bool)> = HashMap::new();
+        // Clusters with an automatic operation running (one at a time), and
+        // when each cluster's last one ended.
+        let busy: Busy = Arc::default();
         // When a stale primary's rejoin was last tried, so that a refusal
         // is not repeated twice a second.
         let mut rejoin_tried: HashMap<String, Instant> = HashMap::new();
+        // When each node was last restarted in place.
+        let mut restarted: HashMap<String, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(LOOK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Looks since this process became the leader (None: it is not).
+        let mut leading: Option<u32> = None;
         loop {
             tick.tick().await;
             if !state.leadership.is_leader() {
                 // A new leader starts from what it sees itself.
                 detectors.clear();
+                leading = None;
                 continue;
+            }
+            let n = leading.map_or(0, |n| n + 1);
+            leading = Some(n);
+            // At election and twice more, 2 s apart: the dead leader's
+            // operation reads interrupted once its lock's lease is gone,
+            // which may be a moment after this process was elected.
+            if n.is_multiple_of(4) && n <= 8 {
+                resume_interrupted(&state, &busy).await;
             }
             // A look counts from when it started: a dead host makes it last
             // its deadlines, which must not delay what it saw.
@@ -68,9 +85,12 @@ pub fn spawn(state: Arc<State>) {
             let d = state.deadlines;
             let looks = join_all(clusters.iter().map(|c| fleet_status::gather_cluster_within(c, d, LOOK_LIMIT))).await;
             for (c, look) in clusters.iter().zip(looks) {
-                let (detector, last) = detectors
+                // Read every look: `pgfleet pause` on any coordinator, or
+                // a policy set before this one became the leader, counts.
+                let policy = crate::policy::current(&state.inventory.store, c).await;
+                let (detector, last, acted) = detectors
                     .entry(c.name.to_string())
-                    .or_insert_with(|| (Detector::new(c.failure_timeout), "unknown"));
+                    .or_insert_with(|| (Detector::new(c.failure_timeout), "unknown", false));
                 // No primary answered: the second opinion, from every
                 // standby whose agent answers.
                 let opinions = match (&look.primary, detector.primary()) {
@@ -78,21 +98,54 @@ pub fn spawn(state: Arc<State>) {
                     _ => Vec::new(),
                 };
                 let verdict = detector.observe(c, &look, &opinions, looked_at);
-                if verdict.kind() != *last {
-                    report(c, &verdict, last);
-                    *last = verdict.kind();
-                    if matches!(verdict, Verdict::Failed { .. }) && c.auto_failover {
-                        let req = OpRequest::Failover {
-                            cluster: Some(c.name.clone()),
-                            to: None,
-                            fenced: false,
-                            accept_data_loss: false,
-                            dry_run: false,
-                        };
-                        automatic(&state, &busy, c.name.clone(), req, "failover");
+                // Restart in place: the primary's postmaster is gone, its
+                // agent answers, and it was not restarted in the window.
+                if c.restart_in_place
+                    && policy.acts()
+                    && matches!(verdict, Verdict::Suspect { .. } | Verdict::Failed { .. })
+                    && let Some(p) = detector.primary().map(str::to_owned)
+                    && look.nodes.iter().any(|r| r.name == p && r.reachable && !r.server_up)
+                    && restarted.get(&p).is_none_or(|t| t.elapsed() >= RESTART_WINDOW)
+                    && let Ok(node) = pgfleet_proto::NodeName::parse(&p)
+                {
+                    let req = OpRequest::Restart { node, dry_run: false };
+                    if automatic(&state, &busy, c.name.clone(), req, "restart") {
+                        restarted.insert(p.clone(), Instant::now());
+                        state.decisions.decide(
+                            c.name.as_str(),
+                            "detected",
+                            &format!("the postmaster of primary {p} is gone and its agent answers: restarting it in place"),
+                            None,
+                        );
                     }
                 }
-                if c.auto_failover {
+                if verdict.kind() != *last {
+                    report(c.name.as_str(), &policy, &verdict, last);
+                    *last = verdict.kind();
+                    *acted = false;
+                    if matches!(verdict, Verdict::Failed { .. }) {
+                        state.decisions.decide(c.name.as_str(), "detected", &verdict.describe(), None);
+                        if !policy.acts() {
+                            state.decisions.decide(c.name.as_str(), "not-acting", &policy.describe(), None);
+                        }
+                    }
+                }
+                // A look begun before the cluster's last automatic operation
+                // ended (a restart in place, say) says nothing about after.
+                let fresh = busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).ended.get(c.name.as_str()).is_none_or(|t| *t < looked_at);
+                if matches!(verdict, Verdict::Failed { .. }) && policy.acts() && !*acted && fresh {
+                    let req = OpRequest::Failover {
+                        cluster: Some(c.name.clone()),
+                        to: None,
+                        fenced: false,
+                        accept_data_loss: false,
+                        dry_run: false,
+                    };
+                    // Tried again at the next look while another automatic
+                    // operation holds the cluster.
+                    *acted = automatic(&state, &busy, c.name.clone(), req, "failover");
+                }
+                if policy.acts() {
                     for stale in stale_primaries(&look) {
                         let key = format!("{}/{stale}", c.name);
                         if rejoin_tried.get(&key).is_some_and(|t| t.elapsed() < RETRY_REJOIN) {
@@ -100,9 +153,17 @@ pub fn spawn(state: Arc<State>) {
                         }
                         rejoin_tried.insert(key, Instant::now());
                         let Ok(node) = pgfleet_proto::NodeName::parse(&stale) else { continue };
-                        warn!(cluster = %c.name, node = %stale, "{stale} is back as a primary on an older timeline: making it a standby");
                         let req = OpRequest::Rejoin { node, rebuild_if_needed: false, dry_run: false };
-                        automatic(&state, &busy, c.name.clone(), req, "rejoin");
+                        if automatic(&state, &busy, c.name.clone(), req, "rejoin") {
+                            state.decisions.decide(
+                                c.name.as_str(),
+                                "detected",
+                                &format!("{stale} is back as a primary on an older timeline: making it a standby"),
+                                None,
+                            );
+                        } else {
+                            rejoin_tried.remove(&format!("{}/{stale}", c.name));
+                        }
                     }
                 }
             }
@@ -142,6 +203,10 @@ async fn opinions(c: &Cluster, look: &ClusterReport, primary: &str, d: Deadlines
     join_all(asked).await.into_iter().flatten().collect()
 }
 
+/// A node restarted in place is not restarted again within this: a second
+/// death is failed over (a postmaster that keeps dying has a reason).
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
+
 /// How long after an automatic rejoin of a stale primary was tried it is
 /// tried again.
 const RETRY_REJOIN: Duration = Duration::from_secs(10);
@@ -158,51 +223,141 @@ fn stale_primaries(look: &ClusterReport) -> Vec<String> {
     primaries.iter().filter(|n| n.timeline.is_some_and(|t| t < newest)).map(|n| n.name.clone()).collect()
 }
 
+/// The clusters with an automatic operation running, and when each
+/// cluster's last one ended.
+#[derive(Default)]
+struct AutomaticOps {
+    running: HashSet<String>,
+    ended: HashMap<String, Instant>,
+}
+
+type Busy = Arc<std::sync::Mutex<AutomaticOps>>;
+
+/// A new leader (or this process restarted) finishes the automatic
+/// operations a dead leader left interrupted: a failover stopped between
+/// its fence and its last step would leave standbys unpointed. What an
+/// operator started and was interrupted is left to them (`ops resume`).
+async fn resume_interrupted(state: &Arc<State>, busy: &Busy) {
+    let ops = match crate::ops::store::load(&state.inventory.store).await {
+        Ok(o) => o,
+        Err(e) => {
+            warn!("cannot read the journal for interrupted automatic operations: {e}");
+            return;
+        }
+    };
+    for op in ops.iter().filter(|o| o.state == "interrupted") {
+        if !op.caller.starts_with(AUTOMATIC) {
+            debug!(operation = %op.id, cluster = %op.cluster, "interrupted operation of {}: `pgfleet ops resume {}` or `ops abort`", op.caller, op.id);
+            continue;
+        }
+        let Ok(cluster) = ClusterName::parse(&op.cluster) else { continue };
+        warn!(operation = %op.id, cluster = %op.cluster, "resuming the automatic {} a previous leader left interrupted", op.kind);
+        let what = if op.kind == "rejoin" { "rejoin" } else { "failover" };
+        automatic(state, busy, cluster, Job::Resume(op.id.clone()), what);
+    }
+}
+
+/// What an automatic operation does: a new one, or one a previous leader
+/// left interrupted.
+enum Job {
+    Start(OpRequest),
+    Resume(String),
+}
+
+impl From<OpRequest> for Job {
+    fn from(r: OpRequest) -> Self {
+        Job::Start(r)
+    }
+}
+
 /// Starts `req` as this process's own operation, unless one runs for the
 /// cluster already: the same lock, journal and plan as the CLI's.
-fn automatic(state: &Arc<State>, busy: &Arc<std::sync::Mutex<HashSet<String>>>, cluster: ClusterName, req: OpRequest, what: &'static str) {
+/// Whether it started.
+fn automatic(state: &Arc<State>, busy: &Busy, cluster: ClusterName, req: impl Into<Job>, what: &'static str) -> bool {
+    let req = req.into();
     {
         let mut b = busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !b.insert(cluster.to_string()) {
-            info!(cluster = %cluster, "an automatic operation runs for this cluster already: no automatic {what} now");
-            return;
+        if !b.running.insert(cluster.to_string()) {
+            debug!(cluster = %cluster, "an automatic operation runs for this cluster already: no automatic {what} now");
+            return false;
         }
     }
     let (state, busy) = (state.clone(), busy.clone());
     tokio::spawn(async move {
         run_automatic(&state, &cluster, req, what).await;
-        busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(cluster.as_str());
+        let mut b = busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.running.remove(cluster.as_str());
+        b.ended.insert(cluster.to_string(), Instant::now());
     });
+    true
 }
 
-async fn run_automatic(state: &Arc<State>, cluster: &ClusterName, mut req: OpRequest, what: &'static str) {
+async fn run_automatic(state: &Arc<State>, cluster: &ClusterName, job: Job, what: &'static str) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = Arc::new(CancelState::default());
     let who = format!("{AUTOMATIC} (automatic {what})");
-    let (ctx, name, summary) = match ops::begin(&state.inventory, &mut req, &who, Some(tx), cancel.clone()).await {
+    let decide = |kind: &str, detail: &str, op: Option<&str>| state.decisions.decide(cluster.as_str(), kind, detail, op);
+    let begun = match job {
+        Job::Start(mut req) => ops::begin(&state.inventory, &mut req, &who, Some(tx), cancel.clone())
+            .await
+            .map(|(ctx, name, summary)| (ctx, name, summary, req, None)),
+        Job::Resume(id) => ops::resume::begin(&state.inventory, &id, "resume", &who, Some(tx), cancel.clone())
+            .await
+            .map(|(ctx, rec, req)| (ctx, rec.cluster.clone(), format!("{} (resumed)", rec.summary), req, Some(rec))),
+    };
+    let (ctx, name, summary, req, resumed) = match begun {
         Ok(b) => b,
         Err(e) => {
             error!(cluster = %cluster, "automatic {what} refused: {e}");
+            decide("refused", &format!("automatic {what}: {e}"), None);
             return;
         }
     };
-    let running = Arc::new(Running::new(ctx.id().to_owned(), req.kind(), name, summary, who, false, cancel));
+    let running = Arc::new(Running::new(ctx.id().to_owned(), req.kind(), name, summary.clone(), who, false, cancel));
     registry::collect(running.clone(), rx);
     state.registry.insert(running.clone());
-    warn!(cluster = %cluster, operation = %running.id, "automatic {what} started");
-    let result = ops::execute(&state.inventory, &req, state.deadlines, &ctx).await;
+    let id = running.id.clone();
+    warn!(cluster = %cluster, operation = %id, "automatic {what} started");
+    decide("started", &format!("automatic {what} {summary}"), Some(&id));
+    let result = match &resumed {
+        None => ops::execute(&state.inventory, &req, state.deadlines, &ctx).await,
+        Some(rec) => ops::resume::resume(&state.inventory, rec, &req, state.deadlines, &ctx).await,
+    };
     let fin = ops::finish(ctx, &result, false).await;
     match (&result, fin.error) {
-        (Ok(OpResult::Moved(m)), None) => warn!(
-            cluster = %cluster, operation = %running.id,
-            "automatic failover done: {} promoted (timeline {}), {} fenced", m.new_primary, m.timeline, m.old_primary
-        ),
-        (Ok(OpResult::Rejoined(r)), None) => warn!(
-            cluster = %cluster, operation = %running.id,
-            "automatic rejoin done: {} is a standby of {} ({})", r.node, r.primary, r.method
-        ),
-        (_, Some(e)) => error!(cluster = %cluster, operation = %running.id, "automatic {what} did not complete: {e}"),
-        (_, None) => warn!(cluster = %cluster, operation = %running.id, "automatic {what} ended"),
+        (Ok(OpResult::Resumed { primary, moved, rejoined, .. }), None) => {
+            warn!(cluster = %cluster, operation = %id, "automatic {what} resumed and done: {primary} is the primary");
+            if let Some(m) = moved {
+                decide("promoted", &format!("{} is the primary, timeline {}", m.new_primary, m.timeline), Some(&id));
+            }
+            for r in rejoined {
+                decide("rejoined", &format!("{} is a standby of {} ({})", r.node, r.primary, r.method), Some(&id));
+            }
+            decide("resumed", &format!("{primary} is the primary of {cluster}"), Some(&id));
+        }
+        (Ok(OpResult::Moved(m)), None) => {
+            warn!(
+                cluster = %cluster, operation = %id,
+                "automatic failover done: {} promoted (timeline {}), {} fenced", m.new_primary, m.timeline, m.old_primary
+            );
+            let isolated = m.steps.iter().any(|s| s.step == "isolate");
+            let fence = m.steps.iter().find(|s| s.step == "isolate" || s.step == "fence").map(|s| s.detail.clone()).unwrap_or_default();
+            decide(if isolated { "isolated" } else { "fenced" }, &format!("{}: {fence}", m.old_primary), Some(&id));
+            decide("promoted", &format!("{} is the primary, timeline {}", m.new_primary, m.timeline), Some(&id));
+        }
+        (Ok(OpResult::Restarted { node }), None) => {
+            warn!(cluster = %cluster, operation = %id, "automatic restart done: {node} runs again in place");
+            decide("restarted", &format!("{node} runs again in place"), Some(&id));
+        }
+        (Ok(OpResult::Rejoined(r)), None) => {
+            warn!(cluster = %cluster, operation = %id, "automatic rejoin done: {} is a standby of {} ({})", r.node, r.primary, r.method);
+            decide("rejoined", &format!("{} is a standby of {} ({})", r.node, r.primary, r.method), Some(&id));
+        }
+        (_, Some(e)) => {
+            error!(cluster = %cluster, operation = %id, "automatic {what} did not complete: {e}");
+            decide("failed", &format!("automatic {what}: {e}"), Some(&id));
+        }
+        (_, None) => warn!(cluster = %cluster, operation = %id, "automatic {what} ended"),
     }
 }
 
@@ -210,8 +365,7 @@ async fn run_automatic(state: &Arc<State>, cluster: &ClusterName, mut req: OpReq
 /// by what it does: "pgfleet serve (automatic failover)".
 const AUTOMATIC: &str = "pgfleet serve";
 
-fn report(c: &Cluster, v: &Verdict, was: &str) {
-    let cluster = c.name.as_str();
+fn report(cluster: &str, policy: &crate::policy::Policy, v: &Verdict, was: &str) {
     let what = v.describe();
     match v {
         Verdict::Healthy { .. } if was == "unknown" => info!(cluster, verdict = v.kind(), "watching: {what}"),
@@ -220,11 +374,12 @@ fn report(c: &Cluster, v: &Verdict, was: &str) {
         Verdict::Partitioned { .. } | Verdict::NoSecondOpinion { .. } | Verdict::Suspect { .. } => {
             warn!(cluster, verdict = v.kind(), "{what}")
         }
-        Verdict::Failed { .. } if c.auto_failover => error!(cluster, verdict = v.kind(), "{what}; failing over"),
+        Verdict::Failed { .. } if policy.acts() => error!(cluster, verdict = v.kind(), "{what}; failing over"),
         Verdict::Failed { .. } => error!(
             cluster,
             verdict = v.kind(),
-            "{what}; automatic failover is off for this cluster (auto_failover): `pgfleet failover --cluster {cluster}`"
+            "{what}; no automatic failover: {}. `pgfleet failover --cluster {cluster}` fails it over",
+            policy.describe()
         ),
     }
 }
