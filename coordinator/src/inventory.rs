@@ -77,6 +77,10 @@ pub struct Cluster {
     /// again in place (once per node per `RESTART_WINDOW`) instead of
     /// waiting out the failure timeout and failing over.
     pub restart_in_place: bool,
+    /// Bytes an automatic failover without proof (an asynchronous cluster)
+    /// may lose: the candidate's distance from the old primary's last
+    /// position seen. None: never.
+    pub max_lag_on_failover: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +184,8 @@ struct RawCluster {
     auto_failover: bool,
     #[serde(default)]
     restart_in_place: bool,
+    #[serde(default)]
+    max_lag_on_failover: Option<u64>,
 }
 
 /// The default failure timeout: a dead primary is declared about this long
@@ -315,6 +321,7 @@ impl Inventory {
                 failure_timeout,
                 auto_failover: rc.auto_failover,
                 restart_in_place: rc.restart_in_place,
+                max_lag_on_failover: rc.max_lag_on_failover,
             });
         }
         if clusters.is_empty() {

@@ -187,12 +187,13 @@ async fn promoted(fleet: &TestFleet) -> (&pgfleet_tests::Host, &pgfleet_tests::H
     if w[0] == "node1" { (fleet.host(1), fleet.host(2)) } else { (fleet.host(2), fleet.host(1)) }
 }
 
-/// The journal's automatic operation of this kind, which must have
-/// succeeded; its steps' done lines, in order.
+/// The journal's latest automatic operation of this kind (`ops list` is
+/// newest first), which must have succeeded; its steps' done lines, in
+/// order.
 fn automatic_op(fleet: &TestFleet, kind: &str) -> (serde_json::Value, Vec<String>) {
     let out = pgfleet(fleet, &["ops", "list", "--json"]);
     let ops = common::json(&out);
-    let op = ops.as_array().unwrap().iter().rev().find(|o| o["kind"] == kind).cloned().unwrap_or_else(|| panic!("no {kind} in {ops:#}"));
+    let op = ops.as_array().unwrap().iter().find(|o| o["kind"] == kind).cloned().unwrap_or_else(|| panic!("no {kind} in {ops:#}"));
     assert_eq!(op["state"], "succeeded", "{op}");
     assert_eq!(op["caller"], format!("pgfleet serve (automatic {kind})"), "{op}");
     let out = pgfleet(fleet, &["ops", "show", op["id"].as_str().unwrap(), "--json"]);
@@ -482,4 +483,118 @@ async fn a_crashed_postmaster_is_restarted_in_place_once_then_failed_over() {
     assert_rows_present(new, &acked, &uncertain).await;
     assert!(p.data_dir().join("standby.signal").exists(), "node0 was not fenced");
     assert_eq!(c.log_text().matches("automatic restart done").count(), 1, "{}", c.log_text());
+}
+
+/// An asynchronous cluster (no synchronous standby) with auto_failover:
+/// without `max_lag_on_failover` a dead postmaster is declared failed, the
+/// automatic failover refused (no standby provably has every commit: the
+/// decision says so and how far behind), nothing promoted and node0 left as
+/// it crashed; with `max_lag_on_failover` the most advanced standby is
+/// promoted when it is within that many bytes of node0's last position the
+/// leader saw, the accepted loss journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_cluster_fails_over_only_within_max_lag_on_failover() {
+    let fleet = primary_and_two_rebuilt_standbys();
+    let p = fleet.host(0);
+    common::exec(p, "create table acks (id bigint primary key)").await;
+    let hook_out = fleet.dir().join("hook.jsonl");
+    let hook = format!("[hook]\ncommand = [\"/usr/bin/tee\", \"-a\", {:?}]\n", hook_out.display().to_string());
+    let c = start_with_auto_failover_and(&fleet, &hook);
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(50).await;
+    p.kill_postgres().unwrap();
+    wait_for_log(&c, "automatic failover refused", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(writable(&fleet).await, Vec::<String>::new());
+    assert!(!p.data_dir().join("standby.signal").exists(), "node0 was fenced although nothing was promoted");
+    let refused = std::fs::read_to_string(&hook_out).unwrap_or_default();
+    let refused: Vec<serde_json::Value> = refused.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|l: &serde_json::Value| l["decision"] == "refused").collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let why = refused[0]["detail"].as_str().unwrap();
+    assert!(why.contains("synchronous") && why.contains("behind"), "{why}");
+    drop(c);
+
+    // The same with a bounded loss allowed: node0 back first (the leader
+    // watches a primary it has seen).
+    p.start_postgres().unwrap();
+    for h in [fleet.host(1), fleet.host(2)] {
+        wait_streaming(h).await;
+    }
+    writer.wait_for_more(50).await;
+    let c = start_with_cluster_settings(&fleet, "auto_failover = true\nmax_lag_on_failover = 16777216\n", &hook);
+    wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
+    p.kill_postgres().unwrap();
+    wait_for_log(&c, "automatic failover done", Duration::from_secs(30));
+    writer.wait_for_more(50).await;
+    let (acked, _) = writer.finish().await;
+    let (new, _) = promoted(&fleet).await;
+    let (op, _) = automatic_op(&fleet, "failover");
+    let out = pgfleet(&fleet, &["ops", "show", op["id"].as_str().unwrap(), "--json"]);
+    let shown = common::json(&out);
+    let accepted = shown["journal"].as_array().unwrap().iter().find(|e| e["event"] == "data-loss-accepted").cloned();
+    let accepted = accepted.unwrap_or_else(|| panic!("{shown:#}"));
+    assert!(accepted["detail"].as_str().unwrap().contains("within max_lag_on_failover (16.0 MiB)"), "{accepted}");
+    let present = common::rows(new, "select count(*) from acks").await;
+    eprintln!("asynchronous failover within max_lag_on_failover: {} acknowledged, {:?} on the new primary", acked.len(), present);
+}
+
+/// A second fault during an automatic failover: `FIRST 1 (node1)`, node2
+/// cut from node1, node0's postmaster SIGKILLed. The failover promotes
+/// node1 and waits for node2 to stream from it; node1's postmaster is
+/// SIGKILLed in that wait. The first failover ends failed (node2 never
+/// streamed); the second failure is declared, and the failover of node1
+/// (the latest primary: the highest timeline of the two crashed ones) is
+/// refused: nobody provably holds node1's commits (it ran without a
+/// synchronous standby). Never more than one node takes writes, nothing is
+/// promoted without proof, and every row acknowledged before node1 died is
+/// still on its disk (checked once it is started again by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_fault_during_a_failover_promotes_nothing_without_proof() {
+    let fleet = primary_and_two_rebuilt_standbys();
+    let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
+    common::exec(node0, "create table acks (id bigint primary key)").await;
+    let out = pgfleet(&fleet, &["sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let c = start_with_auto_failover(&fleet);
+    node2.block_route_to(node1.addr()).unwrap();
+
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(50).await;
+    node0.kill_postgres().unwrap();
+    let started = Instant::now();
+    while !journal_has(&fleet, "failover", "verify", "start") {
+        assert!(started.elapsed() < Duration::from_secs(30), "the failover never reached its verify step:\n{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(writable(&fleet).await, ["node1"]);
+    writer.wait_for_more(20).await;
+    node1.kill_postgres().unwrap();
+    let (acked, uncertain) = writer.finish().await;
+
+    wait_for_log(&c, "automatic failover did not complete", Duration::from_secs(40));
+    wait_for_log(&c, "primary node1 failed", Duration::from_secs(30));
+    wait_for_log(&c, "automatic failover refused", Duration::from_secs(30));
+    let log = c.log_text();
+    let refusal = log.lines().find(|l| l.contains("automatic failover refused")).unwrap();
+    assert!(refusal.contains("no candidate is known to hold every acknowledged commit"), "{refusal}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(writable(&fleet).await, Vec::<String>::new());
+    assert_eq!(one(node2, "select pg_is_in_recovery()").await, "t");
+    node2.unblock_route_to(node1.addr()).unwrap();
+
+    // What node1 acknowledged is on its disk: started by hand, it has it.
+    node1.start_postgres().unwrap();
+    assert_rows_present(node1, &acked, &uncertain).await;
+}
+
+/// Whether the journal's latest operation of `kind` has a `step` line with
+/// `event`.
+fn journal_has(fleet: &TestFleet, kind: &str, step: &str, event: &str) -> bool {
+    let out = pgfleet(fleet, &["ops", "list", "--json"]);
+    let ops = common::json(&out);
+    let Some(op) = ops.as_array().and_then(|a| a.iter().find(|o| o["kind"] == kind).cloned()) else {
+        return false;
+    };
+    let out = pgfleet(fleet, &["ops", "show", op["id"].as_str().unwrap_or_default(), "--json"]);
+    common::json(&out)["journal"].as_array().is_some_and(|j| j.iter().any(|e| e["step"] == step && e["event"] == event))
 }

@@ -242,9 +242,15 @@ async fn status_json_shape_is_stable() {
     let cluster = &clusters[0];
     assert_eq!(
         keys(cluster),
-        set(&["name", "primary", "nodes", "warnings"])
+        set(&["name", "primary", "nodes", "warnings", "policy"])
     );
     assert!(cluster["warnings"].is_array());
+    // Automatic failover as the inventory says (off), not paused.
+    assert_eq!(
+        cluster["policy"],
+        serde_json::json!({ "auto_failover": false, "source": "inventory" }),
+        "{cluster:#}"
+    );
     let nodes = cluster["nodes"].as_array().unwrap();
     let names: Vec<&str> = nodes.iter().map(|n| n["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["node0", "node1", "ghost"], "inventory order");

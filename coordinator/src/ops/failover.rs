@@ -42,6 +42,10 @@ pub struct FailoverRequest {
     pub fenced: bool,
     pub accept_data_loss: bool,
     pub dry_run: bool,
+    /// The leader's automatic failover: the old primary's position at its
+    /// last look. With it, the cluster's `max_lag_on_failover` may accept
+    /// a bounded loss where there is no proof.
+    pub last_primary_lsn: Option<Lsn>,
 }
 
 /// The candidate failover would promote, decided before anything changes.
@@ -82,6 +86,14 @@ fn choose<'a>(
             .collect();
         if was_primary.len() == 1 {
             olds = was_primary;
+        } else if was_primary.len() > 1 {
+            // Several ran as a primary (one failed over from earlier, then
+            // its successor): the latest is on the highest timeline.
+            let top = was_primary.iter().filter_map(|r| r.timeline).max();
+            let latest: Vec<&NodeReport> = was_primary.iter().copied().filter(|r| top.is_some() && r.timeline == top).collect();
+            if latest.len() == 1 {
+                olds = latest;
+            }
         }
     }
     if olds.len() != 1 {
@@ -227,25 +239,47 @@ fn choose<'a>(
         } else {
             format!("{missing_listed} of the synchronous standbys in '{sync}' are not running, too many to be sure")
         };
-        if !req.accept_data_loss {
-            let reference_lsn = standbys
-                .iter()
-                .map(|r| received(r))
-                .chain(old_r.checkpoint_lsn)
-                .max()
-                .unwrap_or(Lsn(0));
-            return Err(MoveError::DataLossRisk {
-                reason,
-                candidate: cand.name.clone(),
-                behind: format!("at least {}", bytes(reference_lsn.bytes_since(received(cand)))),
-                reference: if old_r.checkpoint_lsn.is_some_and(|l| l >= reference_lsn) {
-                    format!("{}'s last checkpoint", old.name)
-                } else {
-                    "the most advanced standby".into()
-                },
-            });
+        let reference_lsn = standbys
+            .iter()
+            .map(|r| received(r))
+            .chain(old_r.checkpoint_lsn)
+            .chain(req.last_primary_lsn)
+            .max()
+            .unwrap_or(Lsn(0));
+        let gap = reference_lsn.bytes_since(received(cand));
+        // The cluster's policy may accept a bounded loss, measured from the
+        // old primary's last position the leader saw (an automatic
+        // failover only: an operator says --accept-data-loss).
+        let within = match (req.last_primary_lsn, c.max_lag_on_failover) {
+            (Some(_), Some(max)) if gap <= max => Some(format!(
+                "{reason}; {} is {} behind the last position seen, within max_lag_on_failover ({})",
+                cand.name,
+                bytes(gap),
+                bytes(max)
+            )),
+            _ => None,
+        };
+        match within {
+            Some(w) => (cand, Some(w)),
+            None if req.accept_data_loss => (cand, Some(reason)),
+            None => {
+                return Err(MoveError::DataLossRisk {
+                    reason: match (req.last_primary_lsn, c.max_lag_on_failover) {
+                        (Some(_), Some(max)) => format!("{reason}, and more than max_lag_on_failover ({})", bytes(max)),
+                        _ => reason,
+                    },
+                    candidate: cand.name.clone(),
+                    behind: format!("at least {}", bytes(gap)),
+                    reference: if req.last_primary_lsn.is_some_and(|l| l >= reference_lsn) {
+                        format!("{}'s last position seen", old.name)
+                    } else if old_r.checkpoint_lsn.is_some_and(|l| l >= reference_lsn) {
+                        format!("{}'s last checkpoint", old.name)
+                    } else {
+                        "the most advanced standby".into()
+                    },
+                });
+            }
         }
-        (cand, Some(reason))
     };
     if isolate && accepted_loss.is_some() {
         return Err(cannot_isolate(format!(
@@ -354,7 +388,10 @@ pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadli
     }
     let mut warnings = Vec::new();
     if let Some(loss) = &ch.accepted_loss {
-        warnings.push(format!("promoted with --accept-data-loss: {loss}"));
+        warnings.push(format!(
+            "promoted accepting data loss ({}): {loss}",
+            if req.accept_data_loss { "--accept-data-loss" } else { "max_lag_on_failover" }
+        ));
     }
     if ch.sync.is_synchronous() && !new_sync.is_synchronous() {
         warnings.push(format!("no synchronous standby is left for {new}: it runs asynchronously until `pgfleet sync set`"));
@@ -467,6 +504,7 @@ mod tests {
             fenced: false,
             accept_data_loss: accept,
             dry_run: false,
+            last_primary_lsn: None,
         }
     }
 

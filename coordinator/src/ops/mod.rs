@@ -181,6 +181,7 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             fenced,
             accept_data_loss,
             dry_run,
+            last_primary_lsn,
         } => {
             let req = failover::FailoverRequest {
                 cluster: resolved(cluster)?.to_owned(),
@@ -188,6 +189,7 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
                 fenced: *fenced,
                 accept_data_loss: *accept_data_loss,
                 dry_run: *dry_run,
+                last_primary_lsn: last_primary_lsn.as_deref().and_then(|l| pgfleet_proto::Lsn::parse(l).ok()),
             };
             let (c, plan) = failover::plan(inv, &req, d).await?;
             if *dry_run {

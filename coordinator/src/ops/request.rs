@@ -55,6 +55,11 @@ pub enum OpRequest {
         fenced: bool,
         accept_data_loss: bool,
         dry_run: bool,
+        /// Set by the leader only: the old primary's position at its last
+        /// look, against which the cluster's max_lag_on_failover is
+        /// measured (an automatic failover without proof).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_primary_lsn: Option<String>,
     },
     Rejoin {
         node: NodeName,
@@ -242,6 +247,7 @@ impl TryFrom<pb::FailoverRequest> for OpRequest {
             fenced: r.fenced,
             accept_data_loss: r.accept_data_loss,
             dry_run: r.dry_run,
+            last_primary_lsn: None,
         })
     }
 }

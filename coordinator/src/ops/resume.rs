@@ -186,6 +186,7 @@ async fn converge(
             fenced: false,
             accept_data_loss: false,
             dry_run: false,
+            last_primary_lsn: None,
         };
         moved = Some(crate::ops::failover::failover(inv, &fr, d, ctx).await?);
     }

@@ -28,6 +28,8 @@ use pgfleet_proto::agent::v1 as pb;
 
 use crate::client::{self, Deadlines};
 use crate::detect::{Detector, Verdict};
+use crate::error::CoordinatorError;
+use crate::ops::exec::MoveError;
 use crate::fleet_status::{self, ClusterReport, Role};
 use crate::inventory::Cluster;
 use crate::ops::{self, CancelState, OpRequest, OpResult};
@@ -56,6 +58,9 @@ pub fn spawn(state: Arc<State>) {
         // When a stale primary's rejoin was last tried, so that a refusal
         // is not repeated twice a second.
         let mut rejoin_tried: HashMap<String, Instant> = HashMap::new();
+        // Each cluster's primary position at the last look that reached it:
+        // what max_lag_on_failover is measured from.
+        let mut last_lsn: HashMap<String, pgfleet_proto::Lsn> = HashMap::new();
         // When each node was last restarted in place.
         let mut restarted: HashMap<String, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(LOOK_EVERY);
@@ -98,6 +103,9 @@ pub fn spawn(state: Arc<State>) {
                     _ => Vec::new(),
                 };
                 let verdict = detector.observe(c, &look, &opinions, looked_at);
+                if let Some(lsn) = look.primary.as_ref().and_then(|p| look.nodes.iter().find(|r| r.name == *p)).and_then(|r| r.current_lsn) {
+                    last_lsn.insert(c.name.to_string(), lsn);
+                }
                 // Restart in place: the primary's postmaster is gone, its
                 // agent answers, and it was not restarted in the window.
                 if c.restart_in_place
@@ -140,6 +148,7 @@ pub fn spawn(state: Arc<State>) {
                         fenced: false,
                         accept_data_loss: false,
                         dry_run: false,
+                        last_primary_lsn: last_lsn.get(c.name.as_str()).map(ToString::to_string),
                     };
                     // Tried again at the next look while another automatic
                     // operation holds the cluster.
@@ -352,6 +361,12 @@ async fn run_automatic(state: &Arc<State>, cluster: &ClusterName, job: Job, what
         (Ok(OpResult::Rejoined(r)), None) => {
             warn!(cluster = %cluster, operation = %id, "automatic rejoin done: {} is a standby of {} ({})", r.node, r.primary, r.method);
             decide("rejoined", &format!("{} is a standby of {} ({})", r.node, r.primary, r.method), Some(&id));
+        }
+        // Refused before any change (no proof, nothing fenceable): the
+        // cluster is as it was.
+        (Err(CoordinatorError::Move(MoveError::Refused(_) | MoveError::DataLossRisk { .. })), Some(e)) => {
+            error!(cluster = %cluster, operation = %id, "automatic {what} refused: {e}");
+            decide("refused", &format!("automatic {what}: {e}"), Some(&id));
         }
         (_, Some(e)) => {
             error!(cluster = %cluster, operation = %id, "automatic {what} did not complete: {e}");
