@@ -107,6 +107,13 @@ impl Detector {
         Detector { failure_timeout, primary: None, down_since: None }
     }
 
+    /// A detector that already knows which node was the primary (what the
+    /// last leader recorded): a coordinator started while that primary is
+    /// down watches it instead of waiting for a primary to appear.
+    pub fn remembering(failure_timeout: Duration, primary: Option<String>) -> Self {
+        Detector { failure_timeout, primary, down_since: None }
+    }
+
     /// The primary being watched: the one to probe from the standbys when
     /// a look finds no primary.
     pub fn primary(&self) -> Option<&str> {

@@ -13,8 +13,9 @@
 //! `pgfleet failover` run by hand the moment the fault is made (what an
 //! operator with a perfect pager would get). Then `pgfleet serve` with
 //! `auto_failover = true` and the default settings (failure_timeout 3 s).
-//! After each trial the old primary is brought back (`pgfleet rejoin`) so
-//! that the next fault hits the new primary. At the end every acknowledged
+//! After each trial the old primary is brought back (`pgfleet rejoin` by
+//! hand; with `pgfleet serve`, the leader's own rejoin) so that the next
+//! fault hits the new primary. At the end every acknowledged
 //! row is looked up on the final primary: lost rows fail the run.
 
 use std::collections::HashSet;
@@ -185,8 +186,12 @@ async fn trial(fleet: &TestFleet, fault: Fault, c: Option<&Coordinator>, acked: 
         h.start_agent()?;
     }
     let new = primary(fleet).await.context("no primary after the failover")?;
-    fleet.host(new).connect().await?.batch_execute("CHECKPOINT").await?;
-    ok(fleet, &["rejoin", &h.node_name()])?;
+    if c.is_none() {
+        fleet.host(new).connect().await?.batch_execute("CHECKPOINT").await?;
+        ok(fleet, &["rejoin", &h.node_name()])?;
+    }
+    // With pgfleet serve, the leader rejoins the old primary by itself once
+    // its agent answers: waited for below, as the standbys' streaming.
     // A failover drops the old primary from synchronous_standby_names:
     // both standbys are listed again, as at the start.
     let standbys: Vec<String> = fleet.hosts().iter().filter(|s| s.index() != new).map(|s| s.node_name()).collect();

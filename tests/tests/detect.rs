@@ -4,7 +4,8 @@
 //! cannot reach while its standbys still reach it is a partition, never a
 //! failure; a primary whose postmaster died, or whose whole host is gone,
 //! is declared failed once the cluster's failure_timeout has passed, not
-//! before.
+//! before (also by a coordinator started while it is gone: it watches the
+//! primary the last one recorded).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -115,6 +116,18 @@ async fn a_partition_is_not_a_failure_and_a_dead_primary_is_declared_after_the_t
     assert!(after >= Duration::from_millis(2900), "declared failed after {after:?}, before the 3 s timeout");
     assert!(after <= Duration::from_secs(8), "declared failed only after {after:?}");
     assert!(c.log_text().contains("its agent does not answer"), "{}", c.log_text());
+
+    // A coordinator started while the primary is gone watches the primary
+    // the last one recorded, and declares it failed too.
+    let mut c = c;
+    c.kill();
+    let lines_before = c.log_text().matches("primary node0 failed").count();
+    c.start().unwrap();
+    let started = Instant::now();
+    while c.log_text().matches("primary node0 failed").count() == lines_before {
+        assert!(started.elapsed() < Duration::from_secs(20), "a restarted coordinator never declared node0 failed:\n{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(lost);
 }
 
@@ -158,10 +171,15 @@ fn start_with_auto_failover_and(fleet: &TestFleet, extra: &str) -> Coordinator {
 /// The inventory with `settings` in the cluster's table, and its
 /// coordinator started with `extra` in its configuration.
 fn start_with_cluster_settings(fleet: &TestFleet, settings: &str, extra: &str) -> Coordinator {
+    start_named_with_cluster_settings(fleet, "coordinator", settings, extra)
+}
+
+/// The same for a coordinator of its own name (its own directory and log).
+fn start_named_with_cluster_settings(fleet: &TestFleet, name: &str, settings: &str, extra: &str) -> Coordinator {
     let inventory = fleet.inventory_toml("main", &[]).unwrap();
     assert!(inventory.contains("name = \"main\"\n"), "{inventory}");
     std::fs::write(fleet.inventory_path(), inventory.replacen("name = \"main\"\n", &format!("name = \"main\"\n{settings}"), 1)).unwrap();
-    let c = fleet.start_coordinator_with("coordinator", extra).unwrap();
+    let c = fleet.start_coordinator_with(name, extra).unwrap();
     wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
     c
 }
@@ -224,10 +242,11 @@ async fn wait_streaming(h: &pgfleet_tests::Host) {
 /// committing every 10 ms, with FIRST 1 (node1, node2). The leader declares
 /// it failed, then runs the failover operation itself: fenced through its
 /// agent, the synchronous standby with every acknowledged commit promoted,
-/// the other re-pointed. Checked from outside: every acknowledged row is on
-/// the new primary, exactly one node accepts writes, node0 is down with
-/// standby.signal, and the journal holds the failover with its automatic
-/// caller.
+/// the other re-pointed; node0 then made a standby of the new primary by
+/// the leader's rejoin. Checked from outside: every acknowledged row is on
+/// the new primary and on node0, exactly one node accepts writes (asked of
+/// every node), and the journal holds the failover with its automatic
+/// caller; every decision reached WatchFleet and the hook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits() {
     let fleet = synchronous_fleet_with_acks().await;
@@ -265,17 +284,16 @@ async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits()
     let (acked, uncertain) = writer.finish().await;
 
     // Exactly one node takes writes, asked of each node itself.
-    let mut writable = Vec::new();
-    for h in [fleet.host(1), fleet.host(2)] {
-        if one(h, "select pg_is_in_recovery()").await == "f" {
-            writable.push(h);
-        }
-    }
-    assert_eq!(writable.len(), 1, "not exactly one writable standby after the failover");
-    assert!(p.data_dir().join("standby.signal").exists(), "node0 was not fenced");
-    let data = p.data_dir().display().to_string();
-    assert!(p.run(&["pg_ctl", "-D", data.as_str(), "status"]).is_err(), "node0's server runs again");
-    assert_rows_present(writable[0], &acked, &uncertain).await;
+    let (new, _) = promoted(&fleet).await;
+    assert_rows_present(new, &acked, &uncertain).await;
+    // node0, fenced, comes back as a standby of the new primary by itself
+    // (the leader's rejoin: pg_rewind, follow), with every row.
+    wait_for_log(&c, "automatic rejoin done", Duration::from_secs(60));
+    assert_eq!(one(p, "select pg_is_in_recovery()").await, "t");
+    assert_eq!(one(p, "select sender_host from pg_stat_wal_receiver").await, new.addr().to_string());
+    common::wait_replayed(new, p).await;
+    assert_rows_present(p, &acked, &uncertain).await;
+    assert_eq!(writable(&fleet).await, [new.node_name()]);
 
     let (op, _) = automatic_op(&fleet, "failover");
 
@@ -296,13 +314,16 @@ async fn a_crashed_primary_is_failed_over_automatically_without_losing_commits()
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let mut kinds: Vec<&str> = hooked.iter().map(|l| l["decision"].as_str().unwrap()).collect();
-    // Hooks run beside each other: their lines may land out of order.
+    // Hooks run beside each other: their lines may land out of order. The
+    // failure's detection, then the failover's own decisions.
+    assert!(
+        hooked.iter().any(|l| l["decision"] == "detected" && l["detail"].as_str().unwrap().contains("primary node0 failed")),
+        "{hooked:?}"
+    );
+    let mut kinds: Vec<&str> =
+        hooked.iter().filter(|l| l["operation"] == op["id"]).map(|l| l["decision"].as_str().unwrap()).collect();
     kinds.sort_unstable();
-    let mut want = expected.to_vec();
-    want.sort_unstable();
-    assert_eq!(kinds, want, "{hooked:?}");
-    assert!(hooked.iter().filter(|l| l["decision"] != "detected").all(|l| l["operation"] == op["id"]), "{hooked:?}");
+    assert_eq!(kinds, ["fenced", "promoted", "started"], "{hooked:?}");
 }
 
 /// `auto_failover = true`, FIRST 1 (node1, node2): node0's whole host is
@@ -521,7 +542,8 @@ async fn an_asynchronous_cluster_fails_over_only_within_max_lag_on_failover() {
         wait_streaming(h).await;
     }
     writer.wait_for_more(50).await;
-    let c = start_with_cluster_settings(&fleet, "auto_failover = true\nmax_lag_on_failover = 16777216\n", &hook);
+    // Another coordinator (its own log): it must see node0 answer first.
+    let c = start_named_with_cluster_settings(&fleet, "coordinator-2", "auto_failover = true\nmax_lag_on_failover = 16777216\n", &hook);
     wait_for_log(&c, "watching: primary node0 answers", Duration::from_secs(10));
     p.kill_postgres().unwrap();
     wait_for_log(&c, "automatic failover done", Duration::from_secs(30));

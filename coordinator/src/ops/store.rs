@@ -264,20 +264,46 @@ pub async fn load(store: &Store) -> Result<Vec<OpRecord>, JournalError> {
     Ok(ops)
 }
 
+/// How the cluster's latest failover went, as far as one former primary
+/// and its successor are concerned.
+#[derive(Debug, Clone)]
+pub struct FailedOver {
+    pub id: String,
+    /// It fenced the node by isolation (its agent did not answer).
+    pub isolated: bool,
+    /// It promoted without proof, accepting a loss: the former primary's
+    /// divergent WAL may hold acknowledged commits nobody else has.
+    pub loss_accepted: bool,
+}
+
+/// The cluster's latest failover, if it fenced `node` (through its agent
+/// or by isolation) and promoted `promoted`.
+pub async fn failed_over_from(store: &Store, cluster: &str, node: &str, promoted: &str) -> Result<Option<FailedOver>, JournalError> {
+    let ops = load(store).await?;
+    let Some(last) = ops.iter().rev().find(|o| o.cluster == cluster && o.kind == "failover") else {
+        return Ok(None);
+    };
+    let done = last.done_steps();
+    let fenced = |s: &Step| matches!(s, Step::Fence { node: n, .. } | Step::Isolate { node: n, .. } if n.as_str() == node);
+    let isolated = done.iter().any(|s| matches!(s, Step::Isolate { node: n, upstream, .. } if n.as_str() == node && upstream.as_str() == promoted));
+    let promoted_it = done.iter().any(|s| matches!(s, Step::Promote { node: n } if n.as_str() == promoted));
+    if !(promoted_it && done.iter().any(fenced)) {
+        return Ok(None);
+    }
+    Ok(Some(FailedOver {
+        id: last.id.clone(),
+        isolated,
+        loss_accepted: last.journal.iter().any(|e| e.event == "data-loss-accepted"),
+    }))
+}
+
 /// The cluster's latest failover, if it fenced `node` by isolation and
 /// promoted `promoted`: then `node`, back as a primary on an older
 /// timeline, could acknowledge no commit after that failover began
 /// (DESIGN.md invariant 14), and making it a standby loses nothing that was
 /// acknowledged. Its id.
 pub async fn isolated_by(store: &Store, cluster: &str, node: &str, promoted: &str) -> Result<Option<String>, JournalError> {
-    let ops = load(store).await?;
-    let Some(last) = ops.iter().rev().find(|o| o.cluster == cluster && o.kind == "failover") else {
-        return Ok(None);
-    };
-    let done = last.done_steps();
-    let isolated = done.iter().any(|s| matches!(s, Step::Isolate { node: n, upstream, .. } if n.as_str() == node && upstream.as_str() == promoted));
-    let promoted = done.iter().any(|s| matches!(s, Step::Promote { node: n } if n.as_str() == promoted));
-    Ok((isolated && promoted).then(|| last.id.clone()))
+    Ok(failed_over_from(store, cluster, node, promoted).await?.filter(|f| f.isolated).map(|f| f.id))
 }
 
 pub async fn find(store: &Store, id: &str) -> Result<Option<OpRecord>, JournalError> {

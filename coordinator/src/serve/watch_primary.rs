@@ -32,6 +32,7 @@ use crate::error::CoordinatorError;
 use crate::ops::exec::MoveError;
 use crate::fleet_status::{self, ClusterReport, Role};
 use crate::inventory::Cluster;
+use crate::journal;
 use crate::ops::{self, CancelState, OpRequest, OpResult};
 use crate::serve::registry::{self, Running};
 use pgfleet_proto::ClusterName;
@@ -61,6 +62,9 @@ pub fn spawn(state: Arc<State>) {
         // Each cluster's primary position at the last look that reached it:
         // what max_lag_on_failover is measured from.
         let mut last_lsn: HashMap<String, pgfleet_proto::Lsn> = HashMap::new();
+        // Former primaries left fenced because their failover accepted a
+        // loss: said once.
+        let mut told: HashSet<String> = HashSet::new();
         // When each node was last restarted in place.
         let mut restarted: HashMap<String, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(LOOK_EVERY);
@@ -93,9 +97,12 @@ pub fn spawn(state: Arc<State>) {
                 // Read every look: `pgfleet pause` on any coordinator, or
                 // a policy set before this one became the leader, counts.
                 let policy = crate::policy::current(&state.inventory.store, c).await;
-                let (detector, last, acted) = detectors
-                    .entry(c.name.to_string())
-                    .or_insert_with(|| (Detector::new(c.failure_timeout), "unknown", false));
+                if !detectors.contains_key(c.name.as_str()) {
+                    let remembered = journal::get_value(&state.inventory.store, "primary", c.name.as_str()).await.ok().flatten();
+                    detectors.insert(c.name.to_string(), (Detector::remembering(c.failure_timeout, remembered), "unknown", false));
+                }
+                let Some((detector, last, acted)) = detectors.get_mut(c.name.as_str()) else { continue };
+                let watched = detector.primary().map(str::to_owned);
                 // No primary answered: the second opinion, from every
                 // standby whose agent answers.
                 let opinions = match (&look.primary, detector.primary()) {
@@ -103,6 +110,14 @@ pub fn spawn(state: Arc<State>) {
                     _ => Vec::new(),
                 };
                 let verdict = detector.observe(c, &look, &opinions, looked_at);
+                // The primary as the next leader (or this process restarted)
+                // will find it, when it changed.
+                if let Some(p) = detector.primary()
+                    && watched.as_deref() != Some(p)
+                    && let Err(e) = journal::put_value(&state.inventory.store, "primary", c.name.as_str(), p).await
+                {
+                    warn!(cluster = %c.name, "cannot record the primary {p}: {e}");
+                }
                 if let Some(lsn) = look.primary.as_ref().and_then(|p| look.nodes.iter().find(|r| r.name == *p)).and_then(|r| r.current_lsn) {
                     last_lsn.insert(c.name.to_string(), lsn);
                 }
@@ -153,6 +168,22 @@ pub fn spawn(state: Arc<State>) {
                     // Tried again at the next look while another automatic
                     // operation holds the cluster.
                     *acted = automatic(&state, &busy, c.name.clone(), req, "failover");
+                }
+                if policy.acts()
+                    && let Some(p) = look.primary.clone()
+                {
+                    for r in look.nodes.iter().filter(|r| r.name != p && r.reachable && r.role == Role::Down) {
+                        let key = format!("{}/{}", c.name, r.name);
+                        if rejoin_tried.get(&key).is_some_and(|t| t.elapsed() < RETRY_REJOIN) {
+                            continue;
+                        }
+                        rejoin_tried.insert(key.clone(), Instant::now());
+                        if let Some(detail) = rejoin_former(&state, &busy, c, &r.name, &p, &mut told).await {
+                            state.decisions.decide(c.name.as_str(), "detected", &detail, None);
+                        } else if busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).running.contains(c.name.as_str()) {
+                            rejoin_tried.remove(&key);
+                        }
+                    }
                 }
                 if policy.acts() {
                     for stale in stale_primaries(&look) {
@@ -219,6 +250,49 @@ const RESTART_WINDOW: Duration = Duration::from_secs(600);
 /// How long after an automatic rejoin of a stale primary was tried it is
 /// tried again.
 const RETRY_REJOIN: Duration = Duration::from_secs(10);
+
+/// A former primary back with its agent, its server down (fenced), that
+/// the cluster's latest failover fenced and replaced by `primary`: made a
+/// standby of it by an automatic rejoin (fence, pg_rewind, follow), unless
+/// that failover accepted a loss (its WAL may hold acknowledged commits
+/// nobody else has: it stays as it is for the operator, said once). What
+/// was started, for the decision.
+async fn rejoin_former(
+    state: &Arc<State>,
+    busy: &Busy,
+    c: &Cluster,
+    node: &str,
+    primary: &str,
+    told: &mut HashSet<String>,
+) -> Option<String> {
+    let f = match crate::ops::store::failed_over_from(&state.inventory.store, c.name.as_str(), node, primary).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return None,
+        Err(e) => {
+            warn!(cluster = %c.name, node, "cannot read the journal about {node}: {e}");
+            return None;
+        }
+    };
+    if f.loss_accepted {
+        if told.insert(format!("{}/{node}/{}", c.name, f.id)) {
+            state.decisions.decide(
+                c.name.as_str(),
+                "not-acting",
+                &format!(
+                    "{node} is back, but failover {} promoted {primary} accepting a loss: {node}'s WAL may hold \
+                     acknowledged commits nobody else has, so it stays fenced; save them, then `pgfleet rejoin {node}`",
+                    f.id
+                ),
+                Some(&f.id),
+            );
+        }
+        return None;
+    }
+    let n = pgfleet_proto::NodeName::parse(node).ok()?;
+    let req = OpRequest::Rejoin { node: n, rebuild_if_needed: false, dry_run: false };
+    automatic(state, busy, c.name.clone(), req, "rejoin")
+        .then(|| format!("{node}, fenced by failover {}, is back (its agent answers): making it a standby of {primary}", f.id))
+}
 
 /// Nodes running as a primary on an older timeline than another primary
 /// of the same cluster: former primaries back from a partition or a
