@@ -494,6 +494,22 @@ mod tests {
             let e = Inventory::parse(&with(&format!("failure_timeout = {bad}")), Path::new("i.toml")).unwrap_err().to_string();
             assert!(e.contains("failure_timeout") && !e.contains('\n'), "{e}");
         }
+        // The rest of the automatic-failover settings: off unless said.
+        let c = &Inventory::parse(GOOD, Path::new("i.toml")).unwrap().clusters[0];
+        assert!(!c.restart_in_place && c.max_lag_on_failover.is_none());
+        assert!(c.nodes.iter().all(|n| !n.nofailover && n.priority == 0));
+        let inv = Inventory::parse(&with("restart_in_place = true\nmax_lag_on_failover = 1048576"), Path::new("i.toml")).unwrap();
+        assert!(inv.clusters[0].restart_in_place);
+        assert_eq!(inv.clusters[0].max_lag_on_failover, Some(1_048_576));
+        for bad in ["max_lag_on_failover = -1", "max_lag_on_failover = \"16MB\"", "restart_in_place = \"yes\""] {
+            let e = Inventory::parse(&with(bad), Path::new("i.toml")).unwrap_err().to_string();
+            // Where, in one line (toml's own message names the type).
+            assert!(e.contains("line ") && !e.contains('\n'), "{bad}: {e}");
+        }
+        let node = GOOD.replacen("name = \"pg2\"", "name = \"pg2\"\nnofailover = true\npriority = 7", 1);
+        let inv = Inventory::parse(&node, Path::new("i.toml")).unwrap();
+        let (_, n) = inv.node("pg2").unwrap();
+        assert!(n.nofailover && n.priority == 7);
     }
 
     #[test]

@@ -117,4 +117,25 @@ mod tests {
         assert_eq!(ok.inventory, PathBuf::from("/etc/pgfleet/inventory.toml"));
         assert!(ServeConfig::parse("listen = \"127.0.0.1:1\"\ninsecure = true\nbogus = 1", p).is_err());
     }
+
+    #[test]
+    fn a_hook_is_an_absolute_argv_with_a_bounded_timeout() {
+        let p = Path::new("c.toml");
+        let with = |hook: &str| ServeConfig::parse(&format!("listen = \"127.0.0.1:7400\"\ninsecure = true\n[hook]\n{hook}"), p);
+        let ok = with("command = [\"/usr/local/bin/page\", \"--team\", \"db\"]").unwrap();
+        let h = ok.hook.unwrap();
+        assert_eq!(h.command, ["/usr/local/bin/page", "--team", "db"]);
+        assert_eq!(h.timeout, std::time::Duration::from_secs(10));
+        assert_eq!(with("command = [\"/bin/true\"]\ntimeout = \"2s\"").unwrap().hook.unwrap().timeout, std::time::Duration::from_secs(2));
+        for (bad, says) in [
+            ("command = []", "command is empty"),
+            ("command = [\"page\"]", "absolute path"),
+            ("command = \"/bin/sh -c 'page'\"", "sequence"),
+            ("command = [\"/bin/true\"]\ntimeout = \"1h\"", "outside"),
+            ("command = [\"/bin/true\"]\ntimeout = \"soon\"", "timeout"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -44,9 +44,10 @@ mod humantime_serde_compat {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        let t = humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}; e.g. \"10s\"")))?;
+        let shown = pgfleet_proto::shown(&s);
+        let t = humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("[hook] timeout {shown}: {e}; e.g. \"10s\"")))?;
         if t.is_zero() || t > Duration::from_secs(300) {
-            return Err(serde::de::Error::custom(format!("{s:?} is outside 1ms..5m")));
+            return Err(serde::de::Error::custom(format!("[hook] timeout {shown} is outside 1ms..5m")));
         }
         Ok(t)
     }
