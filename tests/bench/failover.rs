@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     let inventory = fleet.inventory_toml("main", &[])?;
     std::fs::write(fleet.inventory_path(), inventory.replacen("name = \"main\"\n", "name = \"main\"\nauto_failover = true\n", 1))?;
     let c = fleet.start_coordinator()?;
-    wait_for_log(&c, "watching: primary", Duration::from_secs(20))?;
+    c.wait_for_log("watching: primary", Duration::from_secs(20))?;
     for fault in [Fault::Postmaster, Fault::Host] {
         let mut t = Vec::new();
         for i in 0..runs {
@@ -277,13 +277,3 @@ fn ok(fleet: &TestFleet, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_for_log(c: &Coordinator, needle: &str, within: Duration) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while !c.log_text().contains(needle) {
-        if started.elapsed() > within {
-            bail!("no {needle:?} in the coordinator's log within {within:?}:\n{}", c.log_text());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}

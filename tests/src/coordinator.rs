@@ -190,6 +190,19 @@ impl Coordinator {
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until the log has a line containing `needle`; how long that
+    /// took, or an error quoting the whole log.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        while !self.log_text().contains(needle) {
+            if started.elapsed() > within {
+                bail!("no {needle:?} in the coordinator's log within {within:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(started.elapsed())
+    }
 }
 
 impl Drop for Coordinator {

@@ -38,12 +38,7 @@ impl Drop for CutFromRoot {
 
 /// Waits until the coordinator's log has a line containing `needle`.
 fn wait_for_log(c: &Coordinator, needle: &str, within: Duration) -> Duration {
-    let started = Instant::now();
-    while !c.log_text().contains(needle) {
-        assert!(started.elapsed() < within, "no {needle:?} in the log within {within:?}:\n{}", c.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    started.elapsed()
+    c.wait_for_log(needle, within).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// node0 primary (initdb, scram), node1 and node2 rebuilt from it by pgfleet.

@@ -589,11 +589,7 @@ async fn a_failover_whose_leader_died_is_finished_by_the_next_leader() {
     let b = fleet.start_coordinator_named("coordinator-b").unwrap();
     let first = wait_for_leader(&[&a, &b], Duration::from_secs(30));
     let (mut leader, follower) = if first == 0 { (a, b) } else { (b, a) };
-    let started = Instant::now();
-    while !leader.log_text().contains("watching: primary node0 answers") {
-        assert!(started.elapsed() < Duration::from_secs(15), "{}", leader.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    leader.wait_for_log("watching: primary node0 answers", Duration::from_secs(15)).unwrap();
 
     node2.block_route_to(node1.addr()).unwrap();
     let writer = common::writer::Writer::start(&fleet);
@@ -618,11 +614,8 @@ async fn a_failover_whose_leader_died_is_finished_by_the_next_leader() {
     leader.kill();
     node2.unblock_route_to(node1.addr()).unwrap();
 
-    let started = Instant::now();
-    while !follower.log_text().contains("automatic failover resumed and done") {
-        assert!(started.elapsed() < Duration::from_secs(60), "the next leader did not finish it:\n{}", follower.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // The next leader finishes it.
+    follower.wait_for_log("automatic failover resumed and done", Duration::from_secs(60)).unwrap();
     let out = pgfleet(&fleet, &["ops", "show", &id, "--json"]);
     let shown = json(&out);
     assert_eq!(shown["state"], "succeeded", "{shown:#}");

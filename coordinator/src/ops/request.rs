@@ -437,6 +437,21 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_policy_request_the_cli_cannot_send_is_refused_too() {
+        let policy = |change: i32, reason: &str| {
+            ApiRequest::SetFailoverPolicy(pb::SetFailoverPolicyRequest { change, reason: reason.into(), ..Default::default() })
+        };
+        let e = refused(policy(0, ""));
+        assert!(e.contains("pause, resume, automatic, manual or inventory"), "{e}");
+        let e = refused(policy(99, ""));
+        assert!(e.contains("unknown failover policy change 99"), "{e}");
+        let e = refused(policy(pb::FailoverPolicyChange::Resume as i32, "why"));
+        assert!(e.contains("pause only"), "{e}");
+        let e = refused(policy(pb::FailoverPolicyChange::Pause as i32, &"x".repeat(201)));
+        assert!(e.contains("at most 200 characters"), "{e}");
+    }
+
+    #[test]
     fn malformed_requests_are_refused_as_bad_input_naming_the_field() {
         let e = refused(ApiRequest::Rebuild(pb::RebuildRequest { node: "node2".into(), all_replicas: true, ..Default::default() }));
         assert!(e.contains("all replicas"), "{e}");
