@@ -141,6 +141,32 @@ async fn the_agent_refuses_malformed_calls_and_changes_nothing() {
     let out = pgfleet(&fleet, &["slots", "drop", "node0", "nosuchslot", "--dry-run"]);
     assert_eq!(out.code(), Some(1), "{out}");
     assert!(out.stderr.contains("no replication slot named nosuchslot"), "{out}");
+
+    // StartCrashed (restart in place) starts only a primary that crashed:
+    // not a running server, not one stopped on purpose, not a fenced one;
+    // a bad operation id or a reader is refused before anything.
+    let crashed = |id: &str| pb::StartCrashedRequest { operation_id: id.into() };
+    let e = agent.start_crashed(crashed("op\nFORGED")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = reader.start_crashed(crashed("restart-test")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = agent.start_crashed(crashed("restart-test")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("PostgreSQL runs"), "{e:?}");
+    p.stop_postgres().unwrap();
+    let e = agent.start_crashed(crashed("restart-test")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("\"shut down\""), "{e:?}");
+    std::fs::write(p.data_dir().join("standby.signal"), "").unwrap();
+    let e = agent.start_crashed(crashed("restart-test")).await.unwrap_err();
+    assert!(e.message().contains("standby.signal"), "{e:?}");
+    std::fs::remove_file(p.data_dir().join("standby.signal")).unwrap();
+    assert!(p.postmaster_pid().unwrap().is_none(), "a refused StartCrashed started the server");
+    // What it is for: a primary whose postmaster died.
+    p.start_postgres().unwrap();
+    p.kill_postgres().unwrap();
+    agent.start_crashed(crashed("restart-test")).await.unwrap();
+    assert_eq!(one(p, "select pg_is_in_recovery()").await, "f");
 }
 
 /// node0 primary, node1 rebuilt from it by pgfleet, `pgfleet serve` up.
