@@ -4,6 +4,7 @@ use pgfleet_proto::ParseError;
 use tonic::{Code, Status};
 
 use crate::jobs::JobError;
+use crate::lease::LeaseError;
 use crate::pg::{DropSlotError, PgError};
 use crate::rebuild::RebuildError;
 use crate::standby::StandbyError;
@@ -27,6 +28,8 @@ pub enum AgentError {
     Job(#[from] JobError),
     #[error(transparent)]
     Standby(#[from] StandbyError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 fn pg_code(e: &PgError) -> Code {
@@ -103,6 +106,10 @@ impl From<AgentError> for Status {
                 | StandbyError::NotCrashed(_)
                 | StandbyError::NoDataDir(_) => Code::FailedPrecondition,
                 StandbyError::PromoteTimeout => Code::DeadlineExceeded,
+            },
+            AgentError::Lease(l) => match l {
+                LeaseError::Ttl(_) => Code::InvalidArgument,
+                LeaseError::File { .. } => Code::Internal,
             },
             AgentError::Job(j) => match j {
                 JobError::AlreadyRunning { .. } => Code::AlreadyExists,

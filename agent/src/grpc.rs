@@ -475,6 +475,33 @@ impl pb::agent_server::Agent for AgentService {
         self.audited(&caller, "StartCrashed", &target, result)
     }
 
+    async fn hold_lease(
+        &self,
+        req: Request<pb::HoldLeaseRequest>,
+    ) -> Result<Response<pb::HoldLeaseResponse>, Status> {
+        let caller = self.gate(&req, "HoldLease")?;
+        let ttl_ms = req.get_ref().ttl_ms;
+        let lease = &self.state.lease;
+        // Audited when the lease is taken, released or refused: not at every
+        // renewal (one a second).
+        if ttl_ms == 0 {
+            let result = lease.release().map_err(|e| Status::from(AgentError::from(e)));
+            if !matches!(result, Ok(false)) {
+                self.state.audit.record(&caller, "HoldLease", "release", result.as_ref().map(drop));
+            }
+            return result.map(|_| Response::new(pb::HoldLeaseResponse { fence_in_ms: 0, taken: false }));
+        }
+        let result = lease.hold(&caller.name, ttl_ms).map_err(|e| Status::from(AgentError::from(e)));
+        if !matches!(result, Ok((_, false))) {
+            self.state.audit.record(&caller, "HoldLease", &format!("take, ttl {ttl_ms} ms"), result.as_ref().map(drop));
+        }
+        let (fence_in, taken) = result?;
+        Ok(Response::new(pb::HoldLeaseResponse {
+            fence_in_ms: u32::try_from(fence_in.as_millis()).unwrap_or(u32::MAX),
+            taken,
+        }))
+    }
+
     async fn unfence(
         &self,
         req: Request<pb::UnfenceRequest>,

@@ -11,6 +11,7 @@
 //! - `upstream`, `hba`: the upstream's side of a rebuild (role, pg_hba.conf)
 //! - `rebuild`, `basebackup`, `datadir`, `passfile`: the replica's side
 //! - `jobs`, `plan`: long operations as watchable jobs, steps as data
+//! - `lease`: the primary's lease and the watchdog that fences on its expiry
 //! - `standby`: fence, promote, follow a new upstream, sync standbys, rewind
 //! - `secret`: the password wrapper that never prints
 //! - `cli`, `notify`: the daemon's arguments, systemd readiness (sd_notify)
@@ -27,6 +28,7 @@ pub mod exec;
 pub mod grpc;
 pub mod hba;
 pub mod jobs;
+pub mod lease;
 pub use pgfleet_proto::notify;
 pub mod passfile;
 pub mod pg;
@@ -54,6 +56,8 @@ pub struct AgentState {
     pub jobs: jobs::Jobs,
     pub audit: auth::Audit,
     pub service_status: service::StatusCache,
+    /// The primary's lease (see `lease`).
+    pub lease: lease::Lease,
 }
 
 impl AgentState {
@@ -61,6 +65,7 @@ impl AgentState {
     /// cannot record changes does not start.
     pub fn new(config: AgentConfig) -> std::io::Result<Self> {
         let pg = Pg::new(config.postgres.clone());
+        let lease = lease::Lease::new(&config.postgres.data_dir);
         let audit = auth::Audit::open(config.audit_log.as_deref())?;
         Ok(AgentState {
             config,
@@ -68,6 +73,7 @@ impl AgentState {
             jobs: jobs::Jobs::default(),
             audit,
             service_status: service::StatusCache::default(),
+            lease,
         })
     }
 }

@@ -32,6 +32,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let state = Arc::new(AgentState::new(config).context("opening the audit log")?);
         let listener = server::bind(&state).await?;
+        // A lease a previous process held still counts: fenced on time.
+        state.lease.load();
+        pgfleet_agent::lease::spawn_watchdog(state.clone());
         // Type=notify: systemd reports the unit started once we listen.
         if let Err(e) = notify::ready() {
             tracing::warn!(error = %e, "cannot notify the service manager of readiness");

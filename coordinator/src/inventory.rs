@@ -81,6 +81,12 @@ pub struct Cluster {
     /// may lose: the candidate's distance from the old primary's last
     /// position seen. None: never.
     pub max_lag_on_failover: Option<u64>,
+    /// The primary's lease (held when `max_lag_on_failover` lets an
+    /// automatic failover promote without proof): without a renewal its
+    /// agent fences it `lease_ttl - 2s` after the last one, and the
+    /// coordinator takes it as fenced `lease_ttl` after the last renewal
+    /// it saw answered.
+    pub lease_ttl: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -186,11 +192,19 @@ struct RawCluster {
     restart_in_place: bool,
     #[serde(default)]
     max_lag_on_failover: Option<u64>,
+    /// E.g. "20s": see `Cluster::lease_ttl`.
+    #[serde(default)]
+    lease_ttl: Option<String>,
 }
 
 /// The default failure timeout: a dead primary is declared about this long
 /// after the coordinator and its standbys last heard of it.
 pub const DEFAULT_FAILURE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The default lease: long enough for a coordinator on etcd with its
+/// default lease_ttl (10 s) to be replaced by another before any primary
+/// fences itself (`serve::lease::check_timing`).
+pub const DEFAULT_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn default_role() -> String {
     "pgfleet_replication".into()
@@ -312,6 +326,24 @@ impl Inventory {
                     d
                 }
             };
+            let lease_ttl = match &rc.lease_ttl {
+                None => DEFAULT_LEASE_TTL,
+                Some(t) => {
+                    let d = humantime::parse_duration(t).map_err(|e| {
+                        invalid(format!("cluster {name}: lease_ttl {}: {e}; e.g. \"20s\"", pgfleet_proto::shown(t)))
+                    })?;
+                    let (min, max) = (pgfleet_proto::lease::MIN_TTL, pgfleet_proto::lease::MAX_TTL);
+                    if d < min || d > max {
+                        return Err(invalid(format!(
+                            "cluster {name}: lease_ttl {t} is outside {}..{}: the agent fences its primary \
+                             2s before the lease runs out, and renewals come every second",
+                            humantime::format_duration(min),
+                            humantime::format_duration(max)
+                        )));
+                    }
+                    d
+                }
+            };
             clusters.push(Cluster {
                 name,
                 nodes,
@@ -322,6 +354,7 @@ impl Inventory {
                 auto_failover: rc.auto_failover,
                 restart_in_place: rc.restart_in_place,
                 max_lag_on_failover: rc.max_lag_on_failover,
+                lease_ttl,
             });
         }
         if clusters.is_empty() {
@@ -505,6 +538,14 @@ mod tests {
             let e = Inventory::parse(&with(bad), Path::new("i.toml")).unwrap_err().to_string();
             // Where, in one line (toml's own message names the type).
             assert!(e.contains("line ") && !e.contains('\n'), "{bad}: {e}");
+        }
+        // The primary's lease: 20 s unless said, 4 s..10 min.
+        assert_eq!(c.lease_ttl, DEFAULT_LEASE_TTL);
+        let inv = Inventory::parse(&with("lease_ttl = \"30s\""), Path::new("i.toml")).unwrap();
+        assert_eq!(inv.clusters[0].lease_ttl, std::time::Duration::from_secs(30));
+        for bad in ["\"3s\"", "\"11m\"", "\"soon\""] {
+            let e = Inventory::parse(&with(&format!("lease_ttl = {bad}")), Path::new("i.toml")).unwrap_err().to_string();
+            assert!(e.contains("lease_ttl") && e.contains("main") && !e.contains('\n'), "{e}");
         }
         let node = GOOD.replacen("name = \"pg2\"", "name = \"pg2\"\nnofailover = true\npriority = 7", 1);
         let inv = Inventory::parse(&node, Path::new("i.toml")).unwrap();

@@ -148,6 +148,20 @@ impl Audit {
         }
     }
 
+    /// A change the process made on its own, with no caller (the agent's
+    /// lease watchdog fencing its server): audited like a call.
+    pub fn record_event(&self, action: &str, target: &str, outcome: Result<(), &str>) {
+        self.write(json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "caller": "(this process)",
+            "role": null,
+            "rpc": action,
+            "target": target,
+            "outcome": if outcome.is_ok() { "ok" } else { "failed" },
+            "error": outcome.err(),
+        }));
+    }
+
     pub fn record(&self, caller: &Caller, method: &str, target: &str, outcome: Result<(), &Status>) {
         let Some(file) = &self.file else { return };
         let line = json!({

@@ -14,6 +14,19 @@ pub mod sync;
 pub mod tls;
 pub mod types;
 
+/// The primary's lease (agent RPC HoldLease), as both sides count it.
+pub mod lease {
+    use std::time::Duration;
+
+    /// The agent fences its server this long before the ttl runs out, so
+    /// that it is stopped before the coordinator may promote another.
+    pub const FENCE_BUDGET: Duration = Duration::from_secs(2);
+    /// Shorter leaves too little between renewals (every second) and the
+    /// fence.
+    pub const MIN_TTL: Duration = Duration::from_secs(4);
+    pub const MAX_TTL: Duration = Duration::from_secs(600);
+}
+
 pub use types::{ClusterName, Lsn, NodeName, OperationId, ParseError, RoleName, SlotName, one_line, shown, shown_max};
 
 /// `pgfleet.agent.v1`: the agent's API.

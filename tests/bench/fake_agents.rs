@@ -369,6 +369,13 @@ impl Agent for FakeAgents {
     ) -> Result<Response<pb::StartCrashedResponse>, Status> {
         simulated("StartCrashed")
     }
+
+    async fn hold_lease(
+        &self,
+        _: Request<pb::HoldLeaseRequest>,
+    ) -> Result<Response<pb::HoldLeaseResponse>, Status> {
+        simulated("HoldLease")
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -615,3 +615,203 @@ fn journal_has(fleet: &TestFleet, kind: &str, step: &str, event: &str) -> bool {
     let out = pgfleet(fleet, &["ops", "show", op["id"].as_str().unwrap_or_default(), "--json"]);
     common::json(&out)["journal"].as_array().is_some_and(|j| j.iter().any(|e| e["step"] == step && e["event"] == event))
 }
+
+/// The primary's lease (asynchronous cluster, `max_lag_on_failover`):
+/// node0 cut from everything while a client inside its own host commits
+/// through its Unix socket. PostgreSQL would take those commits forever
+/// (nothing waits for a standby); its agent fences it once the leader's
+/// renewals stop for `lease_ttl - 2s`, and the leader promotes another node
+/// only after `lease_ttl`. Checked from outside: the local client's commits
+/// went on after the cut (the test can fail), the last one returned before
+/// the failover's promote step began (journal time against the client's
+/// clock, the same machine's), node0's server is down with standby.signal,
+/// its agent logged the expiry, and afterwards exactly one node, the new
+/// primary, takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_primary_cut_from_everything_fences_itself_before_another_is_promoted() {
+    let fleet = primary_and_two_rebuilt_standbys();
+    let p = fleet.host(0);
+    common::exec(p, "create table acks (id bigint primary key)").await;
+    common::exec(p, "create table local_acks (id bigint primary key)").await;
+    let settings = "auto_failover = true\nmax_lag_on_failover = 67108864\nlease_ttl = \"6s\"\n";
+    let c = start_with_cluster_settings(&fleet, settings, "");
+    wait_for_log(&c, "lease held on the primary", Duration::from_secs(10));
+    let writer = Writer::start(&fleet);
+    writer.wait_for_more(50).await;
+
+    // The local client: psql over node0's socket, inside its namespace, as
+    // an application on that host would.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let sock = p.socket_dir().display().to_string();
+    let mut cut = None;
+    let (local_acked, at_cut) = std::thread::scope(|s| {
+        let local = s.spawn(|| {
+            let mut acked: Vec<std::time::SystemTime> = Vec::new();
+            let mut id = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                id += 1;
+                let sql = format!("insert into local_acks values ({id})");
+                let out = p
+                    .command("psql")
+                    .unwrap()
+                    .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", &sock, "-U", "postgres", "-d", "postgres", "-c", &sql])
+                    .output();
+                if out.is_ok_and(|o| o.status.success()) {
+                    acked.push(std::time::SystemTime::now());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            acked
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        cut = Some(LinkDown::new(p));
+        let at_cut = std::time::SystemTime::now();
+        let waited = c.wait_for_log("automatic failover done", Duration::from_secs(60));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let acked = local.join().unwrap();
+        waited.unwrap_or_else(|e| panic!("{e}"));
+        (acked, at_cut)
+    });
+    writer.wait_for_more(50).await;
+    writer.finish().await;
+
+    let after_cut = local_acked.iter().filter(|t| **t > at_cut).count();
+    assert!(after_cut > 0, "node0 took no local commit after the cut: the test would prove nothing");
+    let last = *local_acked.last().unwrap();
+    let (op, done) = automatic_op(&fleet, "failover");
+    let out = pgfleet(&fleet, &["ops", "show", op["id"].as_str().unwrap(), "--json"]);
+    let shown = common::json(&out);
+    let journal = shown["journal"].as_array().unwrap();
+    let promote = journal.iter().find(|e| e["step"] == "promote" && e["event"] == "start").unwrap_or_else(|| panic!("{shown:#}"));
+    let promote_at = rfc3339(promote["time"].as_str().unwrap());
+    assert!(last < promote_at, "node0 acknowledged a local commit at {last:?}, after the promotion began at {promote_at:?}");
+    eprintln!(
+        "lease: {after_cut} local commits after the cut; the last {:?} after it, {:?} before the promotion",
+        last.duration_since(at_cut).unwrap_or_default(),
+        promote_at.duration_since(last).unwrap_or_default()
+    );
+    let fence = journal.iter().find(|e| e["step"] == "fence" && e["event"] == "skipped").unwrap_or_else(|| panic!("{shown:#}"));
+    assert!(fence["detail"].as_str().unwrap().contains("lease ran out"), "{fence}");
+    assert!(!done.iter().any(|d| d == "isolate"), "{done:?}");
+
+    // node0 itself, from inside its host: down, and fenced for good.
+    assert!(p.postmaster_pid().unwrap().is_none(), "node0's server still runs after its lease ran out");
+    assert!(p.data_dir().join("standby.signal").exists());
+    let agent_log = std::fs::read_to_string(p.agent_log()).unwrap();
+    assert!(agent_log.contains("lease ran out"), "{agent_log}");
+    // Back on the network it stays down (its failover accepted a loss, so
+    // the leader leaves it to the operator); one standby took over.
+    drop(cut);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(p.postmaster_pid().unwrap().is_none(), "node0 was started again after the cut healed");
+    let mut w = Vec::new();
+    for h in [fleet.host(1), fleet.host(2)] {
+        if one(h, "select pg_is_in_recovery()").await == "f" {
+            w.push(h.node_name());
+        }
+    }
+    assert_eq!(w.len(), 1, "not exactly one writable standby: {w:?}");
+}
+
+/// An RFC 3339 UTC time as the journal writes it
+/// ("2026-12-01T01:02:03.456Z").
+fn rfc3339(s: &str) -> std::time::SystemTime {
+    let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let millis = ((days * 24 + n(11..13)) * 60 + n(14..16)) * 60_000 + n(17..19) * 1000 + n(20..23);
+    std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap())
+}
+
+/// The agent's side of the lease, through its RPC: a reader may not hold
+/// it and a ttl out of range is refused, nothing written; a lease that
+/// runs out on a standby fences nothing; a released one never fires; and a
+/// primary's agent SIGKILLed and started again still fences its server on
+/// the deadline the first process was given (the file beside the data
+/// directory), audited. A coordinator stopped on purpose releases the
+/// lease it held. Checked in PostgreSQL and on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_fences_its_primary_on_the_lease_deadline_across_a_restart_and_never_a_standby() {
+    use pgfleet_proto::agent::v1 as pb;
+    use pgfleet_proto::agent::v1::agent_client::AgentClient;
+    let fleet = TestFleet::new(2).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let (p, s) = (fleet.host(0), fleet.host(1));
+    let lease_file = |h: &pgfleet_tests::Host| h.data_dir().with_file_name("data.pgfleet-lease");
+    let hold = |ttl_ms: u32| pb::HoldLeaseRequest { ttl_ms };
+
+    // A coordinator holding node0's lease and stopped on purpose (SIGTERM)
+    // releases it: node0 does not fence itself for it.
+    let mut c = start_with_cluster_settings(&fleet, "auto_failover = true\nmax_lag_on_failover = 1048576\nlease_ttl = \"5s\"\n", "");
+    wait_for_log(&c, "lease held on the primary", Duration::from_secs(10));
+    assert!(lease_file(p).exists());
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(c.pid().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_for_log(&c, "pgfleet serve stopped", Duration::from_secs(10));
+    assert!(!lease_file(p).exists(), "a coordinator stopped on purpose left its lease:\n{}", c.log_text());
+    c.kill();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(one(p, "select pg_is_in_recovery()").await, "f");
+
+    let mut reader = AgentClient::new(p.agent_channel_as("test-reader").await.unwrap());
+    let e = reader.hold_lease(hold(5000)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let mut agent = AgentClient::new(p.agent_channel().await.unwrap());
+    for bad in [1000, 3999, 600_001] {
+        let e = agent.hold_lease(hold(bad)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("ttl_ms"), "{e:?}");
+    }
+    assert!(!lease_file(p).exists());
+
+    // A standby's lease runs out (2 s): nothing fenced, still streaming.
+    let mut standby = AgentClient::new(s.agent_channel().await.unwrap());
+    let r = standby.hold_lease(hold(4000)).await.unwrap().into_inner();
+    assert!(r.taken && r.fence_in_ms == 2000, "{r:?}");
+    assert!(lease_file(s).exists());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(one(s, "select status from pg_stat_wal_receiver").await, "streaming");
+    assert!(!s.data_dir().join("standby.signal").exists() || one(s, "select pg_is_in_recovery()").await == "t");
+    assert!(!lease_file(s).exists(), "a lease run out on a standby is released");
+
+    // Released: never fires.
+    agent.hold_lease(hold(4000)).await.unwrap();
+    agent.hold_lease(hold(0)).await.unwrap();
+    assert!(!lease_file(p).exists());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(one(p, "select pg_is_in_recovery()").await, "f");
+
+    // Held (fenced 3 s from now without a renewal), the agent SIGKILLed and
+    // started again: the new process fences on the same deadline.
+    let held = Instant::now();
+    let r = agent.hold_lease(hold(5000)).await.unwrap().into_inner();
+    assert_eq!(r.fence_in_ms, 3000, "{r:?}");
+    p.kill_agent().unwrap();
+    p.start_agent().unwrap();
+    while p.postmaster_pid().unwrap().is_some() {
+        assert!(held.elapsed() < Duration::from_secs(6), "node0 still runs 6 s after a 3 s lease deadline:\n{}", fleet.dump_logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fenced_after = held.elapsed();
+    assert!(fenced_after >= Duration::from_millis(2900), "fenced {fenced_after:?} after the hold, before its deadline");
+    assert!(p.data_dir().join("standby.signal").exists());
+    // Released once the fence is done (pg_controldata read after the stop).
+    let stopped = Instant::now();
+    while lease_file(p).exists() {
+        assert!(stopped.elapsed() < Duration::from_secs(10), "the lease file outlived the fence");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let audit = std::fs::read_to_string(p.dir().join("audit.jsonl")).unwrap();
+    assert!(audit.lines().any(|l| l.contains("LeaseRunOut") && l.contains("\"ok\"")), "{audit}");
+    assert!(audit.lines().any(|l| l.contains("HoldLease") && l.contains("take, ttl 5000 ms")), "{audit}");
+    eprintln!("lease of 5 s: node0 fenced {fenced_after:?} after it was taken, its agent restarted in between");
+}

@@ -342,6 +342,10 @@ impl<'a> Exec<'a> {
             self.op.skipped_step(i, step, "--fenced: the operator made sure the old primary is down").await?;
             return Ok(());
         }
+        if let Step::FencedByLease { .. } = step {
+            self.op.skipped_step(i, step, "its lease ran out: its agent fenced it, or its host is gone").await?;
+            return Ok(());
+        }
         if let Step::Follow { node, .. } = step
             && self.rebuilt.contains(node)
         {
@@ -402,7 +406,7 @@ impl<'a> Exec<'a> {
                     _ => format!("fenced ({})", f.cluster_state.unwrap_or_default()),
                 }
             }
-            Step::FencedByOperator { .. } => unreachable!("handled above"),
+            Step::FencedByOperator { .. } | Step::FencedByLease { .. } => unreachable!("handled above"),
             Step::Isolate { node, upstream, followers, .. } => {
                 // A physical slot can be made on a standby: the candidate
                 // keeps their WAL from now on.

@@ -46,6 +46,9 @@ pub struct FailoverRequest {
     /// last look. With it, the cluster's `max_lag_on_failover` may accept
     /// a bounded loss where there is no proof.
     pub last_primary_lsn: Option<Lsn>,
+    /// The leader's automatic failover: the old primary's lease ran out,
+    /// so its agent fenced it (`serve::lease`).
+    pub fenced_by_lease: bool,
 }
 
 /// The candidate failover would promote, decided before anything changes.
@@ -132,7 +135,7 @@ fn choose<'a>(
     // synchronous replication makes a primary without standbys stop
     // acknowledging commits, and only if every standby that could
     // acknowledge for it is known and re-pointed.
-    let isolate = !old_r.reachable && !req.fenced;
+    let isolate = !old_r.reachable && !req.fenced && !req.fenced_by_lease;
     let cannot_isolate = |why: String| {
         MoveError::Refused(format!(
             "the agent of the old primary {} does not answer ({}), so it cannot be fenced, and it cannot be isolated \
@@ -364,6 +367,8 @@ pub async fn plan<'a>(inventory: &'a Inventory, req: &FailoverRequest, d: Deadli
             followers: isolated.iter().map(|r| follower(r)).collect(),
             sync: ch.sync.to_string(),
         }
+    } else if req.fenced_by_lease && !req.fenced {
+        Step::FencedByLease { node: old.clone() }
     } else {
         Step::FencedByOperator { node: old.clone() }
     });
@@ -505,6 +510,7 @@ mod tests {
             accept_data_loss: accept,
             dry_run: false,
             last_primary_lsn: None,
+            fenced_by_lease: false,
         }
     }
 
@@ -583,6 +589,15 @@ mod tests {
         fenced.fenced = true;
         let ch = choose(c, &gone("", Some(80)), &fenced, Some(String::new())).ok().unwrap();
         assert!(!ch.isolate);
+        // So does a lease that ran out, but it proves nothing about the
+        // data: an asynchronous candidate still needs the loss accepted.
+        let mut leased = req(None, false);
+        leased.fenced_by_lease = true;
+        let e = choose(c, &gone("", Some(80)), &leased, Some(String::new())).err().unwrap().to_string();
+        assert!(e.contains("--accept-data-loss") && !e.contains("--fenced"), "{e}");
+        leased.accept_data_loss = true;
+        let ch = choose(c, &gone("", Some(80)), &leased, Some(String::new())).ok().unwrap();
+        assert!(!ch.isolate && ch.accepted_loss.is_some());
     }
 
     #[test]

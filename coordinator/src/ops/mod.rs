@@ -182,6 +182,7 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
             accept_data_loss,
             dry_run,
             last_primary_lsn,
+            fenced_by_lease,
         } => {
             let req = failover::FailoverRequest {
                 cluster: resolved(cluster)?.to_owned(),
@@ -190,6 +191,7 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
                 accept_data_loss: *accept_data_loss,
                 dry_run: *dry_run,
                 last_primary_lsn: last_primary_lsn.as_deref().and_then(|l| pgfleet_proto::Lsn::parse(l).ok()),
+                fenced_by_lease: *fenced_by_lease,
             };
             let (c, plan) = failover::plan(inv, &req, d).await?;
             if *dry_run {

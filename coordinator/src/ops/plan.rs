@@ -49,6 +49,9 @@ pub enum Step {
     /// The old primary's agent does not answer: the operator said it is
     /// down (`--fenced`).
     FencedByOperator { node: NodeName },
+    /// The old primary's agent does not answer, and the lease the leader
+    /// held on it ran out: its agent fenced it before (`serve::lease`).
+    FencedByLease { node: NodeName },
     /// The old primary's agent does not answer, so it is fenced by
     /// isolation: every other standby is re-pointed at `upstream` (the
     /// candidate, still a standby: they cascade from it) and confirmed to
@@ -145,7 +148,7 @@ pub fn settle_seconds() -> u64 {
 impl Step {
     /// Whether the step stops the old primary's writes, one way or another.
     pub fn is_fence(&self) -> bool {
-        matches!(self, Step::Fence { .. } | Step::FencedByOperator { .. } | Step::Isolate { .. })
+        matches!(self, Step::Fence { .. } | Step::FencedByOperator { .. } | Step::FencedByLease { .. } | Step::Isolate { .. })
     }
 
     /// The step's name in the journal and in events: its JSON tag, except
@@ -156,7 +159,7 @@ impl Step {
             Step::Replay { .. } => "replay",
             Step::Choose { .. } => "choose",
             Step::SyncConfig { .. } => "sync-config",
-            Step::Fence { .. } | Step::FencedByOperator { .. } => "fence",
+            Step::Fence { .. } | Step::FencedByOperator { .. } | Step::FencedByLease { .. } => "fence",
             Step::Isolate { .. } => "isolate",
             Step::CatchUp { .. } => "catch-up",
             Step::Promote { .. } => "promote",
@@ -183,6 +186,7 @@ impl Step {
             | Step::SyncConfig { node, .. }
             | Step::Fence { node, .. }
             | Step::FencedByOperator { node }
+            | Step::FencedByLease { node }
             | Step::Isolate { node, .. }
             | Step::CatchUp { node, .. }
             | Step::Promote { node }
@@ -220,6 +224,9 @@ impl Step {
             }
             Step::Fence { immediate: true, .. } => "stop PostgreSQL if it runs (immediate), leave standby.signal".into(),
             Step::FencedByOperator { .. } => "skipped: --fenced says the operator made sure it is down".into(),
+            Step::FencedByLease { .. } => {
+                "skipped: its lease ran out, so its agent fenced it (immediate stop, standby.signal), or its host is gone".into()
+            }
             Step::Isolate { upstream, followers, sync, .. } => format!(
                 "its agent does not answer: {}confirm that no standby streams from it; {upstream} stops streaming from it \
                  when promoted, so with synchronous_standby_names = '{sync}' it cannot acknowledge another commit",
@@ -319,7 +326,9 @@ impl Plan {
     /// isolation), if it fences one.
     pub fn fences(&self) -> Option<&NodeName> {
         self.steps.iter().find_map(|s| match s {
-            Step::Fence { node, .. } | Step::FencedByOperator { node } | Step::Isolate { node, .. } => Some(node),
+            Step::Fence { node, .. } | Step::FencedByOperator { node } | Step::FencedByLease { node } | Step::Isolate { node, .. } => {
+                Some(node)
+            }
             _ => None,
         })
     }

@@ -60,6 +60,10 @@ pub enum OpRequest {
         /// measured (an automatic failover without proof).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_primary_lsn: Option<String>,
+        /// Set by the leader only: the old primary's lease ran out, so its
+        /// agent fenced it (if it was alive: a dead host takes no writes).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fenced_by_lease: bool,
     },
     Rejoin {
         node: NodeName,
@@ -248,6 +252,7 @@ impl TryFrom<pb::FailoverRequest> for OpRequest {
             accept_data_loss: r.accept_data_loss,
             dry_run: r.dry_run,
             last_primary_lsn: None,
+            fenced_by_lease: false,
         })
     }
 }

@@ -187,6 +187,7 @@ async fn converge(
             accept_data_loss: false,
             dry_run: false,
             last_primary_lsn: None,
+            fenced_by_lease: false,
         };
         moved = Some(crate::ops::failover::failover(inv, &fr, d, ctx).await?);
     }

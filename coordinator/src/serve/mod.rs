@@ -8,6 +8,7 @@ mod config;
 mod convert;
 pub mod decisions;
 mod leader;
+pub mod lease;
 mod registry;
 mod service;
 mod watch_fleet;
@@ -56,6 +57,8 @@ pub struct State {
     /// Automatic decisions: logged, streamed by WatchFleet, given to the
     /// hook.
     pub decisions: decisions::Decisions,
+    /// The primaries' leases this process renews (leader only).
+    pub leases: lease::Leases,
 }
 
 pub async fn run(config_path: &Path, d: Deadlines) -> Result<(), CoordinatorError> {
@@ -70,6 +73,11 @@ pub async fn run(config_path: &Path, d: Deadlines) -> Result<(), CoordinatorErro
 async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
     let config = ServeConfig::load(config_path)?;
     let mut inventory = Inventory::load(&config.inventory).map_err(|e| ConfigError::Inventory(e.to_string()))?;
+    let takeover = match &inventory.store {
+        crate::journal::Store::Etcd(e) => Some(e.config.lease_ttl),
+        crate::journal::Store::Files(_) => None,
+    };
+    lease::check_timing(&inventory, takeover).map_err(ConfigError::Inventory)?;
     // One channel per agent, kept: a fleet status over a thousand agents
     // must not pay a thousand TLS handshakes each time.
     inventory.attach_agents(true)?;
@@ -153,8 +161,10 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
         registry,
         leadership,
         decisions: decisions::Decisions::new(config.hook.clone()),
+        leases: lease::Leases::default(),
     });
     watch_primary::spawn(state.clone());
+    lease::spawn(state.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pgfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -164,7 +174,7 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(CoordinatorServer::new(service::CoordinatorService::new(state)));
+        .add_service(CoordinatorServer::new(service::CoordinatorService::new(state.clone())));
     // With TLS, our acceptor (it logs refused handshakes); else TCP.
     match server_tls {
         Some(tls) => {
@@ -175,6 +185,8 @@ async fn serve(config_path: &Path, d: Deadlines) -> Result<(), ServeError> {
         None => router.serve_with_incoming_shutdown(incoming(listener), shutdown()).await?,
     }
     let _ = pgfleet_proto::notify::stopping();
+    // Stopped on purpose: its primaries must not fence themselves for it.
+    lease::release_all(&state).await;
     info!("pgfleet serve stopped");
     Ok(())
 }

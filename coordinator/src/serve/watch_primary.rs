@@ -30,7 +30,9 @@ use crate::client::{self, Deadlines};
 use crate::detect::{Detector, Verdict};
 use crate::error::CoordinatorError;
 use crate::ops::exec::MoveError;
-use crate::fleet_status::{self, ClusterReport, Role};
+use crate::fleet_status::{self, ClusterReport, NodeReport, Role};
+use crate::serve::lease::Standing;
+use pgfleet_proto::sync::SyncSpec;
 use crate::inventory::Cluster;
 use crate::journal;
 use crate::ops::{self, CancelState, OpRequest, OpResult};
@@ -67,6 +69,9 @@ pub fn spawn(state: Arc<State>) {
         let mut told: HashSet<String> = HashSet::new();
         // When each node was last restarted in place.
         let mut restarted: HashMap<String, Instant> = HashMap::new();
+        // Clusters whose failover waits for the old primary's lease: said
+        // once.
+        let mut waiting: HashSet<String> = HashSet::new();
         let mut tick = tokio::time::interval(LOOK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Looks since this process became the leader (None: it is not).
@@ -118,6 +123,18 @@ pub fn spawn(state: Arc<State>) {
                 {
                     warn!(cluster = %c.name, "cannot record the primary {p}: {e}");
                 }
+                // The primary's lease: held while a failover of this cluster
+                // may promote without proof and the primary answers; kept
+                // (not released) while it does not.
+                if !(policy.acts() && c.max_lag_on_failover.is_some()) {
+                    state.leases.unwant(c.name.as_str());
+                } else if let Some(p) = &look.primary {
+                    if look.nodes.iter().find(|r| r.name == *p).is_none_or(needs_lease) {
+                        state.leases.want(c, p);
+                    } else {
+                        state.leases.unwant(c.name.as_str());
+                    }
+                }
                 if let Some(lsn) = look.primary.as_ref().and_then(|p| look.nodes.iter().find(|r| r.name == *p)).and_then(|r| r.current_lsn) {
                     last_lsn.insert(c.name.to_string(), lsn);
                 }
@@ -156,18 +173,60 @@ pub fn spawn(state: Arc<State>) {
                 // A look begun before the cluster's last automatic operation
                 // ended (a restart in place, say) says nothing about after.
                 let fresh = busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).ended.get(c.name.as_str()).is_none_or(|t| *t < looked_at);
+                if !matches!(verdict, Verdict::Failed { .. }) {
+                    waiting.remove(c.name.as_str());
+                }
                 if matches!(verdict, Verdict::Failed { .. }) && policy.acts() && !*acted && fresh {
-                    let req = OpRequest::Failover {
-                        cluster: Some(c.name.clone()),
-                        to: None,
-                        fenced: false,
-                        accept_data_loss: false,
-                        dry_run: false,
-                        last_primary_lsn: last_lsn.get(c.name.as_str()).map(ToString::to_string),
-                    };
-                    // Tried again at the next look while another automatic
-                    // operation holds the cluster.
-                    *acted = automatic(&state, &busy, c.name.clone(), req, "failover");
+                    // Its agent gone, a primary under a lease may still take
+                    // writes until the lease runs out: nothing is promoted
+                    // before.
+                    let old = detector.primary().map(str::to_owned);
+                    let agent_gone = old.as_deref().is_some_and(|p| look.nodes.iter().any(|r| r.name == p && !r.reachable));
+                    let standing = old.as_deref().map_or(Standing::NotHeld, |p| state.leases.standing(c.name.as_str(), p));
+                    match standing {
+                        Standing::Runs { left } if agent_gone => {
+                            if waiting.insert(c.name.to_string()) {
+                                state.decisions.decide(
+                                    c.name.as_str(),
+                                    "waiting",
+                                    &format!(
+                                        "the agent of {} does not answer and its lease runs out in {:.1}s: it may take \
+                                         writes until then (its agent fences it), so nothing is promoted before",
+                                        old.as_deref().unwrap_or_default(),
+                                        left.as_secs_f64()
+                                    ),
+                                    None,
+                                );
+                            }
+                        }
+                        _ => {
+                            let fenced_by_lease = agent_gone && matches!(standing, Standing::RunOut { .. });
+                            let req = OpRequest::Failover {
+                                cluster: Some(c.name.clone()),
+                                to: None,
+                                fenced: false,
+                                accept_data_loss: false,
+                                dry_run: false,
+                                last_primary_lsn: last_lsn.get(c.name.as_str()).map(ToString::to_string),
+                                fenced_by_lease,
+                            };
+                            // Tried again at the next look while another
+                            // automatic operation holds the cluster.
+                            *acted = automatic(&state, &busy, c.name.clone(), req, "failover");
+                            if *acted && let (true, Standing::RunOut { ago }) = (fenced_by_lease, standing) {
+                                state.decisions.decide(
+                                    c.name.as_str(),
+                                    "fenced",
+                                    &format!(
+                                        "the lease on {} ran out {:.1}s ago: its agent fenced it, or its host is gone",
+                                        old.as_deref().unwrap_or_default(),
+                                        ago.as_secs_f64()
+                                    ),
+                                    None,
+                                );
+                            }
+                        }
+                    }
                 }
                 if policy.acts()
                     && let Some(p) = look.primary.clone()
@@ -209,6 +268,16 @@ pub fn spawn(state: Arc<State>) {
             }
         }
     });
+}
+
+/// Whether a failover of this primary could need its lease: it cannot be
+/// fenced by isolation when its commits wait for no standby, or for any
+/// standby at all (`*`). Unknown settings: held, to be safe.
+fn needs_lease(primary: &NodeReport) -> bool {
+    match primary.synchronous_standby_names.as_deref().map(SyncSpec::parse) {
+        Some(Ok(spec)) => !spec.is_synchronous() || spec.names.iter().any(|n| n == "*"),
+        _ => true,
+    }
 }
 
 /// Each standby whose agent answered the probe of `primary`'s PostgreSQL,
