@@ -34,6 +34,21 @@ pub async fn read(config: &AgentConfig) -> Result<ControlData, ExecError> {
     Ok(parse(&out.stdout))
 }
 
+/// The highest timeline with a history file in `DATA/pg_wal`: written by
+/// the server that switched to it, and received by the standbys that
+/// followed it.
+pub fn latest_history(data_dir: &std::path::Path) -> Option<u32> {
+    std::fs::read_dir(data_dir.join("pg_wal"))
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let tli = name.strip_suffix(".history")?;
+            (tli.len() == 8).then(|| u32::from_str_radix(tli, 16).ok()).flatten()
+        })
+        .max()
+}
+
 /// Parses `pg_controldata` output ("Label:   value" lines, LANG=C).
 pub fn parse(text: &str) -> ControlData {
     let mut cd = ControlData::default();

@@ -536,6 +536,23 @@ pub async fn rewind(config: &AgentConfig, pg: &Pg, up: &Upstream) -> Result<Vec<
     if pg.status().await.is_ok() {
         return Err(StandbyError::RunningForRewind);
     }
+    // A standby that crashed ("in archive recovery") is not rewound:
+    // pg_rewind's single-user crash recovery would end its recovery with a
+    // shutdown checkpoint of its own, on its upstream's timeline, at an LSN
+    // where the upstream has other WAL, and it could never stream again
+    // (found by the fault suite, seed 1000). Started as a standby it
+    // recovers by itself; one that had followed an older timeline past the
+    // new one's fork point will not stream and needs a rebuild, which the
+    // rejoin's verify step reports.
+    let cd = controldata::read(config)
+        .await
+        .map_err(|source| StandbyError::Command { step: "pg_controldata", source })?;
+    if cd.cluster_state.as_deref() == Some("in archive recovery") {
+        info!("no pg_rewind: the server crashed as a standby; it recovers by itself when started as one");
+        return Ok(vec![
+            "no pg_rewind: it crashed as a standby (\"in archive recovery\"), and recovers by itself as one".into(),
+        ]);
+    }
     // pg_rewind first runs single-user crash recovery on a target that was
     // not shut down cleanly, and single-user mode refuses standby.signal.
     // The node stays stopped meanwhile; configure() puts the file back

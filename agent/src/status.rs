@@ -60,7 +60,16 @@ pub async fn gather(config: &AgentConfig, pg: &Pg, services: &service::StatusCac
             );
             let cd = cd
                 .map_err(|e| debug!(error = %e, "pg_controldata unavailable"))
-                .ok();
+                .ok()
+                .map(|mut cd| {
+                    // A server promoted and stopped (or crashed) before its
+                    // first checkpoint on the new timeline still has the old
+                    // one in its control file; the history file it wrote
+                    // says where it was.
+                    let history = controldata::latest_history(&config.postgres.data_dir);
+                    cd.timeline = cd.timeline.max(history);
+                    cd
+                });
             (cd, sync.ok())
         }
     };

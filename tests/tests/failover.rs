@@ -1212,3 +1212,48 @@ async fn switchover_whose_old_primary_cannot_follow_says_why_and_keeps_commits_w
     let (acked, uncertain) = writer.finish().await;
     assert_rows_present(node1, &acked, &uncertain).await;
 }
+
+/// A standby whose postmaster was SIGKILLed, then left behind by a
+/// failover, is rejoined without pg_rewind: pg_rewind's single-user crash
+/// recovery would end its recovery with a shutdown checkpoint of its own at
+/// an LSN where the old primary had written other WAL, and it could never
+/// stream again (found by the fault suite, seed 1000). Checked from
+/// outside: it streams from the new primary, with every row, and its
+/// journal says why no pg_rewind ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_of_a_crashed_standby_leaves_its_wal_to_its_own_recovery() {
+    let fleet = TestFleet::new(3).unwrap();
+    let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
+    common::start_primary(&fleet, 0);
+    common::start_agents(&fleet);
+    for n in ["node1", "node2"] {
+        let out = pgfleet(&fleet, &["rebuild", n, "--no-progress-bar"]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
+    let out = pgfleet(&fleet, &["sync", "set", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    exec(node0, "create table t (id int); insert into t select generate_series(1, 1000)").await;
+    wait_replayed(node0, node2).await;
+    node2.kill_postgres().unwrap();
+    // node0 writes on (node1 has it all: synchronous), then dies.
+    exec(node0, "insert into t select generate_series(1001, 5000)").await;
+    exec(node0, "insert into t select generate_series(5001, 6000)").await;
+    node0.kill_postgres().unwrap();
+    let out = pgfleet(&fleet, &["failover"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    let out = pgfleet(&fleet, &["rejoin", "node2", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let r = json(&out);
+    let shown = pgfleet(&fleet, &["ops", "show", r["operation"].as_str().unwrap(), "--json"]);
+    let journal = json(&shown)["journal"].clone();
+    let rewind = journal.as_array().unwrap().iter().find(|e| e["step"] == "rewind" && e["event"] == "done").cloned();
+    assert!(
+        rewind.as_ref().is_some_and(|e| e["detail"].as_str().unwrap_or_default().contains("crashed as a standby")),
+        "{journal:#}"
+    );
+    assert_eq!(one(node2, "select sender_host from pg_stat_wal_receiver where status = 'streaming'").await, node1.addr().to_string());
+    wait_replayed(node1, node2).await;
+    assert_eq!(one(node2, "select count(*) from t").await, "6000");
+}
+
