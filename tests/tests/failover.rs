@@ -1257,3 +1257,81 @@ async fn rejoin_of_a_crashed_standby_leaves_its_wal_to_its_own_recovery() {
     assert_eq!(one(node2, "select count(*) from t").await, "6000");
 }
 
+/// A whole cluster crashed (every postmaster SIGKILLed, standbys first, as
+/// in a power loss): failover has no standby to promote and rejoin no
+/// primary to follow; `pgfleet restart node0` starts the crashed primary
+/// again (not a standby: refused), then `pgfleet rejoin` brings the
+/// standbys back. Checked from outside: node0 takes writes, node1 and node2
+/// stream from it, every row is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_crashed_whole_comes_back_with_restart_then_rejoin() {
+    let fleet = TestFleet::new(3).unwrap();
+    let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
+    common::start_primary(&fleet, 0);
+    common::start_agents(&fleet);
+    for n in ["node1", "node2"] {
+        let out = pgfleet(&fleet, &["rebuild", n, "--no-progress-bar"]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
+    let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    exec(node0, "create table t (id int); insert into t select generate_series(1, 1000)").await;
+    for h in [node1, node2, node0] {
+        h.kill_postgres().unwrap();
+    }
+    let out = pgfleet(&fleet, &["failover"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("no running standby"), "{out}");
+    let out = pgfleet(&fleet, &["restart", "node1"]);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("standby.signal"), "{out}");
+    assert!(!server_runs(node1), "a refused restart started node1");
+
+    let out = pgfleet(&fleet, &["restart", "node0"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(one(node0, "select pg_is_in_recovery()").await, "f");
+    for n in ["node1", "node2"] {
+        let out = pgfleet(&fleet, &["rejoin", n]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
+    for h in [node1, node2] {
+        assert_eq!(one(h, "select sender_host from pg_stat_wal_receiver where status = 'streaming'").await, node0.addr().to_string());
+        wait_replayed(node0, h).await;
+        assert_eq!(one(h, "select count(*) from t").await, "1000");
+    }
+    exec(node0, "insert into t values (1001)").await;
+}
+
+/// `pgfleet restart` starts only the latest primary: node0 failed over
+/// from with `--fenced` (its agent gone, so nothing fenced its files),
+/// then node1, promoted in its place, crashed too. Both say they crashed
+/// as a primary; node0 is on the older timeline and is refused, node1 is
+/// started. Checked from outside: only node1 takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_refuses_a_primary_that_was_failed_over_from() {
+    let fleet = TestFleet::new(2).unwrap();
+    let (node0, node1) = (fleet.host(0), fleet.host(1));
+    common::start_primary(&fleet, 0);
+    common::start_agents(&fleet);
+    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    exec(node0, "create table t (id int); insert into t select generate_series(1, 100)").await;
+    wait_replayed(node0, node1).await;
+    node0.kill_agent().unwrap();
+    node0.kill_postgres().unwrap();
+    let out = pgfleet(&fleet, &["failover", "--fenced", "--accept-data-loss"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    node1.kill_postgres().unwrap();
+    node0.start_agent().unwrap();
+    assert!(!node0.data_dir().join("standby.signal").exists());
+
+    let out = pgfleet(&fleet, &["restart", "node0"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("node1 reports timeline 2, later than node0's (1)"), "{out}");
+    assert!(!server_runs(node0), "a refused restart started node0");
+    let out = pgfleet(&fleet, &["restart", "node1"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(one(node1, "select pg_is_in_recovery()").await, "f");
+    assert_eq!(one(node1, "select count(*) from t").await, "100");
+}
+

@@ -78,6 +78,11 @@ pub enum Command {
     /// Bring a former primary (fenced or crashed) back as a standby of the
     /// current primary (pg_rewind when its timeline diverged).
     Rejoin(RejoinArgs),
+    /// Start again a primary whose server crashed, when every node of its
+    /// cluster is down (a power loss): only a node that crashed as a
+    /// primary, that pgfleet did not fence, on the cluster's latest
+    /// timeline, with no primary running. Then `pgfleet rejoin` its standbys.
+    Restart(RestartArgs),
     /// Maintenance mode: `pgfleet serve` keeps watching the cluster and
     /// acts on nothing by itself (no automatic failover or rejoin) until
     /// `pgfleet resume`. Shown in `pgfleet status`.
@@ -302,6 +307,16 @@ pub struct RejoinArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The crashed primary.
+    pub node: String,
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct RebuildArgs {
     /// Node to rebuild.
     #[arg(required_unless_present = "all_replicas")]
@@ -468,6 +483,11 @@ pub fn op_request(command: &Command) -> Option<(ApiRequest, bool, Display)> {
                 rebuild_if_needed: a.rebuild_if_needed,
                 dry_run: a.dry_run,
             }),
+            a.json,
+            display(a.json, true),
+        ),
+        Command::Restart(a) => (
+            ApiRequest::Restart(pb::RestartRequest { node: a.node.clone(), dry_run: a.dry_run }),
             a.json,
             display(a.json, true),
         ),

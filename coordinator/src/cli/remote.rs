@@ -145,6 +145,7 @@ async fn start_request(c: &mut CoordinatorClient<Channel>, req: ApiRequest) -> R
         ApiRequest::Switchover(r) => c.switchover(r).await,
         ApiRequest::Failover(r) => c.failover(r).await,
         ApiRequest::Rejoin(r) => c.rejoin(r).await,
+        ApiRequest::Restart(r) => c.restart(r).await,
         ApiRequest::DropSlot(r) => c.drop_slot(r).await,
         ApiRequest::SetFailoverPolicy(r) => c.set_failover_policy(r).await,
     }
@@ -272,7 +273,7 @@ async fn run_at(cli: &Cli, url: &str) -> Result<Outcome, CoordinatorError> {
                 watch(&mut c, &id, *json, display(*json, false)).await
             }
         },
-        Command::Certs(_) | Command::Serve(_) | Command::Switchover(_) | Command::Failover(_) | Command::Rejoin(_) | Command::Slots(_)
+        Command::Certs(_) | Command::Serve(_) | Command::Switchover(_) | Command::Failover(_) | Command::Rejoin(_) | Command::Restart(_) | Command::Slots(_)
         | Command::Pause(_) | Command::Resume(_) | Command::FailoverPolicy(_) => {
             Ok(Outcome::Done)
         }

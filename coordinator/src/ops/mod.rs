@@ -250,6 +250,20 @@ pub async fn execute(inv: &Inventory, req: &OpRequest, d: Deadlines, ctx: &OpCtx
                     p.name, c.name
                 )));
             }
+            // Only the latest primary: a node failed over from is on an
+            // older timeline than the one promoted in its place (and than
+            // the standbys that followed it), even when all are down.
+            let mine = cr.nodes.iter().find(|n| n.name == node.as_str()).and_then(|n| n.timeline);
+            if let Some(later) = cr.nodes.iter().filter(|n| n.name != node.as_str()).find(|n| n.timeline > mine) {
+                return Err(CoordinatorError::Usage(format!(
+                    "{} reports timeline {}, later than {node}'s ({}): {node} was failed over from and is not the latest \
+                     primary; restart {} instead, or bring {node} back with `pgfleet rejoin`",
+                    later.name,
+                    later.timeline.unwrap_or_default(),
+                    mine.map_or("unknown".into(), |t| t.to_string()),
+                    later.name
+                )));
+            }
             let plan = plan::Plan {
                 title: format!("restart {node} in place"),
                 steps: vec![plan::Step::StartCrashed { node: node.clone() }],

@@ -76,8 +76,9 @@ pub enum OpRequest {
         force: bool,
         dry_run: bool,
     },
-    /// Restart in place of a primary whose postmaster died (the leader's
-    /// own, with `restart_in_place = true`).
+    /// Restart in place of a primary whose postmaster died: the leader's
+    /// own (`restart_in_place = true`), or `pgfleet restart NODE` after a
+    /// crash of the whole cluster.
     Restart {
         node: NodeName,
         #[serde(default)]
@@ -132,6 +133,7 @@ pub enum ApiRequest {
     Switchover(pb::SwitchoverRequest),
     Failover(pb::FailoverRequest),
     Rejoin(pb::RejoinRequest),
+    Restart(pb::RestartRequest),
     DropSlot(pb::DropSlotRequest),
     SetFailoverPolicy(pb::SetFailoverPolicyRequest),
 }
@@ -163,6 +165,7 @@ impl TryFrom<ApiRequest> for OpRequest {
             ApiRequest::Switchover(r) => r.try_into(),
             ApiRequest::Failover(r) => r.try_into(),
             ApiRequest::Rejoin(r) => r.try_into(),
+            ApiRequest::Restart(r) => Ok(OpRequest::Restart { node: node(&r.node)?, dry_run: r.dry_run }),
             ApiRequest::DropSlot(r) => r.try_into(),
             ApiRequest::SetFailoverPolicy(r) => r.try_into(),
         }

@@ -292,6 +292,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.start(&caller, "Rejoin", ApiRequest::Rejoin(req.into_inner())).await
     }
 
+    async fn restart(&self, req: Request<pb::RestartRequest>) -> Result<Response<pb::OperationRef>, Status> {
+        let caller = self.gate(&req, "Restart")?;
+        self.start(&caller, "Restart", ApiRequest::Restart(req.into_inner())).await
+    }
+
     async fn drop_slot(&self, req: Request<pb::DropSlotRequest>) -> Result<Response<pb::OperationRef>, Status> {
         let caller = self.gate(&req, "DropSlot")?;
         self.start(&caller, "DropSlot", ApiRequest::DropSlot(req.into_inner())).await
