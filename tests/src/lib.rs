@@ -17,6 +17,7 @@ pub mod agent;
 pub mod cli;
 pub mod coordinator;
 pub mod etcd;
+pub mod faults;
 pub mod fleet;
 pub mod host;
 pub mod net;

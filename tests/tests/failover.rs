@@ -1222,14 +1222,9 @@ async fn switchover_whose_old_primary_cannot_follow_says_why_and_keeps_commits_w
 /// journal says why no pg_rewind ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejoin_of_a_crashed_standby_leaves_its_wal_to_its_own_recovery() {
-    let fleet = TestFleet::new(3).unwrap();
+    let _shared = TIMED.read().await;
+    let fleet = primary_and_two_rebuilt_standbys().await;
     let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
-    common::start_primary(&fleet, 0);
-    common::start_agents(&fleet);
-    for n in ["node1", "node2"] {
-        let out = pgfleet(&fleet, &["rebuild", n, "--no-progress-bar"]);
-        assert_eq!(out.code(), Some(0), "{out}");
-    }
     let out = pgfleet(&fleet, &["sync", "set", "node1"]);
     assert_eq!(out.code(), Some(0), "{out}");
     exec(node0, "create table t (id int); insert into t select generate_series(1, 1000)").await;
@@ -1265,14 +1260,9 @@ async fn rejoin_of_a_crashed_standby_leaves_its_wal_to_its_own_recovery() {
 /// stream from it, every row is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_that_crashed_whole_comes_back_with_restart_then_rejoin() {
-    let fleet = TestFleet::new(3).unwrap();
+    let _shared = TIMED.read().await;
+    let fleet = primary_and_two_rebuilt_standbys().await;
     let (node0, node1, node2) = (fleet.host(0), fleet.host(1), fleet.host(2));
-    common::start_primary(&fleet, 0);
-    common::start_agents(&fleet);
-    for n in ["node1", "node2"] {
-        let out = pgfleet(&fleet, &["rebuild", n, "--no-progress-bar"]);
-        assert_eq!(out.code(), Some(0), "{out}");
-    }
     let out = pgfleet(&fleet, &["sync", "set", "node1", "node2"]);
     assert_eq!(out.code(), Some(0), "{out}");
     exec(node0, "create table t (id int); insert into t select generate_series(1, 1000)").await;
@@ -1309,12 +1299,9 @@ async fn a_cluster_that_crashed_whole_comes_back_with_restart_then_rejoin() {
 /// started. Checked from outside: only node1 takes writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_refuses_a_primary_that_was_failed_over_from() {
-    let fleet = TestFleet::new(2).unwrap();
+    let _shared = TIMED.read().await;
+    let fleet = primary_and_rebuilt_standbys(2).await;
     let (node0, node1) = (fleet.host(0), fleet.host(1));
-    common::start_primary(&fleet, 0);
-    common::start_agents(&fleet);
-    let out = pgfleet(&fleet, &["rebuild", "node1", "--no-progress-bar"]);
-    assert_eq!(out.code(), Some(0), "{out}");
     exec(node0, "create table t (id int); insert into t select generate_series(1, 100)").await;
     wait_replayed(node0, node1).await;
     node0.kill_agent().unwrap();
