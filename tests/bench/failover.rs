@@ -144,6 +144,7 @@ async fn trial(fleet: &TestFleet, fault: Fault, c: Option<&Coordinator>, acked: 
     let old = primary(fleet).await.context("no primary before the fault")?;
     let h = fleet.host(old);
     let done_before = c.map(|c| c.log_text().matches("automatic failover done").count());
+    let rejoined_before = c.map(|c| c.log_text().matches("automatic rejoin done").count());
     match fault {
         Fault::Postmaster => h.kill_postgres()?,
         Fault::Host => {
@@ -191,7 +192,17 @@ async fn trial(fleet: &TestFleet, fault: Fault, c: Option<&Coordinator>, acked: 
         ok(fleet, &["rejoin", &h.node_name()])?;
     }
     // With pgfleet serve, the leader rejoins the old primary by itself once
-    // its agent answers: waited for below, as the standbys' streaming.
+    // its agent answers: waited for here (the cluster's lock is its until
+    // then, and `sync set` below would be refused).
+    if let (Some(c), Some(n)) = (c, rejoined_before) {
+        let since = Instant::now();
+        while c.log_text().matches("automatic rejoin done").count() == n {
+            if since.elapsed() > Duration::from_secs(90) {
+                bail!("the leader did not rejoin {}:\n{}", h.node_name(), c.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     // A failover drops the old primary from synchronous_standby_names:
     // both standbys are listed again, as at the start.
     let standbys: Vec<String> = fleet.hosts().iter().filter(|s| s.index() != new).map(|s| s.node_name()).collect();
