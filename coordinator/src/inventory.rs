@@ -18,6 +18,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use pgfleet_proto::secret::Secret;
 
@@ -197,6 +198,35 @@ struct RawCluster {
     lease_ttl: Option<String>,
 }
 
+/// A cluster's duration setting ("3s"): its default when absent, else
+/// parsed and within `min..=max`, or the error naming the cluster, the
+/// setting, the bounds and `why` they are what they are.
+fn bounded_duration(
+    cluster: &ClusterName,
+    setting: &str,
+    text: Option<&str>,
+    (default, min, max): (Duration, Duration, Duration),
+    why: &str,
+) -> Result<Duration, String> {
+    let Some(t) = text else { return Ok(default) };
+    let d = humantime::parse_duration(t).map_err(|e| {
+        format!(
+            "cluster {cluster}: {setting} {}: {e}; e.g. \"{}\"",
+            pgfleet_proto::shown(t),
+            humantime::format_duration(default)
+        )
+    })?;
+    if d < min || d > max {
+        return Err(format!(
+            "cluster {cluster}: {setting} {} is outside {}..{}: {why}",
+            pgfleet_proto::shown(t),
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
 /// The default failure timeout: a dead primary is declared about this long
 /// after the coordinator and its standbys last heard of it.
 pub const DEFAULT_FAILURE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -311,39 +341,22 @@ impl Inventory {
                     f.display()
                 )));
             }
-            let failure_timeout = match &rc.failure_timeout {
-                None => DEFAULT_FAILURE_TIMEOUT,
-                Some(t) => {
-                    let d = humantime::parse_duration(t).map_err(|e| {
-                        invalid(format!("cluster {name}: failure_timeout {}: {e}; e.g. \"3s\"", pgfleet_proto::shown(t)))
-                    })?;
-                    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(600) {
-                        return Err(invalid(format!(
-                            "cluster {name}: failure_timeout {t} is outside 1s..10m: shorter declares a primary \
-                             failed on one slow look, longer leaves writes down for minutes"
-                        )));
-                    }
-                    d
-                }
-            };
-            let lease_ttl = match &rc.lease_ttl {
-                None => DEFAULT_LEASE_TTL,
-                Some(t) => {
-                    let d = humantime::parse_duration(t).map_err(|e| {
-                        invalid(format!("cluster {name}: lease_ttl {}: {e}; e.g. \"20s\"", pgfleet_proto::shown(t)))
-                    })?;
-                    let (min, max) = (pgfleet_proto::lease::MIN_TTL, pgfleet_proto::lease::MAX_TTL);
-                    if d < min || d > max {
-                        return Err(invalid(format!(
-                            "cluster {name}: lease_ttl {t} is outside {}..{}: the agent fences its primary \
-                             2s before the lease runs out, and renewals come every second",
-                            humantime::format_duration(min),
-                            humantime::format_duration(max)
-                        )));
-                    }
-                    d
-                }
-            };
+            let failure_timeout = bounded_duration(
+                &name,
+                "failure_timeout",
+                rc.failure_timeout.as_deref(),
+                (DEFAULT_FAILURE_TIMEOUT, Duration::from_secs(1), Duration::from_secs(600)),
+                "shorter declares a primary failed on one slow look, longer leaves writes down for minutes",
+            )
+            .map_err(invalid)?;
+            let lease_ttl = bounded_duration(
+                &name,
+                "lease_ttl",
+                rc.lease_ttl.as_deref(),
+                (DEFAULT_LEASE_TTL, pgfleet_proto::lease::MIN_TTL, pgfleet_proto::lease::MAX_TTL),
+                "the agent fences its primary 2s before the lease runs out, and renewals come every second",
+            )
+            .map_err(invalid)?;
             clusters.push(Cluster {
                 name,
                 nodes,

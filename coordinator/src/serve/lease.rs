@@ -134,20 +134,24 @@ pub fn spawn(state: Arc<State>) {
             }
             let wanted: Vec<(String, Entry)> = state.leases.held().iter().map(|(c, e)| (c.clone(), e.clone())).collect();
             let released = std::mem::take(&mut *state.leases.release.lock().unwrap_or_else(PoisonError::into_inner));
-            let renewals = wanted.iter().map(|(cluster, e)| renew(&state.inventory, cluster, &e.node, e.ttl, &state));
-            let releases = released.iter().map(|(cluster, node)| release(&state.inventory, cluster, node, &state));
+            let renewals = wanted.iter().map(|(cluster, e)| renew(cluster, &e.node, e.ttl, &state));
+            let releases = released.iter().map(|(cluster, node)| release(cluster, node, &state));
             futures::future::join(join_all(renewals), join_all(releases)).await;
         }
     });
 }
 
-async fn renew(inventory: &Inventory, cluster: &str, node: &str, ttl: Duration, state: &State) {
-    let Some(n) = inventory.clusters.iter().find(|c| c.name.as_str() == cluster).and_then(|c| c.nodes.iter().find(|n| n.name.as_str() == node)) else {
-        return;
-    };
+/// One HoldLease call (ttl 0 releases), within [`RENEW_LIMIT`]; None when
+/// it was not answered in time.
+async fn hold(state: &State, node: &str, ttl: Duration) -> Option<Result<pb::HoldLeaseResponse, client::AgentCallError>> {
+    let (_, n) = state.inventory.node(node).ok()?;
     let req = pb::HoldLeaseRequest { ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX) };
-    match tokio::time::timeout(RENEW_LIMIT, client::call(n, state.deadlines, async |a| a.hold_lease(req).await)).await {
-        Ok(Ok(r)) => {
+    tokio::time::timeout(RENEW_LIMIT, client::call(n, state.deadlines, async |a| a.hold_lease(req).await)).await.ok()
+}
+
+async fn renew(cluster: &str, node: &str, ttl: Duration, state: &State) {
+    match hold(state, node, ttl).await {
+        Some(Ok(r)) => {
             let now = Instant::now();
             let mut held = state.leases.held();
             if let Some(e) = held.get_mut(cluster).filter(|e| e.node == node) {
@@ -157,22 +161,18 @@ async fn renew(inventory: &Inventory, cluster: &str, node: &str, ttl: Duration, 
                 e.last_ok = Some(now);
             }
         }
-        Ok(Err(e)) => warn!(%cluster, %node, error = %e, "lease renewal refused or failed"),
-        Err(_) => debug!(%cluster, %node, "lease renewal not answered within {RENEW_LIMIT:?}"),
+        Some(Err(e)) => warn!(%cluster, %node, error = %e, "lease renewal refused or failed"),
+        None => debug!(%cluster, %node, "lease renewal not answered within {RENEW_LIMIT:?}"),
     }
 }
 
-async fn release(inventory: &Inventory, cluster: &str, node: &str, state: &State) {
-    let Some(n) = inventory.clusters.iter().find(|c| c.name.as_str() == cluster).and_then(|c| c.nodes.iter().find(|n| n.name.as_str() == node)) else {
-        return;
-    };
-    let req = pb::HoldLeaseRequest { ttl_ms: 0 };
-    match tokio::time::timeout(RENEW_LIMIT, client::call(n, state.deadlines, async |a| a.hold_lease(req).await)).await {
-        Ok(Ok(_)) => info!(%cluster, %node, "lease released"),
+async fn release(cluster: &str, node: &str, state: &State) {
+    match hold(state, node, Duration::ZERO).await {
+        Some(Ok(_)) => info!(%cluster, %node, "lease released"),
         // Its agent finds it run out on a standby, or fences a primary
         // nobody renews: either way nothing is left holding writes open.
-        Ok(Err(e)) => warn!(%cluster, %node, error = %e, "lease release failed: it runs out on its own"),
-        Err(_) => warn!(%cluster, %node, "lease release not answered: it runs out on its own"),
+        Some(Err(e)) => warn!(%cluster, %node, error = %e, "lease release failed: it runs out on its own"),
+        None => warn!(%cluster, %node, "lease release not answered: it runs out on its own"),
     }
 }
 
@@ -189,7 +189,7 @@ pub async fn release_all(state: &State) {
     }
     // A renewal already sent must not land after its release.
     tokio::time::sleep(RENEW_LIMIT).await;
-    join_all(held.iter().map(|(c, n)| release(&state.inventory, c, n, state))).await;
+    join_all(held.iter().map(|(c, n)| release(c, n, state))).await;
 }
 
 /// The timing rule (module documentation), for every cluster that may

@@ -249,7 +249,7 @@ fn tick(
     // Links first: an agent on that host is started after.
     due.sort_by_key(|(_, h)| !matches!(h, Heal::LinkUp(_)));
     for (t, h) in due {
-        let still_down = heals.iter().any(|(_, o)| std::mem::discriminant(o) == std::mem::discriminant(&h) && same_target(o, &h));
+        let still_down = heals.iter().any(|(_, o)| same_target(o, &h));
         if still_down {
             continue;
         }
@@ -332,8 +332,7 @@ async fn converge(fleet: &TestFleet, coordinator: &Coordinator, report: &mut Rep
                 eprintln!("converge: ops resume {id}: {}", said(&out));
             }
         }
-        let roles = roles(fleet).await;
-        let primaries: Vec<usize> = roles.iter().enumerate().filter(|(_, r)| r.as_deref() == Some("f")).map(|(i, _)| i).collect();
+        let primaries = writable(&roles(fleet).await);
         if primaries.is_empty() {
             // The leader fails over by itself within seconds; then we do.
             // With no standby running either (all crashed), the latest
@@ -436,7 +435,7 @@ async fn streams_from(h: &Host, primary: &Host) -> bool {
 
 async fn converged(fleet: &TestFleet) -> std::result::Result<(), String> {
     let roles = roles(fleet).await;
-    let primaries: Vec<usize> = roles.iter().enumerate().filter(|(_, r)| r.as_deref() == Some("f")).map(|(i, _)| i).collect();
+    let primaries = writable(&roles);
     let [p] = primaries[..] else {
         return Err(format!("{} nodes take writes ({roles:?})", primaries.len()));
     };
@@ -448,10 +447,16 @@ async fn converged(fleet: &TestFleet) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The indices of the nodes whose role is "f" (not in recovery).
+fn writable(roles: &[Option<String>]) -> Vec<usize> {
+    roles.iter().enumerate().filter(|(_, r)| r.as_deref() == Some("f")).map(|(i, _)| i).collect()
+}
+
 async fn primary(fleet: &TestFleet) -> Option<&Host> {
-    let roles = roles(fleet).await;
-    let p: Vec<usize> = roles.iter().enumerate().filter(|(_, r)| r.as_deref() == Some("f")).map(|(i, _)| i).collect();
-    if p.len() == 1 { Some(fleet.host(p[0])) } else { None }
+    match writable(&roles(fleet).await)[..] {
+        [p] => Some(fleet.host(p)),
+        _ => None,
+    }
 }
 
 async fn ids(h: &Host) -> Result<BTreeSet<i64>> {
