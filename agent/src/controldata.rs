@@ -2,7 +2,11 @@
 //! is down. The status of a stopped server still names its system
 //! identifier, timeline and whether it was shut down cleanly.
 
+use std::path::Path;
 use std::time::Duration;
+
+use pgfleet_proto::major::Major;
+use tracing::warn;
 
 use crate::config::AgentConfig;
 use crate::exec::{Cmd, ExecError};
@@ -88,6 +92,43 @@ pub async fn configured_setting(config: &AgentConfig, name: &str) -> Result<Stri
         .await?
         .success(&program)?;
     Ok(out.stdout.trim_end_matches('\n').to_owned())
+}
+
+/// The PostgreSQL major of the configured programs (`postgres --version`
+/// in bin_dir), asked once: bin_dir only changes with the agent's
+/// configuration, which is read at start-up.
+pub async fn binaries_major(config: &AgentConfig) -> Option<Major> {
+    static MAJOR: tokio::sync::OnceCell<Option<Major>> = tokio::sync::OnceCell::const_new();
+    *MAJOR
+        .get_or_init(|| async {
+            let program = config.pg_bin("postgres");
+            let out = Cmd::new(&program, PG_CONTROLDATA_TIMEOUT)
+                .arg("--version")
+                .run()
+                .await
+                .and_then(|o| o.success(&program));
+            match out {
+                Ok(o) => {
+                    let major = Major::from_version_output(&o.stdout);
+                    if major.is_none() {
+                        warn!(program = %program.display(), output = %o.stdout.trim(), "no PostgreSQL major in --version");
+                    }
+                    major
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot tell the major of the configured PostgreSQL programs");
+                    None
+                }
+            }
+        })
+        .await
+}
+
+/// The major of the data directory, from its `PG_VERSION` file (`None`
+/// without one: no data directory, or an unfinished copy).
+pub fn data_major(data_dir: &Path) -> Option<Major> {
+    let text = std::fs::read_to_string(data_dir.join("PG_VERSION")).ok()?;
+    Major::from_pg_version_file(&text)
 }
 
 #[cfg(test)]

@@ -847,6 +847,8 @@ fn node_status_to_pb(st: NodeStatus) -> pb::NodeStatus {
             .slow_change
             .map(|(what, age)| format!("{what} running for {:.1}s", age.as_secs_f64())),
         wal_receiver_error: st.wal_receiver_error,
+        data_major: st.data_major.map(u32::from),
+        binaries_major: st.binaries_major.map(u32::from),
         ..Default::default()
     };
     match st.server {

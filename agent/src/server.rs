@@ -50,7 +50,14 @@ pub async fn serve(
         .build_v1()?;
     let local = listener.local_addr().ok();
     let tls = state.config.tls.as_ref().map(pgfleet_proto::tls::rustls_config).transpose()?;
-    info!(listen = ?local, tls = tls.is_some(), version = crate::AGENT_VERSION, "pgfleet-agent serving");
+    let postgres_major = crate::controldata::binaries_major(&state.config).await;
+    info!(
+        listen = ?local,
+        tls = tls.is_some(),
+        version = crate::AGENT_VERSION,
+        postgres_major = postgres_major.map(u32::from),
+        "pgfleet-agent serving"
+    );
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

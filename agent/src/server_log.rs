@@ -77,6 +77,16 @@ mod tests {
     }
 
     #[test]
+    fn postgres_18_names_the_walreceiver_in_the_same_message() {
+        let log = "2026-12-01 04:30:00.000 UTC [11] FATAL:  streaming replication receiver \"walreceiver\" \
+                   could not connect to the primary server: connection to server at \"198.18.3.3\", \
+                   port 5433 failed: Connection refused\n";
+        let got = find(log).unwrap();
+        assert!(got.starts_with("FATAL: streaming replication receiver"), "{got}");
+        assert!(got.contains("Connection refused"), "{got}");
+    }
+
+    #[test]
     fn a_long_line_is_cut() {
         let long = format!("FATAL:  could not connect to the primary server: {}", "x".repeat(2000));
         assert_eq!(find(&long).unwrap().chars().count(), MAX_LINE);

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use nix::sys::statvfs::statvfs;
+use pgfleet_proto::major::Major;
 use tracing::debug;
 
 use crate::config::AgentConfig;
@@ -30,6 +31,10 @@ pub struct NodeStatus {
     pub slow_change: Option<(String, std::time::Duration)>,
     /// On a standby that does not stream: the server log's reason.
     pub wal_receiver_error: Option<String>,
+    /// The data directory's major (PG_VERSION).
+    pub data_major: Option<Major>,
+    /// The configured programs' major.
+    pub binaries_major: Option<Major>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +91,8 @@ pub async fn gather(config: &AgentConfig, pg: &Pg, services: &service::StatusCac
             .unwrap_or_default(),
         slow_change: pg.slow_change(),
         wal_receiver_error,
+        data_major: controldata::data_major(&config.postgres.data_dir),
+        binaries_major: controldata::binaries_major(config).await,
     }
 }
 

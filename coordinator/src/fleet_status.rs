@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use pgfleet_proto::Lsn;
+use pgfleet_proto::major::Major;
 use pgfleet_proto::agent::v1 as pb;
 use serde::Serialize;
 
@@ -99,6 +100,15 @@ pub struct NodeReport {
     /// This replica's WAL receiver.
     pub wal_receiver: Option<WalReceiverView>,
     pub postgres_version: Option<String>,
+    /// The running server's major (server_version_num).
+    #[serde(default)]
+    pub server_major: Option<u32>,
+    /// The data directory's major (PG_VERSION).
+    #[serde(default)]
+    pub data_major: Option<u32>,
+    /// The major of the programs the agent is configured with.
+    #[serde(default)]
+    pub binaries_major: Option<u32>,
     pub agent_version: Option<String>,
     pub hostname: Option<String>,
     pub data_directory: Option<String>,
@@ -271,6 +281,9 @@ impl NodeReport {
             replication: None,
             wal_receiver: None,
             postgres_version: None,
+            server_major: None,
+            data_major: None,
+            binaries_major: None,
             agent_version: None,
             hostname: None,
             data_directory: None,
@@ -342,6 +355,9 @@ fn node_report(node: &Node, answer: &NodeAnswer) -> NodeReport {
         slot_name: w.slot_name.clone(),
     });
     r.postgres_version = st.postgres_version.clone();
+    r.server_major = st.postgres_version_num.map(|n| Major::from_version_num(n).number());
+    r.data_major = st.data_major;
+    r.binaries_major = st.binaries_major;
     r.agent_version = Some(st.agent_version.clone());
     r.hostname = Some(st.hostname.clone());
     r.data_directory = Some(st.data_directory.clone());
@@ -479,6 +495,9 @@ fn merge(cluster: &Cluster, answers: Vec<NodeAnswer>) -> ClusterReport {
         blocked_writes(&mut nodes, p, answers[p].replication.as_ref(), &mut warnings);
     } else if primaries.is_empty() && nodes.iter().any(|n| n.reachable) {
         warnings.push("no node reports being primary".into());
+    }
+    if let Some(m) = crate::majors::mixed(&cluster.name.to_string(), &nodes) {
+        warnings.push(m);
     }
     for n in &nodes {
         if let Some(c) = &n.slow_change {

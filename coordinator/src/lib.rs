@@ -18,6 +18,7 @@ pub mod inventory;
 pub mod journal;
 pub mod policy;
 pub mod link;
+pub mod majors;
 pub mod ops;
 pub mod progress;
 pub mod rebuild;

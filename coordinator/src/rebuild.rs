@@ -61,6 +61,9 @@ pub enum RebuildError {
          system_identifier = \"...\" to the cluster in the inventory"
     )]
     UnknownIdentity { cluster: String },
+    /// The copy would be of a major the node's programs cannot run.
+    #[error("{0}")]
+    MajorMismatch(String),
     #[error("{node}'s address {host:?} does not resolve to an IP address for its pg_hba.conf line")]
     Address { node: String, host: String },
     #[error(transparent)]
@@ -121,7 +124,8 @@ impl RebuildError {
             RebuildError::TargetIsPrimary { .. }
             | RebuildError::NoUpstream { .. }
             | RebuildError::SystemIdentifierMismatch { .. }
-            | RebuildError::UnknownIdentity { .. } => Code::FailedPrecondition,
+            | RebuildError::UnknownIdentity { .. }
+            | RebuildError::MajorMismatch(_) => Code::FailedPrecondition,
             RebuildError::Unreachable { .. } => Code::Unavailable,
             RebuildError::Password(e) => e.code(),
             RebuildError::Agent(e) => e.code(),
@@ -146,6 +150,7 @@ impl RebuildError {
             | RebuildError::Unreachable { .. }
             | RebuildError::SystemIdentifierMismatch { .. }
             | RebuildError::UnknownIdentity { .. }
+            | RebuildError::MajorMismatch(_)
             | RebuildError::Address { .. }
             | RebuildError::Password(_)
             | RebuildError::JobFailed { .. }
@@ -339,6 +344,9 @@ pub async fn preflight<'a>(
             expected,
             found,
         });
+    }
+    if let Some(why) = crate::majors::rebuild_mismatch(target, up) {
+        return Err(RebuildError::MajorMismatch(why));
     }
     let replica_address = resolve(node).await?;
     let replica_streams_through_slot = target.streams_through(upstream, slot.as_str());

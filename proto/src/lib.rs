@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod identity;
+pub mod major;
 pub mod notify;
 mod redact;
 pub mod secret;

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::host::{
-    AGENT_PORT, Host, Layout, PG_BIN_DIR, PG_PORT, PG_VERSION, tail, write_postgres_file,
-};
+use crate::host::{AGENT_PORT, Host, Layout, PG_PORT, tail, write_postgres_file};
 use crate::process::kill_child;
 use crate::{bin_path, toml_str};
 
@@ -26,7 +24,7 @@ pub struct AgentOptions {
     /// `postgres.data_dir` instead of [`Host::data_dir`] (the harness's own
     /// `start_postgres`/`stop_postgres` keep using `data_dir()`).
     pub data_dir: Option<PathBuf>,
-    /// `postgres.bin_dir` instead of [`PG_BIN_DIR`], e.g. a directory with
+    /// `postgres.bin_dir` instead of [`Host::pg_bin_dir`], e.g. a directory with
     /// a wrapped `postgres`.
     pub bin_dir: Option<PathBuf>,
     /// `rebuild.allowed_roots`.
@@ -113,7 +111,7 @@ impl Host {
             bin = options
                 .bin_dir
                 .clone()
-                .map_or_else(|| toml_str(PG_BIN_DIR), path),
+                .map_or_else(|| path(self.pg_bin_dir().to_owned()), path),
             data = path(options.data_dir.clone().unwrap_or_else(|| self.data_dir())),
             sock = path(self.socket_dir()),
             service = options.service_toml.clone().unwrap_or_else(|| match self.layout() {
@@ -123,7 +121,8 @@ impl Host {
                     options = toml_str(&self.pg_ctl_options()),
                 ),
                 Layout::Debian => format!(
-                    "backend = \"pg_ctlcluster\"\nversion = \"{PG_VERSION}\"\ncluster = {cluster}\n",
+                    "backend = \"pg_ctlcluster\"\nversion = \"{major}\"\ncluster = {cluster}\n",
+                    major = self.major(),
                     cluster = toml_str(&self.debian_cluster()),
                 ),
             }),

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::cli::CliChild;
 use crate::host::{Host, Layout, PG_PORT, tail};
 use crate::net::{self, NetLease};
+use crate::postgres::Major;
 use crate::process::{self, describe, die_with_parent, failure_message, output_with_timeout};
 use crate::{bin_path, toml_str};
 
@@ -75,13 +76,33 @@ impl TestFleet {
     /// `pft{N}br` (198.18.N.1/24), per host a namespace `pft{N}h{i}` at
     /// 198.18.N.{i+2} and a directory under /tmp/pgfleet-test-N. Nothing runs
     /// yet. Needs root.
+    /// Every host runs the suite's major ([`Major::from_env`]).
     pub fn new(hosts: usize) -> Result<TestFleet> {
         TestFleet::with_layout(hosts, Layout::Initdb)
     }
 
     /// Like [`new`](Self::new), every host laid out as `layout` (e.g.
     /// Debian clusters, whose configuration lives under /etc/postgresql).
+    /// Debian clusters run Debian's own PostgreSQL 15 whatever the suite's
+    /// major: it is the only one installed from Debian's packages here.
     pub fn with_layout(hosts: usize, layout: Layout) -> Result<TestFleet> {
+        let major = match layout {
+            Layout::Initdb => Major::from_env()?,
+            Layout::Debian => Major::V15,
+        };
+        TestFleet::with_majors(layout, &vec![major; hosts])
+    }
+
+    /// A fleet whose host `i` runs PostgreSQL `majors[i]` (e.g. a cluster
+    /// mixing majors, which pgfleet must refuse to rebuild or promote across).
+    pub fn with_majors(layout: Layout, majors: &[Major]) -> Result<TestFleet> {
+        let hosts = majors.len();
+        for m in majors {
+            m.check_installed()?;
+            if layout == Layout::Debian && !m.has_debian_clusters() {
+                bail!("PostgreSQL {m} is not installed from Debian's packages: no Debian clusters of it");
+            }
+        }
         if !nix::unistd::geteuid().is_root() {
             bail!("the test fleet needs root (network namespaces, running servers as postgres)");
         }
@@ -108,8 +129,8 @@ impl TestFleet {
         net::create_bridge(n)?;
         // Hex only: it also travels in a connection string, unquoted.
         let superuser_password = random_password()?.replace([':', '\\', '\'', ' '], "");
-        for i in 0..hosts {
-            let host = Host::create(n, i, &fleet.dir, layout, &superuser_password)?;
+        for (i, &major) in majors.iter().enumerate() {
+            let host = Host::create(n, i, &fleet.dir, layout, major, &superuser_password)?;
             fleet.hosts.push(host);
         }
         fleet.create_pki()?;

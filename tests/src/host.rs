@@ -1,5 +1,6 @@
 //! One test host: a network namespace with its own address, directory and
-//! PostgreSQL 15 server, everything run as the `postgres` OS user.
+//! PostgreSQL server (15 or 18, [`Major`]), everything run as the
+//! `postgres` OS user.
 //!
 //! Hosts are shaped like production ones (DESIGN.md, "Test fleet"): the
 //! server is made by `initdb` with peer authentication on its socket and
@@ -26,15 +27,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, chown};
 
 use crate::net;
+use crate::postgres::Major;
 use crate::process::{
     self, Finished, children_of, describe, failure_message, kill_and_reap, output_with_timeout,
     pg_user, reap,
 };
 
-/// Where Debian's PostgreSQL 15 programs are.
-pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
-/// The PostgreSQL major version of every host.
-pub const PG_VERSION: &str = "15";
 /// Every host's PostgreSQL listens on this port of its own address.
 pub const PG_PORT: u16 = 5432;
 /// Every host's agent listens on this port of its own address.
@@ -61,6 +59,7 @@ pub struct Host {
     /// tmpfs mounts made by [`Host::mount_tmpfs`], unmounted at teardown.
     mounts: Mutex<Vec<PathBuf>>,
     layout: Layout,
+    major: Major,
     /// The `postgres` superuser's password (scram): what the test and a
     /// DBA's tools connect with over TCP.
     superuser_password: String,
@@ -87,6 +86,7 @@ impl Host {
         index: usize,
         fleet_dir: &Path,
         layout: Layout,
+        major: Major,
         superuser_password: &str,
     ) -> Result<Host> {
         let user = pg_user()?;
@@ -109,6 +109,7 @@ impl Host {
             agent: Mutex::new(None),
             mounts: Mutex::new(Vec::new()),
             layout,
+            major,
             superuser_password: superuser_password.to_owned(),
         };
         if layout == Layout::Debian && host.debian_etc_dir().exists() {
@@ -121,6 +122,16 @@ impl Host {
     /// How this host's PostgreSQL is laid out.
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// The PostgreSQL major this host runs.
+    pub fn major(&self) -> Major {
+        self.major
+    }
+
+    /// Where this host's PostgreSQL programs are (an agent's `bin_dir`).
+    pub fn pg_bin_dir(&self) -> &'static Path {
+        self.major.bin_dir()
     }
 
     /// The superuser's password (scram over TCP).
@@ -136,7 +147,7 @@ impl Host {
 
     /// /etc/postgresql/15/NAME of a Debian host.
     pub fn debian_etc_dir(&self) -> PathBuf {
-        PathBuf::from(format!("/etc/postgresql/{PG_VERSION}/{}", self.debian_cluster()))
+        PathBuf::from(format!("/etc/postgresql/{}/{}", self.major, self.debian_cluster()))
     }
 
     /// Where this host's pg_hba.conf is: in the data directory, or under
@@ -187,7 +198,8 @@ impl Host {
         match self.layout {
             Layout::Initdb => self.dir.join("postgres.log"),
             Layout::Debian => PathBuf::from(format!(
-                "/var/log/postgresql/postgresql-{PG_VERSION}-{}.log",
+                "/var/log/postgresql/postgresql-{}-{}.log",
+                self.major,
                 self.debian_cluster()
             )),
         }
@@ -205,10 +217,11 @@ impl Host {
     /// postgres user, in the host directory, with a clean environment
     /// (`PATH` with the PostgreSQL programs first, `LANG=C`, `NO_COLOR=1`,
     /// `HOME` = the host directory). A bare program name is looked up in
-    /// [`PG_BIN_DIR`] first.
+    /// the host's [`pg_bin_dir`](Self::pg_bin_dir) first.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
         let program = program.as_ref();
-        let in_pg_bin = Path::new(PG_BIN_DIR).join(program);
+        let pg_bin = self.pg_bin_dir();
+        let in_pg_bin = pg_bin.join(program);
         let mut cmd = if !program.as_encoded_bytes().contains(&b'/') && in_pg_bin.exists() {
             Command::new(in_pg_bin)
         } else {
@@ -217,7 +230,7 @@ impl Host {
         cmd.env_clear()
             .env(
                 "PATH",
-                format!("{PG_BIN_DIR}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
+                format!("{}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", pg_bin.display()),
             )
             .env("LANG", "C")
             // Plain agent logs (tracing colours its output even into a file).
@@ -327,10 +340,11 @@ impl Host {
     fn create_debian_cluster(&self, pwfile: &Path) -> Result<()> {
         let data = self.data_dir();
         let name = self.debian_cluster();
+        let major = self.major.to_string();
         let sock = self.socket_dir();
         let mut argv: Vec<&OsStr> = vec![
             "pg_createcluster".as_ref(),
-            PG_VERSION.as_ref(),
+            major.as_ref(),
             name.as_ref(),
             "-d".as_ref(),
             data.as_ref(),
@@ -368,6 +382,7 @@ impl Host {
     /// file is not pg_dropcluster's to remove).
     pub(crate) fn drop_debian_cluster(&self) -> Result<()> {
         let name = self.debian_cluster();
+        let major = self.major.to_string();
         let etc = self.debian_etc_dir();
         if !etc.exists() {
             return Ok(());
@@ -375,7 +390,7 @@ impl Host {
         let result = run_root(&[
             "pg_dropcluster".as_ref(),
             "--stop".as_ref(),
-            PG_VERSION.as_ref(),
+            major.as_ref(),
             name.as_ref(),
         ]);
         let _ = std::fs::remove_dir_all(&etc);
@@ -405,6 +420,7 @@ impl Host {
         let log = self.postgres_log();
         let options = self.pg_ctl_options();
         let name = self.debian_cluster();
+        let major = self.major.to_string();
         let argv: Vec<&OsStr> = match self.layout {
             Layout::Initdb => vec![
                 "pg_ctl".as_ref(),
@@ -421,7 +437,7 @@ impl Host {
             ],
             Layout::Debian => vec![
                 "/usr/bin/pg_ctlcluster".as_ref(),
-                PG_VERSION.as_ref(),
+                major.as_ref(),
                 name.as_ref(),
                 "start".as_ref(),
             ],
@@ -441,6 +457,7 @@ impl Host {
         let data = self.data_dir();
         let timeout = timeout_secs.to_string();
         let name = self.debian_cluster();
+        let major = self.major.to_string();
         let argv: Vec<&OsStr> = match self.layout {
             Layout::Initdb => vec![
                 "pg_ctl".as_ref(),
@@ -455,7 +472,7 @@ impl Host {
             ],
             Layout::Debian => vec![
                 "/usr/bin/pg_ctlcluster".as_ref(),
-                PG_VERSION.as_ref(),
+                major.as_ref(),
                 name.as_ref(),
                 "stop".as_ref(),
                 "-m".as_ref(),
@@ -727,16 +744,16 @@ const INITDB_AUTH: [&str; 3] = [
 ];
 
 /// A bin_dir for an agent (`AgentOptions::bin_dir`) whose `postgres` is
-/// a shell wrapper: the real programs of [`PG_BIN_DIR`] as symlinks, except
+/// a shell wrapper: the real programs of `real` (a host's
+/// [`pg_bin_dir`](Host::pg_bin_dir)) as symlinks, except
 /// pg_ctl (a copy: it looks for `postgres` next to its own resolved path)
 /// and postgres, a script that runs `wrapper` (sh code; `$REAL` is the real
 /// postgres) unless asked for its version, which pg_ctl checks first.
-pub fn wrapped_bin_dir(dir: &Path, wrapper: &str) -> Result<()> {
+pub fn wrapped_bin_dir(dir: &Path, real: &Path, wrapper: &str) -> Result<()> {
     use std::os::unix::fs::{PermissionsExt, symlink};
-    let real = Path::new(PG_BIN_DIR);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    for entry in std::fs::read_dir(real).with_context(|| format!("listing {PG_BIN_DIR}"))? {
+    for entry in std::fs::read_dir(real).with_context(|| format!("listing {}", real.display()))? {
         let name = entry?.file_name();
         let to = dir.join(&name);
         if name == "pg_ctl" {

@@ -1,6 +1,7 @@
 //! End-to-end test harness: [`TestFleet`] gives a test N "hosts", each a
 //! Linux network namespace on a private bridge with its own address
-//! (198.18.N.{i+2}), its own PostgreSQL 15 server and optionally its own
+//! (198.18.N.{i+2}), its own PostgreSQL server (15, or 18 with
+//! `PGFLEET_TEST_PG_MAJOR=18`: [`Major`]) and optionally its own
 //! `pgfleet-agent`, all run as the `postgres` OS user. Connections between
 //! hosts carry the real source address, so pg_hba and pg_stat_replication
 //! behave as on separate machines (DESIGN.md, "Test fleet").
@@ -21,6 +22,7 @@ pub mod faults;
 pub mod fleet;
 pub mod host;
 pub mod net;
+pub mod postgres;
 pub mod process;
 
 use std::path::PathBuf;
@@ -33,6 +35,7 @@ pub use coordinator::Coordinator;
 pub use etcd::EtcdCluster;
 pub use fleet::{CliOutput, TestFleet};
 pub use host::{Host, Layout};
+pub use postgres::Major;
 
 /// Directory of the workspace's binaries: `$PGFLEET_BIN_DIR`, else the
 /// profile directory of the target directory this test binary was built in

@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{json, pgfleet, status_node};
-use pgfleet_tests::host::PG_VERSION;
 use pgfleet_tests::{Host, Layout, TestFleet};
 use serde_json::Value;
 
@@ -129,7 +128,7 @@ async fn rebuild_through_pg_ctlcluster_backend() {
     );
     assert_eq!(
         node.query_one_string("show cluster_name").await.unwrap(),
-        format!("{PG_VERSION}/{}", node.debian_cluster())
+        format!("{}/{}", node.major(), node.debian_cluster())
     );
 
     let report = json(&pgfleet(&fleet, &["status", "--json"]));

@@ -1134,9 +1134,10 @@ async fn debian_clusters_fail_over_rejoin_and_roll_without_losing_commits() {
 /// A bin_dir for an agent whose `postgres`, while `marker` exists, starts
 /// with `primary_conninfo` pointing at `bad` (a port nobody listens on): a
 /// standby that cannot come back, whose server log says why.
-fn unreachable_upstream_bin_dir(dir: &Path, marker: &Path, bad: &str) {
+fn unreachable_upstream_bin_dir(host: &Host, dir: &Path, marker: &Path, bad: &str) {
     pgfleet_tests::host::wrapped_bin_dir(
         dir,
+        host.pg_bin_dir(),
         &format!(
             "if [ -e {marker} ]; then exec \"$REAL\" \"$@\" -c \"primary_conninfo={bad}\"; fi\nexec \"$REAL\" \"$@\"",
             marker = marker.display()
@@ -1159,7 +1160,7 @@ async fn switchover_whose_old_primary_cannot_follow_says_why_and_keeps_commits_w
     let bin = node0.dir().join("bin");
     let marker = node0.dir().join("cannot-follow");
     let bad = format!("host={} port=5433 connect_timeout=2", node1.addr());
-    unreachable_upstream_bin_dir(&bin, &marker, &bad);
+    unreachable_upstream_bin_dir(node0, &bin, &marker, &bad);
     common::start_primary(&fleet, 0);
     node0
         .start_agent_with(&AgentOptions { bin_dir: Some(bin), ..AgentOptions::default() })
@@ -1181,7 +1182,11 @@ async fn switchover_whose_old_primary_cannot_follow_says_why_and_keeps_commits_w
     assert!(took < Duration::from_secs(45), "took {took:?}\n{out}");
     for needle in [
         "node0 does not stream",
-        "its server log: FATAL: could not connect to the primary server",
+        // 15: "FATAL: could not connect to the primary server: ...";
+        // 18: "FATAL: streaming replication receiver "walreceiver" could
+        // not connect to the primary server: ...".
+        "its server log: FATAL: ",
+        "could not connect to the primary server",
         "Connection refused",
         "never lowers synchronous replication",
     ] {

@@ -1,7 +1,7 @@
 //! The harness itself: hosts are real, separate network endpoints, and
 //! nothing survives a fleet.
 
-use pgfleet_tests::TestFleet;
+use pgfleet_tests::{Major, TestFleet};
 use pgfleet_tests::net::list_netns;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,6 +38,16 @@ async fn harness_builds_primary_and_streaming_replica() {
         .await
         .unwrap();
     assert_eq!(client_addr, replica.addr().to_string());
+    // Both servers run the suite's major (PGFLEET_TEST_PG_MAJOR), as the
+    // servers themselves say.
+    let major = Major::from_env().unwrap().number().to_string();
+    for h in [primary, replica] {
+        let version = h
+            .query_one_string("select current_setting('server_version_num')::int / 10000")
+            .await
+            .unwrap();
+        assert_eq!(version, major, "{}", h.node_name());
+    }
 
     drop(fleet);
     let prefix = format!("pft{n}h");

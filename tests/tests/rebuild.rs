@@ -1322,8 +1322,8 @@ async fn rebuild_fails_cleanly_when_primary_stops_mid_copy() {
 /// `delay` before starting the server (as a loaded machine or slow storage
 /// would): symlinks to every program, except pg_ctl (a copy: it looks for
 /// `postgres` next to its own resolved path) and postgres (a wrapper).
-fn slow_postgres_bin_dir(dir: &Path, delay: &str) {
-    pgfleet_tests::host::wrapped_bin_dir(dir, &format!("sleep {delay}\nexec \"$REAL\" \"$@\"")).unwrap();
+fn slow_postgres_bin_dir(host: &Host, dir: &Path, delay: &str) {
+    pgfleet_tests::host::wrapped_bin_dir(dir, host.pg_bin_dir(), &format!("sleep {delay}\nexec \"$REAL\" \"$@\"")).unwrap();
 }
 
 /// `pg_ctl -W start` returns as soon as it has forked the server, before
@@ -1337,7 +1337,7 @@ async fn rebuild_waits_for_a_slow_starting_server() {
     primary.start_postgres().unwrap();
     primary.start_agent().unwrap();
     let bin = node.dir().join("slow-bin");
-    slow_postgres_bin_dir(&bin, "0.5");
+    slow_postgres_bin_dir(node, &bin, "0.5");
     node.start_agent_with(&AgentOptions {
         bin_dir: Some(bin),
         ..AgentOptions::default()

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{exec, one, pgfleet, start_agents, start_primary};
+use common::{error_of, exec, one, pgfleet, start_agents, start_primary};
 use pgfleet_proto::agent::v1 as pb;
 use pgfleet_proto::agent::v1::agent_client::AgentClient;
 use pgfleet_proto::coordinator::v1 as cpb;
@@ -289,14 +289,6 @@ async fn the_service_refuses_what_the_cli_refuses() {
     tokio::time::timeout(Duration::from_secs(5), watch)
         .await
         .expect("WatchOperation from past the end of a finished operation never ended");
-}
-
-/// What the command said was wrong: stderr from its `error:` line on.
-fn error_of(out: &pgfleet_tests::CliOutput) -> String {
-    match out.stderr.find("error:") {
-        Some(i) => out.stderr[i..].trim_end().to_owned(),
-        None => panic!("no error line in:\n{out}"),
-    }
 }
 
 /// Both doors, one check: every bad-input refusal the suite makes of an

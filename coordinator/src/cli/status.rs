@@ -6,7 +6,7 @@ use crate::cli::table::Table;
 
 pub fn render(report: &FleetReport) -> String {
     let mut t = Table::new(&[
-        "CLUSTER", "NODE", "ROLE", "STATE", "TL", "LSN", "LAG", "SYNC", "SERVICE", "NOTE",
+        "CLUSTER", "NODE", "ROLE", "PG", "STATE", "TL", "LSN", "LAG", "SYNC", "SERVICE", "NOTE",
     ]);
     let mut warnings = Vec::new();
     for c in &report.clusters {
@@ -64,10 +64,18 @@ fn row(cluster: &str, n: &NodeReport) -> Vec<String> {
         .clone()
         .or_else(|| n.down_reason.clone())
         .unwrap_or_default();
+    // The major it runs; "15 (programs 18)" when its data directory and
+    // its agent's programs disagree.
+    let major = match (n.major(), n.data_major, n.binaries_major) {
+        (_, Some(d), Some(b)) if d != b => format!("{d} (programs {b})"),
+        (Some(m), _, _) => m.to_string(),
+        (None, _, _) => dash(),
+    };
     vec![
         cluster.to_owned(),
         n.name.clone(),
         n.role.as_str().to_owned(),
+        major,
         state,
         n.timeline.map(|t| t.to_string()).unwrap_or_else(dash),
         lsn,

@@ -76,6 +76,11 @@ fn choose<'a>(
             "{p} is a running primary; a failover is for a lost primary: use `pgfleet switchover` for a planned move"
         )));
     }
+    // A standby of another major is not a copy the promoted server could
+    // stream to, nor one that could be promoted in its place.
+    if let Some(m) = crate::majors::mixed(&c.name.to_string(), &cr.nodes) {
+        return Err(MoveError::Refused(m));
+    }
     // The old primary: the one node that is not a running replica; among
     // several, the one whose control file says it ran as a primary ("in
     // production" after a crash, "shut down" after a clean stop), since an

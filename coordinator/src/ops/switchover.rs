@@ -81,6 +81,9 @@ pub async fn preflight<'a>(
             unreachable.join(", ")
         )));
     }
+    if let Some(m) = crate::majors::mixed(&c.name.to_string(), &cr.nodes) {
+        return Err(MoveError::Refused(m));
+    }
     let p_report = report(&cr, &old_name).ok_or_else(|| MoveError::Refused("primary missing".into()))?;
     let old_settings = call(old, d, async |c| c.get_settings(pb::GetSettingsRequest {}).await).await?;
     let sync = SyncSpec::parse(&old_settings.synchronous_standby_names).unwrap_or_else(|_| SyncSpec::asynchronous());

@@ -39,6 +39,14 @@ pub async fn primary_and_replica() -> TestFleet {
     fleet
 }
 
+/// What the command said was wrong: stderr from its `error:` line on.
+pub fn error_of(out: &CliOutput) -> String {
+    match out.stderr.find("error:") {
+        Some(i) => out.stderr[i..].trim_end().to_owned(),
+        None => panic!("no error line in:\n{out}"),
+    }
+}
+
 /// An agent endpoint in the fleet's subnet that no host has: nobody answers.
 pub fn ghost_endpoint(fleet: &TestFleet) -> String {
     format!("https://198.18.{}.250:7420", fleet.n())
