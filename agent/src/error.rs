@@ -58,6 +58,7 @@ fn rebuild_code(e: &RebuildError) -> Code {
         | RebuildError::Service { .. }
         | RebuildError::DataDir(_)
         | RebuildError::Passfile { .. }
+        | RebuildError::AutoConf { .. }
         | RebuildError::LogFile { .. }
         | RebuildError::Basebackup { .. } => Code::Internal,
         RebuildError::Pg(pg) => pg_code(pg),

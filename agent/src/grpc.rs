@@ -136,6 +136,11 @@ impl AgentService {
             wal_log_hints: s.wal_log_hints,
             data_checksums: s.data_checksums,
             timeline: s.timeline,
+            failover_slots: s
+                .failover_slots
+                .into_iter()
+                .map(|f| pb::FailoverSlot { name: f.name, synced: f.synced, usable: f.usable })
+                .collect(),
         }))
     }
 
@@ -151,13 +156,14 @@ impl AgentService {
             reason: "missing; to turn synchronous replication off send a config with no names".into(),
         })?;
         let spec = sync_spec(config)?;
-        let (now, previous) = standby::set_synchronous_standbys(&self.state.pg, &spec)
+        let (now, previous, standby_slots) = standby::set_synchronous_standbys(&self.state.pg, &spec)
             .instrument(info_span!("rpc", method = "SetSynchronousStandbys", op_id = %r.operation_id))
             .await
             .map_err(AgentError::from)?;
         Ok(Response::new(pb::SetSynchronousStandbysResponse {
             synchronous_standby_names: now,
             previous,
+            synchronized_standby_slots: standby_slots,
         }))
     }
 
@@ -475,6 +481,26 @@ impl pb::agent_server::Agent for AgentService {
         self.audited(&caller, "StartCrashed", &target, result)
     }
 
+    async fn enable_slot_sync(
+        &self,
+        req: Request<pb::EnableSlotSyncRequest>,
+    ) -> Result<Response<pb::EnableSlotSyncResponse>, Status> {
+        let caller = self.gate(&req, "EnableSlotSync")?;
+        let target = req.get_ref().target();
+        let result = match valid_operation_id(req.get_ref().operation_id()) {
+            Ok(()) => {
+                let op_id = req.get_ref().operation_id.clone();
+                crate::slotsync::enable(&self.state.pg)
+                    .instrument(info_span!("rpc", method = "EnableSlotSync", op_id = %op_id))
+                    .await
+                    .map(|(changed, detail)| Response::new(pb::EnableSlotSyncResponse { changed, detail }))
+                    .map_err(|e| Status::from(AgentError::from(e)))
+            }
+            Err(s) => Err(s),
+        };
+        self.audited(&caller, "EnableSlotSync", &target, result)
+    }
+
     async fn hold_lease(
         &self,
         req: Request<pb::HoldLeaseRequest>,
@@ -686,7 +712,17 @@ operation_id_of!(
     pb::CreateSlotRequest,
     pb::RewindRequest,
     pb::StartCrashedRequest,
+    pb::EnableSlotSyncRequest,
 );
+
+impl Target for pb::EnableSlotSyncRequest {
+    fn target(&self) -> String {
+        "this node".into()
+    }
+    fn operation_id(&self) -> &str {
+        OperationIdOf::op_id(self)
+    }
+}
 
 impl Target for pb::DropSlotRequest {
     fn target(&self) -> String {

@@ -37,6 +37,7 @@ pub mod rebuild;
 pub mod secret;
 pub mod server;
 pub mod server_log;
+pub mod slotsync;
 pub mod service;
 pub mod standby;
 pub mod status;

@@ -113,6 +113,11 @@ pub enum RebuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("writing {path}: {source}")]
+    AutoConf {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write the rebuild log {path}: {source}")]
     LogFile {
         path: PathBuf,
@@ -711,6 +716,33 @@ async fn execute(ctx: &Ctx<'_>, step: RebuildStep, job: &Job, out: &mut Outcome)
         }
         RebuildStep::Basebackup => run_basebackup(ctx, job, out).await,
         RebuildStep::Start => {
+            // Failover slots (17+, logical WAL): the copy synchronizes them
+            // from its first start (pg_basebackup -R writes no dbname).
+            if crate::slotsync::applies_offline(cfg).await {
+                let up = crate::standby::Upstream {
+                    host: req.copy.upstream_host.clone(),
+                    port: req.copy.upstream_port,
+                    role: req.copy.role.clone(),
+                    password: req.password.clone(),
+                    slot: req.copy.slot.clone(),
+                    application_name: req.copy.application_name.clone(),
+                };
+                let conninfo = crate::slotsync::with_dbname(
+                    &crate::standby::primary_conninfo(cfg, &up),
+                    crate::slotsync::DATABASE,
+                );
+                let mut settings = vec![("primary_conninfo", conninfo), ("primary_slot_name", up.slot.to_string())];
+                settings.extend(crate::slotsync::standby_settings());
+                let data = cfg.postgres.data_dir.clone();
+                tokio::task::spawn_blocking(move || crate::standby::write_auto_conf(&data, &settings))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|r| r)
+                    .map_err(|source| RebuildError::AutoConf {
+                        path: cfg.postgres.data_dir.join("postgresql.auto.conf"),
+                        source,
+                    })?;
+            }
             service::perform(cfg, Action::Start)
                 .await
                 .map_err(|source| RebuildError::Service { step: "start", source })?;

@@ -101,6 +101,7 @@ pub struct Settings {
     pub wal_log_hints: bool,
     pub data_checksums: bool,
     pub timeline: u32,
+    pub failover_slots: Vec<crate::slotsync::FailoverSlot>,
 }
 
 const SETTINGS_SQL: &str = "
@@ -146,12 +147,18 @@ pub async fn settings(pg: &Pg) -> Result<Settings, StandbyError> {
             .map_err(PgError::from)?
             .and_then(|t| u32::try_from(t).ok())
             .unwrap_or(0),
+        failover_slots: crate::slotsync::failover_slots(pg).await?,
     })
 }
 
 /// ALTER SYSTEM SET synchronous_standby_names and reload. The value is
 /// built from validated names (each double-quoted), so it is a safe literal.
-pub async fn set_synchronous_standbys(pg: &Pg, spec: &SyncSpec) -> Result<(String, String), StandbyError> {
+/// Where failover slots apply (17+, logical WAL), synchronized_standby_slots
+/// follows: the logical WAL senders wait for the same standbys as commits.
+pub async fn set_synchronous_standbys(
+    pg: &Pg,
+    spec: &SyncSpec,
+) -> Result<(String, String, Option<String>), StandbyError> {
     let previous: String = pg
         .query_one("SELECT current_setting('synchronous_standby_names')", &[])
         .await?
@@ -166,9 +173,10 @@ pub async fn set_synchronous_standbys(pg: &Pg, spec: &SyncSpec) -> Result<(Strin
         &[],
     )
     .await?;
+    let standby_slots = crate::slotsync::set_standby_slots(pg, spec).await?;
     pg.query("SELECT pg_reload_conf()", &[]).await?;
     info!(%previous, now = %value, "synchronous_standby_names set");
-    Ok((value, previous))
+    Ok((value, previous, standby_slots))
 }
 
 /// Where a standby streams from.
@@ -235,7 +243,7 @@ fn sql_literal(v: &str) -> String {
 
 /// Rewrites postgresql.auto.conf of a stopped server: our keys replaced,
 /// everything else kept (ALTER SYSTEM needs a running server).
-fn write_auto_conf(data_dir: &Path, settings: &[(&str, String)]) -> std::io::Result<()> {
+pub(crate) fn write_auto_conf(data_dir: &Path, settings: &[(&str, String)]) -> std::io::Result<()> {
     let path = data_dir.join("postgresql.auto.conf");
     let old = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -291,7 +299,16 @@ pub async fn configure(
                 source,
             })?;
     }
-    let conninfo = primary_conninfo(config, up);
+    let running = pg.status().await;
+    // Failover slots (17+, logical WAL): the standby synchronizes them.
+    let slot_sync = match &running {
+        Ok(_) => crate::slotsync::applies(pg).await?,
+        Err(_) => crate::slotsync::applies_offline(config).await,
+    };
+    let mut conninfo = primary_conninfo(config, up);
+    if slot_sync {
+        conninfo = crate::slotsync::with_dbname(&conninfo, crate::slotsync::DATABASE);
+    }
     let mut settings = vec![
         ("primary_conninfo", conninfo.clone()),
         ("primary_slot_name", up.slot.to_string()),
@@ -299,7 +316,14 @@ pub async fn configure(
     if reset_sync {
         settings.push(("synchronous_standby_names", String::new()));
     }
-    match pg.status().await {
+    if slot_sync {
+        settings.extend(crate::slotsync::standby_settings());
+        if reset_sync {
+            // Like synchronous_standby_names: a standby waits for no one.
+            settings.push(("synchronized_standby_slots", String::new()));
+        }
+    }
+    match running {
         Ok(s) if !s.in_recovery => Err(StandbyError::RunningPrimary),
         Ok(_) => {
             for (k, v) in &settings {

@@ -131,8 +131,12 @@ pub async fn prepare(pg: &Pg, req: &PrepareRequest) -> Result<Prepared, Upstream
 
     ensure_role(pg, req, &mut out).await?;
     ensure_hba(pg, req, "replication", &hba_path, &mut out).await?;
+    // pg_rewind's SQL connection, and a standby's slot sync worker (17+,
+    // logical WAL), connect to a database, not for replication.
+    if req.for_rewind || crate::slotsync::applies(pg).await? {
+        ensure_hba(pg, req, crate::slotsync::DATABASE, &hba_path, &mut out).await?;
+    }
     if req.for_rewind {
-        ensure_hba(pg, req, "postgres", &hba_path, &mut out).await?;
         grant_rewind(pg, req, &mut out).await?;
     } else {
         clear_stale_slot(pg, req, &mut out).await?;

@@ -59,7 +59,7 @@ pub fn agent_method_access(method: &str) -> Option<Access> {
         // Probe changes nothing, but makes the agent connect out: admin.
         "DropSlot" | "PrepareUpstream" | "StartRebuild" | "SetSynchronousStandbys"
         | "ConfigureStandby" | "Fence" | "Unfence" | "Promote" | "CreateSlot" | "Rewind" | "Probe"
-        | "StartCrashed" | "HoldLease" => {
+        | "StartCrashed" | "HoldLease" | "EnableSlotSync" => {
             Access::Change
         }
         _ => return None,

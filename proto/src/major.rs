@@ -55,6 +55,25 @@ impl Major {
     }
 }
 
+/// Logical slots with `failover = true`, and whether each is usable after a
+/// promotion of this node: synchronized from the primary (`synced`),
+/// persisted (a newly synced slot stays temporary until the primary's slot
+/// has moved past what this standby holds), not invalidated. Columns of 17
+/// and later: run only where [`Major::has_slot_failover`].
+pub const FAILOVER_SLOTS_SQL: &str = "
+SELECT slot_name::text, synced,
+       synced AND NOT temporary AND invalidation_reason IS NULL
+FROM pg_replication_slots
+WHERE slot_type = 'logical' AND failover
+ORDER BY slot_name";
+
+/// The settings a standby needs to synchronize failover slots (17+), besides
+/// `primary_slot_name` (pgfleet always sets it) and a `dbname` in
+/// `primary_conninfo`. hot_standby_feedback keeps the catalog rows the
+/// slots' decoding needs from being vacuumed on the primary.
+pub const SLOT_SYNC_STANDBY_SETTINGS: [(&str, &str); 2] =
+    [("sync_replication_slots", "on"), ("hot_standby_feedback", "on")];
+
 impl fmt::Display for Major {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)

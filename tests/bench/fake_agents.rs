@@ -376,6 +376,13 @@ impl Agent for FakeAgents {
     ) -> Result<Response<pb::HoldLeaseResponse>, Status> {
         simulated("HoldLease")
     }
+
+    async fn enable_slot_sync(
+        &self,
+        _: Request<pb::EnableSlotSyncRequest>,
+    ) -> Result<Response<pb::EnableSlotSyncResponse>, Status> {
+        simulated("EnableSlotSync")
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

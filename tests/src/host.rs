@@ -401,11 +401,13 @@ impl Host {
     /// The server options this host's PostgreSQL is started with (`pg_ctl
     /// -o`). Host-specific settings live here rather than in the data
     /// directory, so a copy made by pg_basebackup from another host still
-    /// listens on this host's own address and socket.
+    /// listens on this host's own address and socket. wal_level is left to
+    /// the configuration files (replica by default), so a test can make it
+    /// logical with ALTER SYSTEM.
     pub fn pg_ctl_options(&self) -> String {
         format!(
             "-c listen_addresses={addr} -c port={PG_PORT} -c unix_socket_directories={sock} \
-             -c wal_level=replica -c max_wal_senders=10 -c max_replication_slots=10 \
+             -c max_wal_senders=10 -c max_replication_slots=10 \
              -c hot_standby=on -c wal_log_hints=on -c fsync=off -c shared_buffers=16MB",
             addr = self.addr,
             sock = self.socket_dir().display(),

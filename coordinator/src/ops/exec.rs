@@ -388,9 +388,12 @@ impl<'a> Exec<'a> {
                 let n = self.node(node)?;
                 let spec = SyncSpec::parse(value).map_err(|e| MoveError::Step { step: "sync-config", detail: e.to_string() })?;
                 let req = sync_request(&spec, self.op.id());
-                call(n, d, async |c| c.set_synchronous_standbys(req).await).await?;
+                let r = call(n, d, async |c| c.set_synchronous_standbys(req).await).await?;
                 self.sync = Some(spec);
-                format!("synchronous_standby_names = '{value}'")
+                match r.synchronized_standby_slots {
+                    Some(slots) => format!("synchronous_standby_names = '{value}'; synchronized_standby_slots = '{slots}'"),
+                    None => format!("synchronous_standby_names = '{value}'"),
+                }
             }
             Step::Fence { node, immediate } => {
                 let n = self.node(node)?;
@@ -451,6 +454,11 @@ impl<'a> Exec<'a> {
                 self.point_at(node, upstream, slot, false, !slot_in_use).await?;
                 "reconnected".into()
             }
+            Step::SlotSync { node } => {
+                let n = self.node(node)?;
+                let operation_id = self.op.id().to_owned();
+                call(n, d, async |c| c.enable_slot_sync(pb::EnableSlotSyncRequest { operation_id }).await).await?.detail
+            }
             Step::RememberSync { value } => {
                 journal::remember_sync(&self.inventory.store, self.cluster.name.as_str(), value).await?;
                 format!("synchronous_standby_names = '{value}'")
@@ -481,7 +489,12 @@ impl<'a> Exec<'a> {
                 let n = self.node(node)?;
                 let info = call(n, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await).await?;
                 let mut dropped = Vec::new();
-                for s in info.slots.iter().filter(|s| s.slot_type == "physical" && !s.active) {
+                // Its own failover logical slots too (17+): the new primary
+                // carries them on, and a same-named local slot would stop
+                // this standby's slot sync worker from taking them over.
+                let settings = call(n, d, async |c| c.get_settings(pb::GetSettingsRequest {}).await).await?;
+                let stale = |name: &str| settings.failover_slots.iter().any(|f| f.name == name && !f.synced);
+                for s in info.slots.iter().filter(|s| !s.active && (s.slot_type == "physical" || stale(&s.slot_name))) {
                     let name = s.slot_name.clone();
                     call(n, d, async |c| c.drop_slot(pb::DropSlotRequest { slot_name: name, force: false }).await).await?;
                     dropped.push(s.slot_name.clone());

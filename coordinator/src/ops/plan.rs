@@ -98,6 +98,10 @@ pub enum Step {
         slot: SlotName,
         slot_in_use: bool,
     },
+    /// On a standby of PostgreSQL 17+ with wal_level = logical: what its
+    /// slot sync worker needs to keep the primary's failover logical slots
+    /// (nothing elsewhere).
+    SlotSync { node: NodeName },
     /// pgfleet's own record of the setting, read when the primary is lost.
     RememberSync { value: String },
     /// synchronous_standby_names on `node` is met by streaming standbys
@@ -167,6 +171,7 @@ impl Step {
             Step::Rewind { .. } => "rewind",
             Step::Follow { .. } => "follow",
             Step::Reconnect { .. } => "application-name",
+            Step::SlotSync { .. } => "slot-sync",
             Step::RememberSync { .. } => "remember-sync",
             Step::Writes { .. } => "writes",
             Step::DropOldSlots { .. } => "old-slots",
@@ -194,6 +199,7 @@ impl Step {
             | Step::Rewind { node, .. }
             | Step::Follow { node, .. }
             | Step::Reconnect { node, .. }
+            | Step::SlotSync { node }
             | Step::Writes { node }
             | Step::DropOldSlots { node }
             | Step::DropSlot { node, .. }
@@ -218,7 +224,10 @@ impl Step {
                 None => format!("promote {node}: it holds every acknowledged commit (received up to {received})"),
                 Some(why) => format!("promote {node} (received up to {received}), accepting data loss: {why}"),
             },
-            Step::SyncConfig { value, .. } => format!("ALTER SYSTEM SET synchronous_standby_names = '{value}'; reload"),
+            Step::SyncConfig { value, .. } => format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{value}' (on 17+ with logical WAL, \
+                 synchronized_standby_slots to their slots); reload"
+            ),
             Step::Fence { immediate: false, .. } => {
                 "stop PostgreSQL (fast shutdown: sessions end, shutdown checkpoint), leave standby.signal".into()
             }
@@ -256,6 +265,9 @@ impl Step {
                 "reconnect to {upstream} with application_name={node}, through {} slot {slot}; reload",
                 if *slot_in_use { "its" } else { "a new" }
             ),
+            Step::SlotSync { .. } => "synchronize failover logical slots: sync_replication_slots = on, \
+                hot_standby_feedback = on, a dbname in primary_conninfo (what is missing); reload"
+                .into(),
             Step::RememberSync { value } => format!("pgfleet's record: synchronous_standby_names = '{value}'"),
             Step::Writes { .. } => "wait until synchronous_standby_names is met by streaming standbys".into(),
             Step::DropOldSlots { .. } => "drop the slots it kept for its former standbys".into(),

@@ -140,6 +140,25 @@ pub async fn preflight<'a>(
         {
             problems.push(format!("WAL replay on {new_name} is {p}; resume it with pg_wal_replay_resume()"));
         }
+        // Failover logical slots (17+) go over only if the candidate has
+        // them synchronized and persisted: its consumers would otherwise
+        // find them gone.
+        for slot in &old_settings.failover_slots {
+            match new_settings.failover_slots.iter().find(|f| f.name == slot.name) {
+                Some(f) if f.usable => {}
+                found => problems.push(format!(
+                    "logical slot {} on {old_name} has failover = true but is not ready on {new_name} ({}): \
+                     its consumers would lose it. A synchronized slot becomes ready once its consumer has \
+                     advanced it on {old_name}; `pgfleet sync set` makes the synchronous standbys synchronize \
+                     failover slots",
+                    slot.name,
+                    match found {
+                        None => "not synchronized there",
+                        Some(_) => "synchronized but still temporary or invalidated",
+                    }
+                )),
+            }
+        }
         // After the switch every other node is a standby of the candidate.
         let mut followers = vec![(old_name.clone(), old_settings.clone())];
         for o in &others {
@@ -160,10 +179,17 @@ pub async fn preflight<'a>(
             }
         }
     }
-    if !old_settings.logical_slots.is_empty() {
+    let not_carried: Vec<&str> = old_settings
+        .logical_slots
+        .iter()
+        .filter(|s| !old_settings.failover_slots.iter().any(|f| &f.name == *s))
+        .map(String::as_str)
+        .collect();
+    if !not_carried.is_empty() {
         warnings.push(format!(
-            "logical replication slots on {old_name} are not carried over by a promotion and will not exist on {new_name}: {}",
-            old_settings.logical_slots.join(", ")
+            "logical replication slots on {old_name} are not carried over by a promotion and will not exist on {new_name}: {} \
+             (on PostgreSQL 17+ a slot created with failover = true is)",
+            not_carried.join(", ")
         ));
     }
     if !problems.is_empty() {

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use pgfleet_proto::sync::{SyncMethod, SyncSpec};
 use pgfleet_proto::NodeName;
+use pgfleet_proto::major::Major;
 use serde::{Deserialize, Serialize};
 use pgfleet_proto::SlotName;
 
@@ -117,6 +118,31 @@ pub async fn plan<'a>(
             slot,
             slot_in_use: in_use.is_some(),
         });
+    }
+    // Failover logical slots (17+): each named standby synchronizes them.
+    // Its slot sync worker connects to a database, which the primary must
+    // admit it to (the admit step adds that line where it applies).
+    for name in &spec.names {
+        let Some(r) = cr.nodes.iter().find(|r| &r.name == name) else { continue };
+        if r.role != Role::Replica || !r.server_major.is_some_and(|m| Major::from(m).has_slot_failover()) {
+            continue;
+        }
+        let node = c.nodes.iter().find(|n| n.name.as_str() == name).ok_or_else(|| invalid("standby", name.clone()))?;
+        let admitted = steps.iter().any(|s| matches!(s, Step::Reconnect { node: n, .. } if n == &node.name));
+        if !admitted {
+            let in_use = r.wal_receiver.as_ref().and_then(|w| w.slot_name.as_deref()).and_then(|s| SlotName::parse(s).ok());
+            let slot = in_use.unwrap_or_else(|| node.name.default_slot());
+            steps.push(Step::Admit {
+                upstream: primary.name.clone(),
+                role: c.replication_role.clone(),
+                followers: vec![FollowerSlot {
+                    node: node.name.clone(),
+                    in_use: r.streams_through(primary, slot.as_str()),
+                    slot,
+                }],
+            });
+        }
+        steps.push(Step::SlotSync { node: node.name.clone() });
     }
     steps.push(Step::SyncConfig { node: primary.name.clone(), value: spec.to_string() });
     steps.push(Step::RememberSync { value: spec.to_string() });
