@@ -141,6 +141,7 @@ impl AgentService {
                 .into_iter()
                 .map(|f| pb::FailoverSlot { name: f.name, synced: f.synced, usable: f.usable })
                 .collect(),
+            wal_level: s.wal_level,
         }))
     }
 

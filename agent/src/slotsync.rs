@@ -21,18 +21,23 @@ use crate::pg::{Pg, PgError};
 /// connection uses too.
 pub const DATABASE: &str = "postgres";
 
+/// The running server's major.
+async fn server_major(pg: &Pg) -> Result<Major, PgError> {
+    let num: i32 = pg
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .try_get(0)?;
+    Ok(Major::from_version_num(u32::try_from(num).unwrap_or(0)))
+}
+
 /// Whether failover slots apply to the running server: 17+ and
 /// `wal_level = logical`.
 pub async fn applies(pg: &Pg) -> Result<bool, PgError> {
-    let r = pg
-        .query_one(
-            "SELECT current_setting('server_version_num')::int, current_setting('wal_level')",
-            &[],
-        )
-        .await?;
-    let num: i32 = r.try_get(0)?;
-    let wal_level: String = r.try_get(1)?;
-    Ok(Major::from_version_num(u32::try_from(num).unwrap_or(0)).has_slot_failover() && wal_level == "logical")
+    if !server_major(pg).await?.has_slot_failover() {
+        return Ok(false);
+    }
+    let wal_level: String = pg.query_one("SELECT current_setting('wal_level')", &[]).await?.try_get(0)?;
+    Ok(wal_level == "logical")
 }
 
 /// The same for a stopped server: its data directory's major and the
@@ -63,11 +68,7 @@ pub struct FailoverSlot {
 /// The failover slots of this node. Empty where failover slots do not
 /// exist (before 17).
 pub async fn failover_slots(pg: &Pg) -> Result<Vec<FailoverSlot>, PgError> {
-    let num: i32 = pg
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .try_get(0)?;
-    if !Major::from_version_num(u32::try_from(num).unwrap_or(0)).has_slot_failover() {
+    if !server_major(pg).await?.has_slot_failover() {
         return Ok(Vec::new());
     }
     let rows = pg.query(FAILOVER_SLOTS_SQL, &[]).await?;
@@ -116,35 +117,6 @@ pub async fn set_standby_slots(pg: &Pg, spec: &SyncSpec) -> Result<Option<String
     Ok(Some(value))
 }
 
-/// Drops this node's own failover slots (not synchronized ones) that no
-/// one uses: on a former primary now a standby, they are stale copies of
-/// the slots its new primary carries on, and a same-named local slot stops
-/// the slot sync worker. Returns the names dropped.
-pub async fn drop_stale_failover_slots(pg: &Pg) -> Result<Vec<String>, PgError> {
-    let num: i32 = pg
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .try_get(0)?;
-    if !Major::from_version_num(u32::try_from(num).unwrap_or(0)).has_slot_failover() {
-        return Ok(Vec::new());
-    }
-    let rows = pg
-        .query(
-            "SELECT slot_name::text FROM pg_replication_slots
-              WHERE slot_type = 'logical' AND failover AND NOT synced AND NOT active AND pg_is_in_recovery()",
-            &[],
-        )
-        .await?;
-    let mut dropped = Vec::new();
-    for r in rows {
-        let name: String = r.try_get(0)?;
-        pg.query("SELECT pg_drop_replication_slot($1)", &[&name]).await?;
-        info!(slot = %name, "stale failover slot dropped: the new primary carries it on");
-        dropped.push(name);
-    }
-    Ok(dropped)
-}
-
 /// `conninfo` with `dbname` added when it has none: the slot sync worker
 /// connects to a database (the WAL receiver ignores it).
 pub fn with_dbname(conninfo: &str, database: &str) -> String {
@@ -158,19 +130,17 @@ pub fn with_dbname(conninfo: &str, database: &str) -> String {
 /// settings its slot sync worker needs, only those missing, then a reload.
 /// Returns whether anything changed and what.
 pub async fn enable(pg: &Pg) -> Result<(bool, String), PgError> {
-    let r = pg
-        .query_one(
-            "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int,
-                    current_setting('wal_level'), current_setting('primary_conninfo')",
-            &[],
-        )
-        .await?;
-    let (in_recovery, num, wal_level, conninfo): (bool, i32, String, String) =
-        (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
-    let major = Major::from_version_num(u32::try_from(num).unwrap_or(0));
+    let major = server_major(pg).await?;
     if !major.has_slot_failover() {
         return Ok((false, format!("nothing to do: PostgreSQL {major} has no failover slots (17 and later)")));
     }
+    let r = pg
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('wal_level'), current_setting('primary_conninfo')",
+            &[],
+        )
+        .await?;
+    let (in_recovery, wal_level, conninfo): (bool, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
     if wal_level != "logical" {
         return Ok((false, format!("nothing to do: wal_level is {wal_level}, logical slots need logical")));
     }

@@ -102,6 +102,7 @@ pub struct Settings {
     pub data_checksums: bool,
     pub timeline: u32,
     pub failover_slots: Vec<crate::slotsync::FailoverSlot>,
+    pub wal_level: String,
 }
 
 const SETTINGS_SQL: &str = "
@@ -121,7 +122,8 @@ SELECT pg_is_in_recovery(),
        CASE WHEN pg_is_in_recovery()
             THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver),
                           (SELECT timeline_id FROM pg_control_checkpoint()))::int8
-            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int8 END";
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int8 END,
+       current_setting('wal_level')";
 
 pub async fn settings(pg: &Pg) -> Result<Settings, StandbyError> {
     let r = pg.query_one(SETTINGS_SQL, &[]).await?;
@@ -147,6 +149,7 @@ pub async fn settings(pg: &Pg) -> Result<Settings, StandbyError> {
             .map_err(PgError::from)?
             .and_then(|t| u32::try_from(t).ok())
             .unwrap_or(0),
+        wal_level: r.try_get(13).map_err(PgError::from)?,
         failover_slots: crate::slotsync::failover_slots(pg).await?,
     })
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::client::{self, AgentCallError, Deadlines};
 use crate::inventory::{Cluster, Node};
+use crate::majors::NodeMajors;
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct FleetReport {
@@ -100,15 +101,9 @@ pub struct NodeReport {
     /// This replica's WAL receiver.
     pub wal_receiver: Option<WalReceiverView>,
     pub postgres_version: Option<String>,
-    /// The running server's major (server_version_num).
-    #[serde(default)]
-    pub server_major: Option<u32>,
-    /// The data directory's major (PG_VERSION).
-    #[serde(default)]
-    pub data_major: Option<u32>,
-    /// The major of the programs the agent is configured with.
-    #[serde(default)]
-    pub binaries_major: Option<u32>,
+    /// Its PostgreSQL majors (server, data directory, programs).
+    #[serde(flatten)]
+    pub majors: NodeMajors,
     pub agent_version: Option<String>,
     pub hostname: Option<String>,
     pub data_directory: Option<String>,
@@ -281,9 +276,7 @@ impl NodeReport {
             replication: None,
             wal_receiver: None,
             postgres_version: None,
-            server_major: None,
-            data_major: None,
-            binaries_major: None,
+            majors: NodeMajors::default(),
             agent_version: None,
             hostname: None,
             data_directory: None,
@@ -355,9 +348,11 @@ fn node_report(node: &Node, answer: &NodeAnswer) -> NodeReport {
         slot_name: w.slot_name.clone(),
     });
     r.postgres_version = st.postgres_version.clone();
-    r.server_major = st.postgres_version_num.map(|n| Major::from_version_num(n).number());
-    r.data_major = st.data_major;
-    r.binaries_major = st.binaries_major;
+    r.majors = NodeMajors {
+        server_major: st.postgres_version_num.map(|n| Major::from_version_num(n).number()),
+        data_major: st.data_major,
+        binaries_major: st.binaries_major,
+    };
     r.agent_version = Some(st.agent_version.clone());
     r.hostname = Some(st.hostname.clone());
     r.data_directory = Some(st.data_directory.clone());
@@ -496,7 +491,7 @@ fn merge(cluster: &Cluster, answers: Vec<NodeAnswer>) -> ClusterReport {
     } else if primaries.is_empty() && nodes.iter().any(|n| n.reachable) {
         warnings.push("no node reports being primary".into());
     }
-    if let Some(m) = crate::majors::mixed(&cluster.name.to_string(), &nodes) {
+    if let Some(m) = mixed_majors(&cluster.name.to_string(), &nodes) {
         warnings.push(m);
     }
     for n in &nodes {
@@ -512,6 +507,12 @@ fn merge(cluster: &Cluster, answers: Vec<NodeAnswer>) -> ClusterReport {
         warnings,
         policy: None,
     }
+}
+
+/// A cluster whose reachable nodes do not all run one PostgreSQL major
+/// (`majors::mixed`): status warns, switchover and failover refuse.
+pub fn mixed_majors(cluster: &str, nodes: &[NodeReport]) -> Option<String> {
+    crate::majors::mixed(cluster, nodes.iter().filter(|n| n.reachable).map(|n| (n.name.as_str(), &n.majors)))
 }
 
 /// Writes the primary cannot commit (DESIGN.md invariant 12): sessions

@@ -345,7 +345,7 @@ pub async fn preflight<'a>(
             found,
         });
     }
-    if let Some(why) = crate::majors::rebuild_mismatch(target, up) {
+    if let Some(why) = crate::majors::rebuild_mismatch((&target.name, &target.majors), (&up.name, &up.majors)) {
         return Err(RebuildError::MajorMismatch(why));
     }
     let replica_address = resolve(node).await?;

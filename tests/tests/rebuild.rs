@@ -822,7 +822,7 @@ async fn rebuild_with_tablespace_mapping() {
         ts_node.display().to_string()
     );
     assert!(
-        names(&ts_node).iter().any(|n| n.starts_with("PG_15_")),
+        names(&ts_node).iter().any(|n| n.starts_with(&format!("PG_{}_", node.major()))),
         "{:?}",
         names(&ts_node)
     );

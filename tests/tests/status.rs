@@ -24,6 +24,9 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 
 /// Every field of `NodeReport` (coordinator/src/fleet_status.rs).
 const NODE_KEYS: &[&str] = &[
+    "server_major",
+    "data_major",
+    "binaries_major",
     "name",
     "agent",
     "host",

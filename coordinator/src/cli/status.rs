@@ -66,7 +66,8 @@ fn row(cluster: &str, n: &NodeReport) -> Vec<String> {
         .unwrap_or_default();
     // The major it runs; "15 (programs 18)" when its data directory and
     // its agent's programs disagree.
-    let major = match (n.major(), n.data_major, n.binaries_major) {
+    let m = &n.majors;
+    let major = match (m.major(), m.data_major, m.binaries_major) {
         (_, Some(d), Some(b)) if d != b => format!("{d} (programs {b})"),
         (Some(m), _, _) => m.to_string(),
         (None, _, _) => dash(),

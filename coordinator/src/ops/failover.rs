@@ -78,7 +78,7 @@ fn choose<'a>(
     }
     // A standby of another major is not a copy the promoted server could
     // stream to, nor one that could be promoted in its place.
-    if let Some(m) = crate::majors::mixed(&c.name.to_string(), &cr.nodes) {
+    if let Some(m) = crate::fleet_status::mixed_majors(&c.name.to_string(), &cr.nodes) {
         return Err(MoveError::Refused(m));
     }
     // The old primary: the one node that is not a running replica; among

@@ -81,7 +81,7 @@ pub async fn preflight<'a>(
             unreachable.join(", ")
         )));
     }
-    if let Some(m) = crate::majors::mixed(&c.name.to_string(), &cr.nodes) {
+    if let Some(m) = fleet_status::mixed_majors(&c.name.to_string(), &cr.nodes) {
         return Err(MoveError::Refused(m));
     }
     let p_report = report(&cr, &old_name).ok_or_else(|| MoveError::Refused("primary missing".into()))?;

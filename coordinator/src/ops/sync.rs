@@ -17,6 +17,7 @@ use crate::error::CoordinatorError;
 use crate::fleet_status::{self, Role};
 use crate::inventory::{Cluster, Inventory, Node};
 use crate::ops::ctx::OpCtx;
+use pgfleet_proto::agent::v1 as pb;
 use crate::ops::plan::{FollowerSlot, Plan, Step};
 use crate::sync::{SYNC_POLL, SYNC_WAIT, SyncError, SyncReport, primary_of, reached, replication, standbys};
 
@@ -119,12 +120,17 @@ pub async fn plan<'a>(
             slot_in_use: in_use.is_some(),
         });
     }
-    // Failover logical slots (17+): each named standby synchronizes them.
-    // Its slot sync worker connects to a database, which the primary must
-    // admit it to (the admit step adds that line where it applies).
-    for name in &spec.names {
+    // Failover logical slots (17+, logical WAL): each named standby
+    // synchronizes them. Its slot sync worker connects to a database, which
+    // the primary must admit it to (the admit step adds that line where it
+    // applies).
+    let logical = crate::client::call(primary, d, async |c| c.get_settings(pb::GetSettingsRequest {}).await)
+        .await?
+        .wal_level
+        == "logical";
+    for name in spec.names.iter().filter(|_| logical) {
         let Some(r) = cr.nodes.iter().find(|r| &r.name == name) else { continue };
-        if r.role != Role::Replica || !r.server_major.is_some_and(|m| Major::from(m).has_slot_failover()) {
+        if r.role != Role::Replica || !r.majors.server_major.is_some_and(|m| Major::from(m).has_slot_failover()) {
             continue;
         }
         let node = c.nodes.iter().find(|n| n.name.as_str() == name).ok_or_else(|| invalid("standby", name.clone()))?;

@@ -27,9 +27,9 @@ pub fn node(n: &NodeReport) -> pb::NodeReport {
         missing_synchronous_standbys: n.missing_synchronous_standbys.clone(),
         slow_change: n.slow_change.clone(),
         wal_receiver_error: n.wal_receiver_error.clone(),
-        postgres_major: n.major(),
-        data_major: n.data_major,
-        binaries_major: n.binaries_major,
+        postgres_major: n.majors.major(),
+        data_major: n.majors.data_major,
+        binaries_major: n.majors.binaries_major,
     }
 }
 
