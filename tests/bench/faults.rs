@@ -2,18 +2,20 @@
 //! [--schedules N] [--events N] [--first-seed S]` runs N schedules and
 //! prints the summary table (schedules, operations by outcome, faults,
 //! violations by kind, each violating seed); `--seed S` replays one
-//! schedule and prints its report.
+//! schedule and prints its report. `--generator v1|v2` picks the draws
+//! (default the latest, v2; the seeds recorded before v2 replay with v1).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use pgfleet_tests::faults::{self, Schedule};
+use pgfleet_tests::faults::{self, Generator, Schedule};
 
 fn main() -> Result<()> {
     let mut schedules = 200u64;
     let mut events = 8usize;
     let mut first = 1000u64;
     let mut only: Option<u64> = None;
+    let mut generator = Generator::LATEST;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -22,6 +24,10 @@ fn main() -> Result<()> {
             "--events" => events = value("--events")?.parse()?,
             "--first-seed" => first = value("--first-seed")?.parse()?,
             "--seed" => only = Some(value("--seed")?.parse()?),
+            "--generator" => {
+                let v = value("--generator")?;
+                generator = Generator::parse(&v).with_context(|| format!("--generator {v:?}: v1 or v2"))?;
+            }
             other => bail!("unknown argument {other:?}; see tests/bench/faults.sh"),
         }
     }
@@ -33,7 +39,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut runs = Vec::new();
     for seed in seeds {
-        let schedule = Schedule::generate(seed, 3, events);
+        let schedule = Schedule::generate_with(generator, seed, 3, events);
         println!("{schedule}");
         // The fleet is driven from this thread: its processes die with it.
         let report = runtime.block_on(faults::run::run(&schedule));

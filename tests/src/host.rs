@@ -65,6 +65,15 @@ pub struct Host {
     superuser_password: String,
 }
 
+/// Which packets [`Host::drop_traffic`] drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// What the host sends.
+    Outgoing,
+    /// What is sent to the host.
+    Incoming,
+}
+
 /// How a host's PostgreSQL is laid out and run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -677,6 +686,43 @@ impl Host {
             "root",
         ])?;
         Ok(())
+    }
+
+    /// A one-way black hole: every packet this host sends
+    /// ([`Direction::Outgoing`]: a token bucket on its eth0 smaller than any
+    /// packet) or every packet sent to it ([`Direction::Incoming`]: the same
+    /// on the bridge's end of its veth) is dropped. Nothing is refused:
+    /// connections time out, as across a broken switch or firewall, while
+    /// the other direction still carries. (This kernel has no netem, and no
+    /// tc actions; a tbf is what drops.) Replaces an egress limit.
+    pub fn drop_traffic(&self, direction: Direction) -> Result<()> {
+        let tbf = ["root", "tbf", "rate", "1kbit", "burst", "10", "limit", "10"];
+        match direction {
+            Direction::Outgoing => {
+                let mut argv = vec!["netns", "exec", &self.netns, "tc", "qdisc", "replace", "dev", "eth0"];
+                argv.extend(tbf);
+                net::ip(&argv)?;
+            }
+            Direction::Incoming => {
+                let veth = net::veth_name(self.n, self.index);
+                let mut argv = vec!["qdisc", "replace", "dev", veth.as_str()];
+                argv.extend(tbf);
+                net::tc(&argv)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`drop_traffic`](Self::drop_traffic) (Outgoing also removes
+    /// an egress limit).
+    pub fn clear_drop(&self, direction: Direction) -> Result<()> {
+        match direction {
+            Direction::Outgoing => self.clear_egress_limit(),
+            Direction::Incoming => {
+                net::tc(&["qdisc", "del", "dev", &net::veth_name(self.n, self.index), "root"])?;
+                Ok(())
+            }
+        }
     }
 
     /// Cuts this host off the network: its veth's outer end goes down, so

@@ -109,10 +109,19 @@ pub fn subnet(n: u8) -> String {
     format!("198.18.{n}.0/24")
 }
 
+/// Runs `tc ARGS` in the root namespace; see [`ip`].
+pub fn tc(args: &[&str]) -> Result<String> {
+    tool("tc", args)
+}
+
 /// Runs `ip ARGS` (argv, no shell) and returns its stdout; a failure names the
 /// command and carries its stderr.
 pub fn ip(args: &[&str]) -> Result<String> {
-    let mut cmd = Command::new("ip");
+    tool("ip", args)
+}
+
+fn tool(program: &str, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new(program);
     cmd.args(args);
     let out = cmd
         .output()

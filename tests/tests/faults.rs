@@ -7,13 +7,17 @@
 //! violation stay here as regression tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use pgfleet_tests::faults::{self, Schedule};
+use pgfleet_tests::faults::{self, Generator, Schedule};
 
 /// Events per schedule in CI: a few minutes for the whole file.
 const EVENTS: usize = 6;
 
 async fn seed(seed: u64, events: usize) {
-    let schedule = Schedule::generate(seed, 3, events);
+    run(Schedule::generate(seed, 3, events)).await;
+}
+
+async fn run(schedule: Schedule) {
+    let seed = schedule.seed;
     eprintln!("{schedule}");
     let report = faults::run::run(&schedule).await.unwrap();
     eprintln!("{report:#?}");
@@ -38,4 +42,13 @@ async fn seed_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_1000() {
     seed(1000, 8).await;
+}
+
+/// Generator v2 (one-way packet loss, a missing route between two hosts, a
+/// slow link, besides v1's faults): node0's and node2's outgoing packets
+/// dropped, a switchover to node2, no route from node0 to node2, two
+/// `sync set`s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_12_v2() {
+    run(Schedule::generate_with(Generator::V2, 12, 3, EVENTS)).await;
 }

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 pub use run::Report;
-pub use schedule::Schedule;
+pub use schedule::{Generator, Schedule};
 
 /// The summary of many runs: schedules, operations by outcome, faults,
 /// violations by kind, and each violating seed.

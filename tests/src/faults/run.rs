@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 
 use super::check::{self, Ack, Kind, Violation};
 use super::schedule::{Action, Fault, Op, Schedule};
+use crate::host::Direction;
 use crate::{CliChild, CliOutput, Coordinator, Host, TestFleet};
 
 /// How long the fleet has, once every fault is healed, to be back to one
@@ -206,6 +207,18 @@ enum Heal {
     StartAgent(usize),
     StartCoordinator,
     LinkUp(usize),
+    /// The host's own end: dropped outgoing packets or a slow link.
+    ClearOutgoing(usize),
+    ClearIncoming(usize),
+    Route { from: usize, to: usize },
+}
+
+impl Heal {
+    /// Whether, until this heal, host `n` cannot be reached from the root
+    /// namespace (where the harness waits for an agent it starts).
+    fn cuts_off(&self, n: usize) -> bool {
+        matches!(self, Heal::LinkUp(m) | Heal::ClearOutgoing(m) | Heal::ClearIncoming(m) if *m == n)
+    }
 }
 
 fn inject(fleet: &TestFleet, coordinator: &mut Coordinator, f: &Fault, heals: &mut Vec<(Instant, Heal)>) {
@@ -229,6 +242,23 @@ fn inject(fleet: &TestFleet, coordinator: &mut Coordinator, f: &Fault, heals: &m
             let _ = fleet.host(*node).link_down();
             heals.push((after(ms), Heal::LinkUp(*node)));
         }
+        Fault::DropOutgoing { node, ms } => {
+            let _ = fleet.host(*node).drop_traffic(Direction::Outgoing);
+            heals.push((after(ms), Heal::ClearOutgoing(*node)));
+        }
+        Fault::DropIncoming { node, ms } => {
+            let _ = fleet.host(*node).drop_traffic(Direction::Incoming);
+            heals.push((after(ms), Heal::ClearIncoming(*node)));
+        }
+        Fault::NoRoute { from, to, ms } => {
+            // Already blocked: the route exists, and the later heal wins.
+            let _ = fleet.host(*from).block_route_to(fleet.host(*to).addr());
+            heals.push((after(ms), Heal::Route { from: *from, to: *to }));
+        }
+        Fault::SlowLink { node, ms } => {
+            let _ = fleet.host(*node).limit_egress("1mbit");
+            heals.push((after(ms), Heal::ClearOutgoing(*node)));
+        }
     }
     eprintln!("fault: {f}");
 }
@@ -246,8 +276,8 @@ fn tick(
     let now = Instant::now();
     let (mut due, later): (Vec<_>, Vec<_>) = std::mem::take(heals).into_iter().partition(|(t, _)| *t <= now);
     *heals = later;
-    // Links first: an agent on that host is started after.
-    due.sort_by_key(|(_, h)| !matches!(h, Heal::LinkUp(_)));
+    // The network first: an agent on that host is started after.
+    due.sort_by_key(|(_, h)| matches!(h, Heal::StartAgent(_) | Heal::StartCoordinator));
     for (t, h) in due {
         let still_down = heals.iter().any(|(_, o)| same_target(o, &h));
         if still_down {
@@ -257,7 +287,7 @@ fn tick(
         // namespace: not while its host's link is down. Started once the
         // link is up.
         if let Heal::StartAgent(n) = h
-            && let Some(up) = heals.iter().filter(|(_, o)| matches!(o, Heal::LinkUp(m) if *m == n)).map(|(t, _)| *t).max()
+            && let Some(up) = heals.iter().filter(|(_, o)| o.cuts_off(n)).map(|(t, _)| *t).max()
         {
             heals.push((up.max(t), h));
             continue;
@@ -266,6 +296,9 @@ fn tick(
             Heal::StartAgent(n) => fleet.host(n).start_agent(),
             Heal::StartCoordinator => coordinator.start(),
             Heal::LinkUp(n) => fleet.host(n).link_up(),
+            Heal::ClearOutgoing(n) => fleet.host(n).clear_drop(Direction::Outgoing),
+            Heal::ClearIncoming(n) => fleet.host(n).clear_drop(Direction::Incoming),
+            Heal::Route { from, to } => fleet.host(from).unblock_route_to(fleet.host(to).addr()),
         };
         if let Err(e) = r {
             eprintln!("heal: {e:#}");
@@ -295,7 +328,11 @@ fn tick(
 
 fn same_target(a: &Heal, b: &Heal) -> bool {
     match (a, b) {
-        (Heal::StartAgent(x), Heal::StartAgent(y)) | (Heal::LinkUp(x), Heal::LinkUp(y)) => x == y,
+        (Heal::StartAgent(x), Heal::StartAgent(y))
+        | (Heal::LinkUp(x), Heal::LinkUp(y))
+        | (Heal::ClearOutgoing(x), Heal::ClearOutgoing(y))
+        | (Heal::ClearIncoming(x), Heal::ClearIncoming(y)) => x == y,
+        (Heal::Route { from: a, to: b }, Heal::Route { from: c, to: d }) => a == c && b == d,
         (Heal::StartCoordinator, Heal::StartCoordinator) => true,
         _ => false,
     }
