@@ -18,7 +18,7 @@ use crate::error::AgentError;
 use crate::secret::Secret;
 use crate::{jobs, rebuild, standby, upstream};
 use crate::service::ServiceState;
-use crate::status::{self, NodeStatus};
+use crate::status::NodeStatus;
 
 #[derive(Debug, Clone)]
 pub struct AgentService {
@@ -307,12 +307,18 @@ impl AgentService {
 
     async fn get_status_impl(
         &self,
-        _req: Request<pb::GetStatusRequest>,
+        req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
-        let st = status::gather(&self.state.config, &self.state.pg, &self.state.service_status)
-            .instrument(info_span!("rpc", method = "GetStatus"))
+        let fresh = req.get_ref().fresh;
+        let (st, age) = self
+            .state
+            .snapshots
+            .get(&self.state, fresh)
+            .instrument(info_span!("rpc", method = "GetStatus", fresh))
             .await;
-        Ok(Response::new(node_status_to_pb(st)))
+        let mut out = node_status_to_pb((*st).clone());
+        out.snapshot_age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        Ok(Response::new(out))
     }
 
     async fn get_replication_impl(
@@ -668,6 +674,8 @@ impl AgentService {
         result: Result<T, Status>,
     ) -> Result<T, Status> {
         self.state.audit.record(caller, method, target, result.as_ref().map(|_| ()));
+        // Status answers never predate a change made here.
+        self.state.snapshots.invalidate();
         result
     }
 }

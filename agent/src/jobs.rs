@@ -104,6 +104,11 @@ pub enum JobError {
 }
 
 impl Jobs {
+    /// Whether a job is running (it changes the node as it goes).
+    pub fn busy(&self) -> bool {
+        lock(&self.jobs).values().any(|j| !j.is_finished())
+    }
+
     /// Registers a new job of `kind`, refusing while another of that kind runs.
     pub fn start(&self, kind: &'static str, id: String) -> Result<Arc<Job>, JobError> {
         let mut jobs = lock(&self.jobs);

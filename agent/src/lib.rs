@@ -38,6 +38,7 @@ pub mod secret;
 pub mod server;
 pub mod server_log;
 pub mod slotsync;
+pub mod snapshot;
 pub mod service;
 pub mod standby;
 pub mod status;
@@ -57,6 +58,8 @@ pub struct AgentState {
     pub jobs: jobs::Jobs,
     pub audit: auth::Audit,
     pub service_status: service::StatusCache,
+    /// GetStatus answers (see `snapshot`).
+    pub snapshots: snapshot::Snapshots,
     /// The primary's lease (see `lease`).
     pub lease: lease::Lease,
 }
@@ -74,6 +77,7 @@ impl AgentState {
             jobs: jobs::Jobs::default(),
             audit,
             service_status: service::StatusCache::default(),
+            snapshots: snapshot::Snapshots::default(),
             lease,
         })
     }

@@ -159,7 +159,10 @@ struct NodeAnswer {
     replication: Option<pb::ReplicationInfo>,
 }
 
-async fn ask(node: &Node, d: Deadlines) -> NodeAnswer {
+/// `fresh`: the agent reads its server now rather than answer from its
+/// snapshot (at most 500 ms old): what an operation deciding something
+/// needs; a view for people need not.
+async fn ask(node: &Node, d: Deadlines, fresh: bool) -> NodeAnswer {
     let mut client = match client::connect(node, d).await {
         Ok(c) => c,
         Err(e) => {
@@ -171,7 +174,7 @@ async fn ask(node: &Node, d: Deadlines) -> NodeAnswer {
     };
     let mut c2 = client.clone();
     let (status, replication) = tokio::join!(
-        client.get_status(pb::GetStatusRequest {}),
+        client.get_status(pb::GetStatusRequest { fresh }),
         c2.get_replication(pb::GetReplicationRequest {})
     );
     NodeAnswer {
@@ -183,9 +186,21 @@ async fn ask(node: &Node, d: Deadlines) -> NodeAnswer {
     }
 }
 
+/// Every node as it is now (fresh reads): for operations.
 pub async fn gather(clusters: &[&Cluster], deadlines: Deadlines) -> FleetReport {
+    gather_as(clusters, deadlines, true).await
+}
+
+/// Every node from its agent's status snapshot (at most 500 ms old): for
+/// WatchFleet, a stream that polls. `pgfleet status` and GetFleetStatus
+/// read fresh: someone who just stopped a server by hand expects to see it.
+pub async fn gather_view(clusters: &[&Cluster], deadlines: Deadlines) -> FleetReport {
+    gather_as(clusters, deadlines, false).await
+}
+
+async fn gather_as(clusters: &[&Cluster], deadlines: Deadlines, fresh: bool) -> FleetReport {
     let per_cluster = clusters.iter().map(|c| async move {
-        let answers = join_all(c.nodes.iter().map(|n| ask(n, deadlines))).await;
+        let answers = join_all(c.nodes.iter().map(|n| ask(n, deadlines, fresh))).await;
         merge(c, answers)
     });
     let clusters = join_all(per_cluster).await;
@@ -203,7 +218,7 @@ pub async fn gather(clusters: &[&Cluster], deadlines: Deadlines) -> FleetReport 
 /// per-call timeout is set when it is made.
 pub async fn gather_cluster_within(cluster: &Cluster, deadlines: Deadlines, limit: Duration) -> ClusterReport {
     let answers = join_all(cluster.nodes.iter().map(|n| async move {
-        match tokio::time::timeout(limit, ask(n, deadlines)).await {
+        match tokio::time::timeout(limit, ask(n, deadlines, true)).await {
             Ok(a) => a,
             Err(_) => NodeAnswer {
                 status: Err(AgentCallError::Unreachable {
@@ -220,7 +235,7 @@ pub async fn gather_cluster_within(cluster: &Cluster, deadlines: Deadlines, limi
 }
 
 pub async fn gather_cluster(cluster: &Cluster, deadlines: Deadlines) -> ClusterReport {
-    let answers = join_all(cluster.nodes.iter().map(|n| ask(n, deadlines))).await;
+    let answers = join_all(cluster.nodes.iter().map(|n| ask(n, deadlines, true))).await;
     merge(cluster, answers)
 }
 

@@ -42,7 +42,7 @@ pub async fn streaming(primary: &Node, standbys: &[&Node], d: Deadlines, deadlin
 }
 
 async fn look(primary: &Node, standbys: &[&Node], d: Deadlines) -> Result<String, String> {
-    let status = client::call(primary, d, async |c| c.get_status(pb::GetStatusRequest {}).await)
+    let status = client::call(primary, d, async |c| c.get_status(pb::GetStatusRequest { fresh: true }).await)
         .await
         .map_err(|e| e.to_string())?;
     let info = client::call(primary, d, async |c| c.get_replication(pb::GetReplicationRequest {}).await)
@@ -54,7 +54,7 @@ async fn look(primary: &Node, standbys: &[&Node], d: Deadlines) -> Result<String
             .standbys
             .iter()
             .find(|w| w.application_name == s.name.as_str() && w.state == "streaming");
-        let own = client::call(s, d, async |c| c.get_status(pb::GetStatusRequest {}).await)
+        let own = client::call(s, d, async |c| c.get_status(pb::GetStatusRequest { fresh: true }).await)
             .await
             .map_err(|e| e.to_string())?;
         let Some(row) = row else {
@@ -133,7 +133,7 @@ pub async fn sync_met(primary: &Node, cluster: &[Node], d: Deadlines, deadline: 
             let mut why = Vec::new();
             for name in &missing {
                 let reason = match cluster.iter().find(|n| n.name.as_str() == name) {
-                    Some(n) => match client::call(n, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await {
+                    Some(n) => match client::call(n, d, async |c| c.get_status(pb::GetStatusRequest { fresh: true }).await).await {
                         Ok(own) => why_not(&own),
                         Err(e) => format!("; its agent: {e}"),
                     },

@@ -25,7 +25,7 @@ use pgfleet_proto::agent::v1::agent_client::AgentClient;
 const PG_PORT: u16 = 56432;
 const AGENT_BASE_PORT: u16 = 17500;
 const BIN: &str = "/usr/lib/postgresql/15/bin";
-const REQUESTS_PER_LEVEL: usize = 4000;
+const REQUESTS_PER_LEVEL: usize = 12_800;
 const CLI_RUNS: usize = 5;
 
 struct Fleet {
@@ -235,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}", AGENT_BASE_PORT + i as u16);
         loop {
             if let Ok(mut c) = AgentClient::connect(url.clone()).await
-                && c.get_status(GetStatusRequest {}).await.is_ok()
+                && c.get_status(GetStatusRequest::default()).await.is_ok()
             {
                 break;
             }
@@ -251,26 +251,41 @@ async fn main() -> anyhow::Result<()> {
     let idle_rss_untouched = rss_kib(fleet.agents[AGENTS - 1].id())?;
 
     println!("\n## GetStatus against one agent ({REQUESTS_PER_LEVEL} requests per level)\n");
-    println!("| clients | agent p50 | agent p99 | agent req/s | direct SQL p50 | direct SQL req/s | agent/direct p50 |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "Snapshot: the default answer (at most 500 ms old, the agent's snapshot interval); fresh read: `fresh: true`, a read of the server per call \
+         (shared by concurrent callers), as every GetStatus was before snapshots; direct SQL: the status query \
+         straight to PostgreSQL.\n"
+    );
+    println!("| clients | snapshot p50 | snapshot p99 | snapshot req/s | oldest answer | fresh p50 | fresh p99 | fresh req/s | direct SQL p50 | direct SQL req/s | snapshot/fresh req/s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let url = format!("http://127.0.0.1:{AGENT_BASE_PORT}");
     for clients in [1usize, 16, 128] {
         let per = REQUESTS_PER_LEVEL / clients;
-        let u = url.clone();
-        let agent = load(clients, per, || {
-            let u = u.clone();
-            async move {
-                let c = AgentClient::connect(u).await?;
-                Ok(Box::new(move || {
-                    let mut c = c.clone();
-                    Box::pin(async move {
-                        c.get_status(GetStatusRequest {}).await?;
-                        Ok(())
-                    }) as std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>
-                }) as Box<dyn FnMut() -> _ + Send>)
-            }
-        })
-        .await?;
+        let oldest = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let agent_load = async |fresh: bool| {
+            let u = url.clone();
+            let oldest = oldest.clone();
+            load(clients, per, move || {
+                let u = u.clone();
+                let oldest = oldest.clone();
+                async move {
+                    let c = AgentClient::connect(u).await?;
+                    Ok(Box::new(move || {
+                        let mut c = c.clone();
+                        let oldest = oldest.clone();
+                        Box::pin(async move {
+                            let st = c.get_status(GetStatusRequest { fresh }).await?.into_inner();
+                            oldest.fetch_max(st.snapshot_age_ms, std::sync::atomic::Ordering::Relaxed);
+                            Ok(())
+                        }) as std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>
+                    }) as Box<dyn FnMut() -> _ + Send>)
+                }
+            })
+            .await
+        };
+        let snapshot = agent_load(false).await?;
+        let oldest_ms = oldest.load(std::sync::atomic::Ordering::Relaxed);
+        let fresh = agent_load(true).await?;
         let direct = load(clients, per, || async {
             let (client, conn) = tokio_postgres::connect(
                 &format!("host=127.0.0.1 port={PG_PORT} user=postgres dbname=postgres"),
@@ -289,13 +304,16 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
         println!(
-            "| {clients} | {} | {} | {:.0} | {} | {:.0} | {:.1}x |",
-            ms(agent.p50),
-            ms(agent.p99),
-            agent.rps,
+            "| {clients} | {} | {} | {:.0} | {oldest_ms} ms | {} | {} | {:.0} | {} | {:.0} | {:.1}x |",
+            ms(snapshot.p50),
+            ms(snapshot.p99),
+            snapshot.rps,
+            ms(fresh.p50),
+            ms(fresh.p99),
+            fresh.rps,
             ms(direct.p50),
             direct.rps,
-            agent.p50.as_secs_f64() / direct.p50.as_secs_f64()
+            snapshot.rps / fresh.rps
         );
     }
     let loaded_rss = rss_kib(fleet.agents[0].id())?;

@@ -127,7 +127,7 @@ async fn get_status_answers_while_a_change_is_stuck_behind_a_lock() {
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let asked = Instant::now();
-    let st = tokio::time::timeout(Duration::from_secs(2), agent.get_status(pb::GetStatusRequest {}))
+    let st = tokio::time::timeout(Duration::from_secs(2), agent.get_status(pb::GetStatusRequest { fresh: true }))
         .await
         .expect("GetStatus did not answer within 2 s while a change was stuck")
         .unwrap()

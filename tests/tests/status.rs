@@ -518,3 +518,73 @@ async fn status_cluster_filter_and_unknown_cluster() {
         assert!(out.stderr.contains("known: main, other"), "{out}");
     }
 }
+
+/// GetStatus from the agent's snapshot: many concurrent callers cost one
+/// read of the server (counted in the server's own statement log), every
+/// answer says its age and none is older than the interval plus a read, a
+/// `fresh` call sees a change made in PostgreSQL a moment before, and a
+/// change the agent makes is never answered from an older snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_status_answers_from_a_snapshot_that_many_callers_share() {
+    use pgfleet_proto::agent::v1 as pb;
+    use pgfleet_proto::agent::v1::agent_client::AgentClient;
+    use std::time::{Duration, Instant};
+
+    let fleet = TestFleet::new(1).unwrap();
+    start_primary(&fleet, 0);
+    start_agents(&fleet);
+    let p = fleet.host(0);
+    let channel = p.agent_channel().await.unwrap();
+    // Every statement in the server log: the status read is the one that
+    // asks pg_last_xact_replay_timestamp().
+    exec(p, "alter system set log_statement = 'all'").await;
+    exec(p, "select pg_reload_conf()").await;
+    let reads = || {
+        std::fs::read_to_string(p.postgres_log())
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("pg_last_xact_replay_timestamp"))
+            .count()
+    };
+    let calls = |n: usize, fresh: bool| {
+        let channel = channel.clone();
+        async move {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let mut c = AgentClient::new(channel.clone());
+                set.spawn(async move { c.get_status(pb::GetStatusRequest { fresh }).await.unwrap().into_inner() });
+            }
+            set.join_all().await
+        }
+    };
+    // Warm: one read made the snapshot.
+    calls(1, true).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let before = reads();
+    let started = Instant::now();
+    let answers = calls(100, false).await;
+    let took = started.elapsed();
+    let after = reads();
+    assert!(answers.iter().all(|a| a.server_up));
+    // The snapshot was older than the interval: one read for 100 callers
+    // (two if the calls straddled another interval).
+    let allowed = 1 + usize::from(took > Duration::from_millis(500));
+    assert!(after - before >= 1 && after - before <= allowed, "{} reads for 100 callers in {took:?}", after - before);
+    // No answer older than the interval plus one read.
+    let oldest = answers.iter().map(|a| a.snapshot_age_ms).max().unwrap();
+    assert!(oldest <= 500 + 250, "oldest answer {oldest} ms");
+
+    // A change made in PostgreSQL directly: a fresh call sees it at once.
+    exec(p, "alter system set synchronous_standby_names = 'node9'").await;
+    exec(p, "select pg_reload_conf()").await;
+    let fresh = calls(1, true).await.remove(0);
+    assert_eq!(fresh.synchronous_standby_names.as_deref(), Some("node9"));
+    assert!(fresh.snapshot_age_ms < 250, "a fresh answer {} ms old", fresh.snapshot_age_ms);
+
+    // A change the agent makes: the next default answer is after it.
+    let out = pgfleet(&fleet, &["sync", "set", "--off"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let next = calls(1, false).await.remove(0);
+    assert_eq!(next.synchronous_standby_names.as_deref(), Some(""), "answered from a snapshot older than the change");
+}

@@ -93,7 +93,7 @@ async fn channel(url: &str, tls: ClientTlsConfig) -> Result<Channel, tonic::tran
 async fn get_status(url: &str, tls: ClientTlsConfig) -> Result<pb::NodeStatus, Code> {
     let ch = channel(url, tls).await.map_err(|_| Code::Unavailable)?;
     AgentClient::new(ch)
-        .get_status(pb::GetStatusRequest {})
+        .get_status(pb::GetStatusRequest::default())
         .await
         .map(|r| r.into_inner())
         .map_err(|s| s.code())
@@ -157,7 +157,7 @@ async fn mutual_tls_tells_identities_apart_and_refusals_change_nothing() {
     let plain = format!("http://{}", host.agent_addr());
     let plain_result = async {
         let ch = Endpoint::from_shared(plain).unwrap().timeout(Duration::from_secs(3)).connect().await.ok()?;
-        AgentClient::new(ch).get_status(pb::GetStatusRequest {}).await.ok()
+        AgentClient::new(ch).get_status(pb::GetStatusRequest::default()).await.ok()
     }
     .await;
     assert!(plain_result.is_none(), "plaintext client accepted by a TLS agent");

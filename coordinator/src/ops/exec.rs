@@ -270,7 +270,7 @@ impl<'a> Exec<'a> {
             step: "rewind",
             detail: format!("{node} was not fenced first: the plan fences it before a rewind"),
         })?;
-        let theirs = call(up, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?.timeline.unwrap_or(0);
+        let theirs = call(up, d, async |c| c.get_status(pb::GetStatusRequest { fresh: true }).await).await?.timeline.unwrap_or(0);
         let mine = f.timeline.unwrap_or(0);
         if mine >= theirs {
             return Ok(format!("not needed: {node} is on timeline {mine}, {upstream} on {theirs}"));
@@ -587,13 +587,13 @@ impl<'a> Exec<'a> {
 /// Waits until `standby` has replayed what `primary` has written so far
 /// (e.g. the replication role's password, just set there).
 async fn replayed(primary: &Node, standby: &Node, d: Deadlines) -> Result<String, MoveError> {
-    let st = call(primary, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+    let st = call(primary, d, async |c| c.get_status(pb::GetStatusRequest { fresh: true }).await).await?;
     let Some(target) = st.current_lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) else {
         return Ok(format!("{} reports no WAL position", primary.name));
     };
     let deadline = Instant::now() + CATCH_UP_DEADLINE;
     loop {
-        let s = call(standby, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+        let s = call(standby, d, async |c| c.get_status(pb::GetStatusRequest { fresh: true }).await).await?;
         if s.replayed_lsn.as_deref().and_then(|l| Lsn::parse(l).ok()).is_some_and(|r| r >= target) {
             return Ok(format!("replayed up to {target}"));
         }
@@ -616,7 +616,7 @@ async fn replayed(primary: &Node, standby: &Node, d: Deadlines) -> Result<String
 async fn catch_up(op: &OpCtx, new: &Node, old: &Node, checkpoint: Lsn, d: Deadlines) -> Result<String, MoveError> {
     let deadline = Instant::now() + CATCH_UP_DEADLINE;
     loop {
-        let st = call(new, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+        let st = call(new, d, async |c| c.get_status(pb::GetStatusRequest { fresh: true }).await).await?;
         let r = st.replayed_lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
         if let Some(r) = r
             && r > checkpoint
@@ -655,7 +655,7 @@ const ISOLATE_DEADLINE: Duration = Duration::from_secs(10);
 /// can bring it back (it connected with the new one).
 async fn detached(standby: &Node, upstream: &Node, old: &Node, d: Deadlines, until: Instant) -> Result<String, MoveError> {
     loop {
-        let st = call(standby, d, async |c| c.get_status(pb::GetStatusRequest {}).await).await?;
+        let st = call(standby, d, async |c| c.get_status(pb::GetStatusRequest { fresh: true }).await).await?;
         let from = st.wal_receiver.as_ref().and_then(|w| w.sender_host.clone());
         if from.as_deref() == Some(upstream.host.as_str()) {
             return Ok(format!("{} streams from {}", standby.name, upstream.name));

@@ -72,7 +72,7 @@ pub fn watch(state: Arc<State>, r: pb::WatchFleetRequest) -> Result<Changes, Sta
                 .inventory
                 .select(Some(cluster.as_str()).filter(|c| !c.is_empty()))
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let report = crate::fleet_status::gather(&clusters, state.deadlines).await;
+            let report = crate::fleet_status::gather_view(&clusters, state.deadlines).await;
             let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
             for c in &report.clusters {
                 for n in &c.nodes {
