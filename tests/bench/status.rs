@@ -252,8 +252,8 @@ async fn main() -> anyhow::Result<()> {
 
     println!("\n## GetStatus against one agent ({REQUESTS_PER_LEVEL} requests per level)\n");
     println!(
-        "Snapshot: the default answer (at most 500 ms old, the agent's snapshot interval); fresh read: `fresh: true`, a read of the server per call \
-         (shared by concurrent callers), as every GetStatus was before snapshots; direct SQL: the status query \
+        "Snapshot: the default answer (at most 500 ms old, the agent's snapshot interval); fresh read: `fresh: true`, a read of the server begun after the call \
+         (shared by concurrent fresh callers); direct SQL: the status query \
          straight to PostgreSQL.\n"
     );
     println!("| clients | snapshot p50 | snapshot p99 | snapshot req/s | oldest answer | fresh p50 | fresh p99 | fresh req/s | direct SQL p50 | direct SQL req/s | snapshot/fresh req/s |");
